@@ -1,0 +1,205 @@
+"""Static credential providers: none, bearer token from an env var or a file, and a fixed header.
+
+A provider turns an upstream's `auth` config into request headers. Every secret it reads is registered with
+the redactor. `reload()` is called after the upstream answers 401: it re-reads the source and says whether
+the credential changed, so one retry is worth making.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mcpx.config.model import AuthConfig, BearerEnvAuth, BearerFileAuth, NoAuth, StaticHeaderAuth
+from mcpx.errors import CredentialRejected
+from mcpx.redact import fingerprint, register_secret
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class CredentialProvider(Protocol):
+    def headers(self) -> dict[str, str]:
+        """Headers to add to every request. Raises `CredentialRejected` when the credential cannot be read."""
+        ...
+
+    def reload(self) -> bool:
+        """Re-read the credential after a rejection; True if it differs from the one last sent."""
+        ...
+
+    def fix_hint(self) -> str:
+        """What the user should fix when the upstream rejects this credential."""
+        ...
+
+    def describe(self) -> str:
+        """A secret-free description for `mcpxctl status` (kind and fingerprint)."""
+        ...
+
+
+def expand_env(template: str, *, upstream: str, what: str) -> str:
+    """Expand `${VAR}` references. Raises `CredentialRejected` naming the variable when one is unset."""
+
+    def substitute(match: re.Match[str]) -> str:
+        value = os.environ.get(match.group(1))
+        if value is None:
+            raise CredentialRejected(upstream, f"environment variable {match.group(1)} (used in {what}) is not set")
+        return value
+
+    return _ENV_REFERENCE.sub(substitute, template)
+
+
+class NoCredential:
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def reload(self) -> bool:
+        return False
+
+    def fix_hint(self) -> str:
+        return "the upstream requires authentication but none is configured: set `auth` for it in the config"
+
+    def describe(self) -> str:
+        return "none"
+
+
+class BearerFromEnv:
+    def __init__(self, upstream: str, variable: str) -> None:
+        self._upstream = upstream
+        self._variable = variable
+        self._sent: str | None = None
+
+    def _read(self) -> str:
+        value = os.environ.get(self._variable, "").strip()
+        if not value:
+            raise CredentialRejected(self._upstream, f"environment variable {self._variable} is not set or empty")
+        register_secret(value)
+        return value
+
+    def headers(self) -> dict[str, str]:
+        token = self._read()
+        self._sent = token
+        return {"Authorization": f"Bearer {token}"}
+
+    def reload(self) -> bool:
+        try:
+            return self._read() != self._sent
+        except CredentialRejected:
+            return False
+
+    def fix_hint(self) -> str:
+        return f"put a valid token in the environment variable {self._variable} of mcpxd and restart it"
+
+    def describe(self) -> str:
+        value = os.environ.get(self._variable, "").strip()
+        return f"bearer_env {self._variable} ({fingerprint(value) if value else 'unset'})"
+
+
+@dataclass(frozen=True, slots=True)
+class _FileStamp:
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+class BearerFromFile:
+    """Token from the first non-empty line of a file, re-read whenever the file's inode, size or mtime change."""
+
+    def __init__(self, upstream: str, path: Path) -> None:
+        self._upstream = upstream
+        self._path = path
+        self._stamp: _FileStamp | None = None
+        self._token: str | None = None
+        self._sent: str | None = None
+
+    def _current(self, *, force: bool = False) -> str:
+        try:
+            info = os.stat(self._path)
+        except OSError as exc:
+            raise CredentialRejected(self._upstream, f"cannot read token file {self._path}: {exc.strerror}") from None
+        stamp = _FileStamp(info.st_ino, info.st_size, info.st_mtime_ns)
+        if force or stamp != self._stamp or self._token is None:
+            self._token = self._read_file()
+            self._stamp = stamp
+        return self._token
+
+    def _read_file(self) -> str:
+        try:
+            text = self._path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CredentialRejected(self._upstream, f"cannot read token file {self._path}: {exc}") from None
+        for line in text.splitlines():
+            if line.strip():
+                token = line.strip()
+                register_secret(token)
+                return token
+        raise CredentialRejected(self._upstream, f"token file {self._path} is empty")
+
+    def headers(self) -> dict[str, str]:
+        token = self._current()
+        self._sent = token
+        return {"Authorization": f"Bearer {token}"}
+
+    def reload(self) -> bool:
+        try:
+            return self._current(force=True) != self._sent
+        except CredentialRejected:
+            return False
+
+    def fix_hint(self) -> str:
+        return f"write a valid token to {self._path} (mcpx re-reads it on the next call)"
+
+    def describe(self) -> str:
+        try:
+            return f"bearer_file {self._path} ({fingerprint(self._current())})"
+        except CredentialRejected:
+            return f"bearer_file {self._path} (unreadable)"
+
+
+class StaticHeader:
+    def __init__(self, upstream: str, header: str, template: str) -> None:
+        self._upstream = upstream
+        self._header = header
+        self._template = template
+        self._sent: str | None = None
+
+    def _value(self) -> str:
+        value = expand_env(self._template, upstream=self._upstream, what=f"the {self._header} header")
+        register_secret(value)
+        return value
+
+    def headers(self) -> dict[str, str]:
+        value = self._value()
+        self._sent = value
+        return {self._header: value}
+
+    def reload(self) -> bool:
+        try:
+            return self._value() != self._sent
+        except CredentialRejected:
+            return False
+
+    def fix_hint(self) -> str:
+        names = _ENV_REFERENCE.findall(self._template)
+        if names:
+            return f"put a valid value in {', '.join(names)} (used in the {self._header} header) and restart mcpxd"
+        return f"fix the value of the {self._header} header in the config and run `mcpxctl reload`"
+
+    def describe(self) -> str:
+        try:
+            return f"static_header {self._header} ({fingerprint(self._value())})"
+        except CredentialRejected:
+            return f"static_header {self._header} (unset)"
+
+
+def provider_for(upstream: str, auth: AuthConfig) -> CredentialProvider:
+    match auth:
+        case NoAuth():
+            return NoCredential()
+        case BearerEnvAuth(env=variable):
+            return BearerFromEnv(upstream, variable)
+        case BearerFileAuth(path=path):
+            return BearerFromFile(upstream, path)
+        case StaticHeaderAuth(header=header, value=value):
+            return StaticHeader(upstream, header, value)

@@ -1,0 +1,62 @@
+"""Read and validate a config file as a whole; every problem is reported at once, naming file, upstream and field."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from mcpx.config.model import Config
+from mcpx.errors import ConfigError
+
+_AUTH_TAGS = frozenset({"none", "bearer_env", "bearer_file", "static_header"})
+
+
+def load_config(path: Path, *, missing_ok: bool = False) -> Config:
+    """Load `path`. A missing file is an error unless `missing_ok` (then the config is empty).
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or does not validate.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return Config()
+        raise ConfigError([f"{path}: no such file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    try:
+        return Config.model_validate({**document, "source": path})
+    except ValidationError as exc:
+        raise ConfigError([_describe(path, document, error) for error in exc.errors()]) from None
+
+
+def _describe(path: Path, document: dict[str, Any], error: Any) -> str:
+    location: tuple[int | str, ...] = tuple(error["loc"])
+    where = ""
+    if location[:2] == ("proxy", "upstream") and len(location) >= 3 and isinstance(location[2], int):
+        index = location[2]
+        upstreams = document.get("proxy", {}).get("upstream", [])
+        name = upstreams[index].get("name") if index < len(upstreams) and isinstance(upstreams[index], dict) else None
+        where = f"upstream {name!r}" if isinstance(name, str) else f"upstream #{index + 1}"
+        location = location[3:]
+        # Drop the discriminator tag pydantic inserts for tagged unions (e.g. auth.bearer_env.env).
+        if len(location) >= 2 and location[0] == "auth" and location[1] in _AUTH_TAGS:
+            location = (location[0], *location[2:])
+    field = ".".join(str(part) for part in location) or "(table)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    prefix = f"{path}: {where}: " if where else f"{path}: "
+    return f"{prefix}{field}: {message}"

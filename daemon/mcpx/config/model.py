@@ -1,0 +1,154 @@
+"""The validated, immutable shape of mcpx's configuration (pydantic models, `extra="forbid"`, frozen)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Characters valid in MCP tool names (2025-11-25 server/tools "Tool names"): an upstream's name becomes the
+# prefix of its tools' names, so it is held to the same alphabet.
+UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+# Headers mcpx owns on upstream requests; configuring them would break the protocol or the auth model.
+RESERVED_HEADERS = frozenset(
+    {"accept", "content-type", "content-length", "host", "mcp-session-id", "mcp-protocol-version", "last-event-id"}
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoAuth(_Strict):
+    type: Literal["none"] = "none"
+
+
+class BearerEnvAuth(_Strict):
+    """`Authorization: Bearer <value of the environment variable>`."""
+
+    type: Literal["bearer_env"]
+    env: Annotated[str, Field(min_length=1)]
+
+
+class BearerFileAuth(_Strict):
+    """`Authorization: Bearer <first non-empty line of the file>`; re-read when the file changes."""
+
+    type: Literal["bearer_file"]
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+class StaticHeaderAuth(_Strict):
+    """One header with a fixed value; `${VAR}` in the value is taken from the environment."""
+
+    type: Literal["static_header"]
+    header: Annotated[str, Field(pattern=_HEADER_NAME.pattern)]
+    value: str
+
+    @field_validator("header")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {value!r} is set by mcpx itself")
+        return value
+
+
+AuthConfig = Annotated[
+    NoAuth | BearerEnvAuth | BearerFileAuth | StaticHeaderAuth,
+    Field(discriminator="type"),
+]
+
+
+class UpstreamConfig(_Strict):
+    """One remote MCP server (`[[proxy.upstream]]`)."""
+
+    name: Annotated[str, Field(pattern=UPSTREAM_NAME_PATTERN)]
+    url: str
+    auth: AuthConfig = NoAuth()
+    headers: dict[str, str] = Field(default_factory=dict)
+    include_tools: tuple[str, ...] | None = None
+    exclude_tools: tuple[str, ...] = ()
+    timeout: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    namespace: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials; use `auth` instead")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by mcpx itself")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_header_not_twice(self) -> UpstreamConfig:
+        auth_header = {
+            "bearer_env": "authorization",
+            "bearer_file": "authorization",
+            "static_header": self.auth.header.lower() if isinstance(self.auth, StaticHeaderAuth) else "",
+        }.get(self.auth.type)
+        if auth_header and any(name.lower() == auth_header for name in self.headers):
+            raise ValueError(f"headers: {auth_header!r} is already set by `auth`")
+        return self
+
+    @property
+    def origin(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+class DaemonConfig(_Strict):
+    """`[daemon]`: where mcpxd listens and how it behaves."""
+
+    socket: Path | None = None
+    state_dir: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The largest single JSON-RPC message accepted from an agent or an upstream.
+    max_message_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 64 * 1024 * 1024
+    connect_timeout: Annotated[float, Field(gt=0, le=600)] = 10.0
+    reconnect_initial: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    reconnect_max: Annotated[float, Field(gt=0, le=86400)] = 60.0
+
+
+class ProxyConfig(_Strict):
+    upstream: tuple[UpstreamConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ProxyConfig:
+        seen: set[str] = set()
+        for upstream in self.upstream:
+            if upstream.name in seen:
+                raise ValueError(f"upstream name {upstream.name!r} is used twice")
+            seen.add(upstream.name)
+        return self
+
+
+class Config(_Strict):
+    """The whole validated configuration. `source` is the file it came from (None for the empty default)."""
+
+    daemon: DaemonConfig = DaemonConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    source: Path | None = None
+
+    @property
+    def upstreams(self) -> tuple[UpstreamConfig, ...]:
+        return self.proxy.upstream

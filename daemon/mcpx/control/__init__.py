@@ -1,0 +1,1 @@
+"""The control protocol mcpxctl speaks with mcpxd: JSON-RPC `mcpx/*` methods over the agent socket."""

@@ -1,0 +1,181 @@
+"""`mcpxd`: load the config, bind the socket, run the router and serve agents until SIGTERM/SIGINT.
+
+Runs in the foreground (systemd, launchd and `mcpx-shim` start it). SIGHUP reloads the config. Readiness is
+reported with sd_notify (READY=1) once the socket is served, which is also how tests wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import sdnotify
+
+from mcpx import __version__, paths
+from mcpx.config import Config, load_config
+from mcpx.downstream.listener import AlreadyRunning, SocketLock, StartupError, bind_socket, ensure_private_dir
+from mcpx.downstream.server import AgentConnection
+from mcpx.downstream.session import AgentSession
+from mcpx.errors import ConfigError, InvalidParams
+from mcpx.log import configure_logging, get_logger
+from mcpx.router.router import Router
+
+_log = get_logger("mcpx.daemon")
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+EXIT_ALREADY_RUNNING = 4
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path, socket_path: Path, state_dir: Path) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.socket_path = socket_path
+        self.state_dir = state_dir
+        self.router = Router(config)
+        self.sessions: set[AgentSession] = set()
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._notifier = sdnotify.SystemdNotifier()
+
+    async def run(self, lock: SocketLock) -> int:
+        loop = asyncio.get_running_loop()
+        sock = bind_socket(self.socket_path)
+        await self.router.start()
+        max_bytes = self.config.daemon.max_message_bytes
+        server = await loop.create_unix_server(
+            lambda: AgentConnection(self.router, self, self.sessions, max_bytes), sock=sock
+        )
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_from_signal()))
+        _log.info("mcpxd serving", socket=str(self.socket_path), config=str(self.config_path), pid=os.getpid())
+        self._notifier.notify(f"READY=1\nSTATUS={self._summary()}\nMAINPID={os.getpid()}")
+        try:
+            await self._stop.wait()
+        finally:
+            self._notifier.notify("STOPPING=1")
+            _log.info("mcpxd stopping")
+            server.close()
+            for session in list(self.sessions):
+                session.close()
+            await self.router.stop()
+            try:
+                if os.stat(self.socket_path).st_ino == os.fstat(sock.fileno()).st_ino:
+                    self.socket_path.unlink()
+            except OSError:
+                pass
+            lock.release()
+        return 0
+
+    def _summary(self) -> str:
+        ready = sum(1 for upstream in self.router.upstreams.values() if upstream.state == "ready")
+        return f"{ready}/{len(self.router.upstreams)} upstreams ready, {self._agent_count()} agents"
+
+    def _agent_count(self) -> int:
+        return sum(1 for session in self.sessions if session.initialized)
+
+    # --- Control (what mcpxctl asks) -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "socket": str(self.socket_path),
+            "config": str(self.config_path),
+            "state_dir": str(self.state_dir),
+            "log_file": str(self.state_dir / "mcpxd.log"),
+            "agents": self._agent_count(),
+            "upstreams": self.router.status(),
+        }
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply it. Raises `ConfigError` (and keeps the running config) if invalid."""
+        async with self._reload_lock:
+            config = await asyncio.to_thread(load_config, self.config_path)
+            notes = []
+            if config.daemon.socket != self.config.daemon.socket or config.daemon.state_dir != (
+                self.config.daemon.state_dir
+            ):
+                notes.append("socket and state_dir changes take effect when mcpxd restarts")
+            changes = await self.router.apply(config)
+            self.config = config
+            _log.info("configuration reloaded", **changes)
+            self._notifier.notify(f"STATUS={self._summary()}")
+            return {**changes, "notes": notes}
+
+    async def _reload_from_signal(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            _log.error("reload refused: the configuration is invalid", problems=exc.problems)
+
+    async def logout(self, upstream: str) -> dict[str, Any]:
+        managed = self.router.upstreams.get(upstream)
+        if managed is None:
+            raise InvalidParams(f"no upstream named {upstream!r}")
+        kind = managed.config.auth.type
+        return {
+            "upstream": upstream,
+            "forgotten": False,
+            "message": f"upstream '{upstream}' uses {kind} credentials: mcpx stores nothing for it",
+        }
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mcpxd", description="The mcpx daemon: serves every upstream's tools.")
+    parser.add_argument("--config", type=Path, help="config file (default: $MCPX_CONFIG, else XDG config)")
+    parser.add_argument("--socket", type=Path, help="socket path (overrides the config and $MCPX_SOCKET)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"mcpxd {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    config_path = paths.config_path(args.config)
+    try:
+        config = load_config(config_path, missing_ok=not paths.config_is_explicit(args.config))
+    except ConfigError as exc:
+        print("mcpxd: the configuration is invalid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    socket_path = args.socket or paths.socket_path(config.daemon.socket)
+    state_dir = paths.state_dir(config.daemon.state_dir)
+    try:
+        ensure_private_dir(state_dir)
+        ensure_private_dir(socket_path.parent)
+        lock = SocketLock(socket_path)
+        lock.acquire()
+    except StartupError as exc:
+        print(f"mcpxd: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING if isinstance(exc, AlreadyRunning) else EXIT_STARTUP
+    configure_logging(args.log_level or config.daemon.log_level, log_file=state_dir / "mcpxd.log")
+    daemon = Daemon(config, config_path, socket_path, state_dir)
+    try:
+        return _run(daemon.run(lock))
+    except StartupError as exc:
+        print(f"mcpxd: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING if isinstance(exc, AlreadyRunning) else EXIT_STARTUP
+
+
+def _run(main_coroutine: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_coroutine)  # type: ignore[no-any-return]
+    return uvloop.run(main_coroutine)  # type: ignore[no-any-return]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""One agent connection: parsed JSON-RPC messages in, responses and notifications out.
+
+Transport-free: the socket layer feeds it lines and gives it a `send` function. Every agent request that goes
+upstream runs as a task owned by this session, keyed by the agent's own request id, so a response carries
+exactly the id the agent sent and `notifications/cancelled` can stop it. Control requests from `mcpxctl`
+(`mcpx/status`, `mcpx/reload`, `mcpx/logout`) arrive on the same socket and are answered here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+from mcpx import __version__, jsonrpc
+from mcpx.downstream.peercred import PeerCredentials
+from mcpx.errors import (
+    AgentError,
+    InvalidParams,
+    InvalidRequest,
+    McpxError,
+    MethodNotFound,
+    NeedsLogin,
+    UpstreamError,
+    UpstreamRpcError,
+    jsonrpc_error,
+    tool_error_result,
+)
+from mcpx.jsonrpc import Message, RequestId
+from mcpx.log import get_logger
+from mcpx.router.router import Router, tools_list_response
+from mcpx.upstream.http import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION
+
+_log = get_logger("mcpx.agent")
+
+_TOOLS_LIST_CHANGED: Final = jsonrpc.dumps(jsonrpc.notification("notifications/tools/list_changed"))
+
+
+class Control(Protocol):
+    """What the daemon offers `mcpxctl` (implemented by `mcpx.daemon.Daemon`)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+    async def logout(self, upstream: str) -> dict[str, Any]: ...
+
+
+class AgentSession:
+    def __init__(self, router: Router, control: Control, send: Callable[[bytes], None], peer: PeerCredentials) -> None:
+        self._router = router
+        self._control = control
+        self._send = send
+        self.peer = peer
+        self.initialized = False
+        self.client_info: dict[str, Any] = {}
+        self.protocol_version: str | None = None
+        self._in_flight: dict[RequestId, asyncio.Task[None]] = {}
+        self._closed = False
+
+    # --- input ---------------------------------------------------------------------------------------------------
+
+    def on_line(self, line: bytes) -> None:
+        try:
+            message = jsonrpc.validate_message(jsonrpc.loads(line))
+        except AgentError as exc:
+            self._send_message(jsonrpc.error_response(None, jsonrpc_error(exc)))
+            return
+        method = message.get("method")
+        if method is None:
+            _log.debug("ignoring a response from the agent", id=message.get("id"))
+        elif "id" in message:
+            self._on_request(message["id"], method, message.get("params") or {})
+        else:
+            self._on_notification(method, message.get("params") or {})
+
+    def on_oversized(self, limit: int) -> None:
+        error = InvalidRequest(f"message larger than the {limit}-byte limit was dropped")
+        self._send_message(jsonrpc.error_response(None, jsonrpc_error(error)))
+
+    def close(self) -> None:
+        """The connection is gone: stop its calls and its notifications."""
+        self._closed = True
+        self._router.unsubscribe(self._on_catalog_changed)
+        for task in self._in_flight.values():
+            task.cancel()
+        self._in_flight.clear()
+
+    # --- requests ------------------------------------------------------------------------------------------------
+
+    def _on_request(self, request_id: RequestId, method: str, params: dict[str, Any]) -> None:
+        if request_id in self._in_flight:
+            error = InvalidRequest(f"request id {request_id!r} is already in use by a request in flight")
+            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
+            return
+        try:
+            if method == "tools/call":
+                self._spawn(request_id, self._call_tool(request_id, params))
+            elif method == "tools/list":
+                if self._router.settled:
+                    self._send(tools_list_response(request_id, self._router.catalog))
+                else:
+                    self._spawn(request_id, self._tools_list_when_settled(request_id))
+            elif method == "ping":
+                self._reply(request_id, {})
+            elif method == "initialize":
+                self._reply(request_id, self._initialize(params))
+            elif method == "server/discover":
+                # 2026-07-28 clients probe with server/discover and fall back to initialize on this error.
+                raise MethodNotFound("server/discover: this server speaks the initialize handshake (2025-11-25)")
+            elif method == "mcpx/status":
+                self._reply(request_id, {**self._control.status()})
+            elif method == "mcpx/reload":
+                self._spawn(request_id, self._control_call(request_id, self._control.reload()))
+            elif method == "mcpx/logout":
+                upstream = params.get("upstream")
+                if not isinstance(upstream, str):
+                    raise InvalidParams('mcpx/logout needs a string "upstream"')
+                self._spawn(request_id, self._control_call(request_id, self._control.logout(upstream)))
+            else:
+                raise MethodNotFound(f"method not found: {method}")
+        except McpxError as exc:
+            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+
+    def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
+        requested = params.get("protocolVersion")
+        self.protocol_version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE_VERSION
+        client_info = params.get("clientInfo")
+        self.client_info = client_info if isinstance(client_info, dict) else {}
+        if not self.initialized:
+            self.initialized = True
+            self._router.subscribe(self._on_catalog_changed)
+            _log.info("agent connected", client=self.client_info.get("name"), pid=self.peer.pid)
+        return {
+            "protocolVersion": self.protocol_version,
+            "capabilities": {"tools": {"listChanged": True}},
+            "serverInfo": {"name": "mcpx", "version": __version__},
+        }
+
+    async def _tools_list_when_settled(self, request_id: RequestId) -> None:
+        await self._router.wait_settled(self._router.config.daemon.connect_timeout)
+        self._send(tools_list_response(request_id, self._router.catalog))
+
+    async def _call_tool(self, request_id: RequestId, params: dict[str, Any]) -> None:
+        try:
+            result = await self._router.call_tool(params, self._send_message)
+        except UpstreamRpcError as exc:
+            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+        except (UpstreamError, NeedsLogin) as exc:
+            self._reply(request_id, tool_error_result(exc))
+        except AgentError as exc:
+            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+        else:
+            self._reply(request_id, result)
+
+    async def _control_call(self, request_id: RequestId, call: Awaitable[dict[str, Any]]) -> None:
+        try:
+            self._reply(request_id, await call)
+        except McpxError as exc:
+            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+
+    def _spawn(self, request_id: RequestId, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - task top: one bad request must not end the session
+                _log.exception("request failed unexpectedly", id=request_id)
+                error = {"code": -32603, "message": "internal error in mcpx (see the daemon log)"}
+                self._send_message(jsonrpc.error_response(request_id, error))
+            finally:
+                self._in_flight.pop(request_id, None)
+
+        self._in_flight[request_id] = asyncio.get_running_loop().create_task(run())
+
+    # --- notifications -------------------------------------------------------------------------------------------
+
+    def _on_notification(self, method: str, params: dict[str, Any]) -> None:
+        if method == "notifications/cancelled":
+            task = self._in_flight.pop(params.get("requestId"), None)  # type: ignore[arg-type]
+            if task is not None:
+                task.cancel()  # MCP: no response is sent for a cancelled request
+        elif method != "notifications/initialized":
+            _log.debug("agent notification ignored", method=method)
+
+    def _on_catalog_changed(self) -> None:
+        if not self._closed:
+            self._send(_TOOLS_LIST_CHANGED)
+
+    # --- output --------------------------------------------------------------------------------------------------
+
+    def _reply(self, request_id: RequestId, result: Any) -> None:
+        self._send_message(jsonrpc.result_response(request_id, result))
+
+    def _send_message(self, message: Message) -> None:
+        if not self._closed:
+            self._send(jsonrpc.dumps(message))

@@ -1,0 +1,1 @@
+"""Sans-I/O framers: bytes in, messages out, every buffer bounded."""

@@ -1,0 +1,54 @@
+"""Where mcpx keeps things: the config file, the socket and the state directory (standard library only).
+
+Resolution (the shim repeats the socket part, since it imports nothing from this package; a test keeps the
+two in step):
+- config: `--config`, else `$MCPX_CONFIG`, else `$XDG_CONFIG_HOME/mcpx/config.toml` (`~/.config/...`).
+- socket: `[daemon] socket`, else `$MCPX_SOCKET`, else `$XDG_RUNTIME_DIR/mcpx/mcpx.sock`; without
+  `$XDG_RUNTIME_DIR` (macOS, some containers) `/tmp/mcpx-<uid>/mcpx.sock`, a directory mcpxd creates 0700 and
+  refuses to use when another user owns it.
+- state: `[daemon] state_dir`, else `$MCPX_STATE_DIR`, else `$XDG_STATE_HOME/mcpx` (`~/.local/state/mcpx`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def _env_path(env: Mapping[str, str], name: str) -> Path | None:
+    value = env.get(name, "")
+    return Path(value).expanduser() if value else None
+
+
+def config_path(explicit: Path | None, env: Mapping[str, str] = os.environ) -> Path:
+    if explicit is not None:
+        return explicit.expanduser()
+    if (configured := _env_path(env, "MCPX_CONFIG")) is not None:
+        return configured
+    base = _env_path(env, "XDG_CONFIG_HOME") or Path.home() / ".config"
+    return base / "mcpx" / "config.toml"
+
+
+def config_is_explicit(explicit: Path | None, env: Mapping[str, str] = os.environ) -> bool:
+    """A config file named by the user must exist; the default location may be absent (empty config)."""
+    return explicit is not None or bool(env.get("MCPX_CONFIG"))
+
+
+def socket_path(configured: Path | None, env: Mapping[str, str] = os.environ) -> Path:
+    if configured is not None:
+        return configured.expanduser()
+    if (from_env := _env_path(env, "MCPX_SOCKET")) is not None:
+        return from_env
+    if (runtime := _env_path(env, "XDG_RUNTIME_DIR")) is not None:
+        return runtime / "mcpx" / "mcpx.sock"
+    return Path(f"/tmp/mcpx-{os.getuid()}") / "mcpx.sock"
+
+
+def state_dir(configured: Path | None, env: Mapping[str, str] = os.environ) -> Path:
+    if configured is not None:
+        return configured.expanduser()
+    if (from_env := _env_path(env, "MCPX_STATE_DIR")) is not None:
+        return from_env
+    base = _env_path(env, "XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return base / "mcpx"

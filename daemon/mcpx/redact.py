@@ -1,0 +1,34 @@
+"""Secret registry and redaction: every secret value mcpx reads is registered here, and text leaving the daemon
+(logs, errors, status) passes through `redact`, which replaces any registered value by its fingerprint.
+
+This is the second line of defence: the first is never putting secrets into messages at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# Secrets shorter than this are not scrubbed from text: replacing e.g. "1" everywhere would mangle output,
+# and such values are not credentials worth the name.
+_MIN_SECRET_LENGTH = 6
+
+_secrets: set[str] = set()
+
+
+def fingerprint(secret: str) -> str:
+    """A short, stable, non-reversible label for a secret, safe to show to the user."""
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+def register_secret(secret: str) -> None:
+    """Remember `secret` so `redact` can scrub it from any text."""
+    if len(secret) >= _MIN_SECRET_LENGTH:
+        _secrets.add(secret)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced by its fingerprint."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, f"<secret {fingerprint(secret)}>")
+    return text

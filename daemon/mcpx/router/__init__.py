@@ -1,0 +1,1 @@
+"""Router: the aggregated catalog, namespacing, and dispatch of agent requests to upstreams."""

@@ -1,0 +1,190 @@
+"""The router: owns the upstreams and the catalog, routes agent calls, and tells agents when the catalog changes.
+
+Shared by every agent session. Upstream sessions, tool lists and credentials live here once, whatever the
+number of agents. Reload swaps upstreams by diffing configs: unchanged upstreams keep their sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from mcpx import jsonrpc
+from mcpx.config.model import Config, UpstreamConfig
+from mcpx.errors import InvalidParams
+from mcpx.jsonrpc import Message
+from mcpx.log import get_logger
+from mcpx.router.catalog import SEPARATOR, Catalog, build_catalog
+from mcpx.upstream.http import NotificationHandler
+from mcpx.upstream.supervisor import ManagedUpstream, UpstreamState
+
+_log = get_logger("mcpx.router")
+
+CatalogListener = Callable[[], None]
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.catalog = Catalog()
+        self.upstreams: dict[str, ManagedUpstream] = {}
+        self._listeners: set[CatalogListener] = set()
+        self._progress_tokens = itertools.count(1)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.daemon.connect_timeout)
+        self._http = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
+        for upstream_config in self.config.upstreams:
+            self._add(upstream_config)
+
+    async def wait_settled(self, timeout: float) -> None:
+        """Wait (bounded) until every upstream's first connection attempt has ended, so that an agent's first
+        `tools/list` right after the daemon starts sees every upstream that is reachable."""
+        pending = [upstream.first_attempt_done.wait() for upstream in self.upstreams.values()]
+        if pending:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*pending)
+            except TimeoutError:
+                pass
+
+    @property
+    def settled(self) -> bool:
+        return all(upstream.first_attempt_done.is_set() for upstream in self.upstreams.values())
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(upstream.stop() for upstream in self.upstreams.values()))
+        self.upstreams.clear()
+        if self._http is not None:
+            await self._http.close()
+
+    # --- configuration -------------------------------------------------------------------------------------------
+
+    def _add(self, upstream_config: UpstreamConfig) -> None:
+        assert self._http is not None
+        upstream = ManagedUpstream(upstream_config, self.config.daemon, self._http, self._rebuild_catalog)
+        self.upstreams[upstream_config.name] = upstream
+        upstream.start()
+
+    async def apply(self, config: Config) -> dict[str, list[str]]:
+        """Swap in a new config: add, remove and restart upstreams whose settings changed; keep the rest."""
+        old = {upstream.name: upstream.config for upstream in self.upstreams.values()}
+        new = {upstream.name: upstream for upstream in config.upstreams}
+        removed = [name for name in old if name not in new]
+        added = [name for name in new if name not in old]
+        changed = [name for name in new if name in old and old[name] != new[name]]
+        session_settings = {"socket", "state_dir", "log_level"}  # these do not reach upstream sessions
+        if config.daemon.model_dump(exclude=session_settings) != self.config.daemon.model_dump(
+            exclude=session_settings
+        ):
+            changed = [name for name in new if name in old]  # limits and timeouts live in the sessions
+        self.config = config
+        stopping = [self.upstreams.pop(name) for name in (*removed, *changed)]
+        await asyncio.gather(*(upstream.stop() for upstream in stopping))
+        for name, upstream_config in new.items():
+            if name in added or name in changed:
+                self._add(upstream_config)
+        # Keep config order in the catalog.
+        self.upstreams = {name: self.upstreams[name] for name in new}
+        self._rebuild_catalog()
+        return {"added": added, "removed": removed, "changed": changed}
+
+    # --- catalog -------------------------------------------------------------------------------------------------
+
+    def subscribe(self, listener: CatalogListener) -> None:
+        self._listeners.add(listener)
+
+    def unsubscribe(self, listener: CatalogListener) -> None:
+        self._listeners.discard(listener)
+
+    def _rebuild_catalog(self) -> None:
+        catalog = build_catalog((upstream.config, upstream.tools) for upstream in self.upstreams.values())
+        for name, owners in catalog.collisions.items():
+            if name not in self.catalog.collisions:
+                _log.warning("tool name collision: withheld from the catalog", tool=name, upstreams=list(owners))
+        if catalog.tools_json == self.catalog.tools_json:
+            self.catalog = catalog
+            return
+        self.catalog = catalog
+        for listener in list(self._listeners):
+            listener()
+
+    # --- calls ---------------------------------------------------------------------------------------------------
+
+    async def call_tool(self, params: dict[str, Any], send_to_agent: Callable[[Message], None]) -> Any:
+        """Route `tools/call` to the owning upstream under the tool's original name; return the result as is.
+
+        Raises:
+            InvalidParams: no such tool in the catalog (MCP: unknown tool is a protocol error, -32602).
+            UpstreamError: the upstream could not run it (the session turns this into a tool error).
+        """
+        name = params.get("name")
+        if not isinstance(name, str):
+            raise InvalidParams('tools/call needs a string "name"')
+        route = self.catalog.routes.get(name)
+        if route is None:
+            # A namespaced tool of an upstream that has not come up yet: say why, rather than "unknown tool".
+            prefix, separator, _ = name.partition(SEPARATOR)
+            pending = self.upstreams.get(prefix) if separator else None
+            if pending is not None and pending.config.namespace and pending.state is not UpstreamState.READY:
+                raise pending.unavailable()
+            raise InvalidParams(f"unknown tool: {name}")
+        upstream = self.upstreams[route.upstream]
+        forwarded = {**params, "name": route.tool}
+        on_related = self._relay_related(forwarded, send_to_agent)
+        return await upstream.request("tools/call", forwarded, on_related)
+
+    def _relay_related(
+        self, forwarded: dict[str, Any], send_to_agent: Callable[[Message], None]
+    ) -> NotificationHandler | None:
+        """Give the upstream a progress token unique across agents, and map its progress back to the caller's."""
+        meta = forwarded.get("_meta")
+        if not isinstance(meta, dict) or "progressToken" not in meta:
+            return None
+        agent_token = meta["progressToken"]
+        upstream_token = f"mcpx-{next(self._progress_tokens)}"
+        forwarded["_meta"] = {**meta, "progressToken": upstream_token}
+
+        def relay(message: Message) -> None:
+            params = message.get("params")
+            if message.get("method") == "notifications/progress" and isinstance(params, dict):
+                if params.get("progressToken") != upstream_token:
+                    return
+                message = {**message, "params": {**params, "progressToken": agent_token}}
+            send_to_agent(message)
+
+        return relay
+
+    # --- status --------------------------------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        counts = self.catalog.counts()
+        withheld: dict[str, list[str]] = {}
+        for tool, owners in self.catalog.collisions.items():
+            for owner in owners:
+                withheld.setdefault(owner, []).append(tool)
+        return [
+            {
+                "name": upstream.name,
+                "url": upstream.config.url,
+                "state": upstream.state.value,
+                "tools": counts.get(upstream.name, 0),
+                "withheld_tools": sorted(withheld.get(upstream.name, [])),
+                "last_error": upstream.last_error,
+                "auth": upstream.credentials.describe(),
+                "protocol_version": upstream.session.protocol_version,
+                "server": upstream.session.server_info.get("name"),
+            }
+            for upstream in self.upstreams.values()
+        ]
+
+
+def tools_list_response(request_id: jsonrpc.RequestId, catalog: Catalog) -> bytes:
+    """The full `tools/list` response, spliced from the pre-serialized catalog."""
+    return b'{"jsonrpc":"2.0","id":%b,"result":{"tools":%b}}' % (jsonrpc.dumps(request_id), catalog.tools_json)

@@ -1,0 +1,1 @@
+"""Upstream side: one client session per configured MCP server, kept alive by a supervisor."""

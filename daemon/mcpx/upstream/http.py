@@ -1,0 +1,364 @@
+"""MCP client session over streamable HTTP, handshake era (protocol 2025-11-25 `basic/transports`).
+
+One `HttpSession` per configured upstream, shared by every agent. Each request is its own POST, answered by one
+JSON body or by an SSE stream that ends with the response, so responses can never reach the wrong caller.
+What it handles: `Mcp-Session-Id` and `MCP-Protocol-Version`, re-initialize and retry once when the server
+forgot the session (404), re-read the credential and retry once on 401, the per-call deadline (with
+`notifications/cancelled` sent upstream, since over HTTP a disconnect is not a cancellation), DELETE on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, TypeVar
+
+import aiohttp
+
+from mcpx import __version__, jsonrpc
+from mcpx.auth.credentials import CredentialProvider, expand_env
+from mcpx.config.model import UpstreamConfig
+from mcpx.errors import (
+    CredentialRejected,
+    FrameTooLarge,
+    InvalidRequest,
+    ParseError,
+    SessionExpired,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamRpcError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from mcpx.framing.sse import SSEDecoder
+from mcpx.jsonrpc import Message
+from mcpx.log import get_logger
+from mcpx.redact import redact
+
+LATEST_HANDSHAKE_VERSION: Final = "2025-11-25"
+HANDSHAKE_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+
+_log = get_logger("mcpx.upstream")
+
+NotificationHandler = Callable[[Message], None]
+_T = TypeVar("_T")
+
+
+class _Unauthorized(Exception):
+    """HTTP 401 from the upstream; internal to the retry logic."""
+
+
+class HttpSession:
+    """The MCP session mcpx holds with one streamable-HTTP upstream."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        http: aiohttp.ClientSession,
+        credentials: CredentialProvider,
+        *,
+        max_message_bytes: int,
+        on_notification: NotificationHandler,
+    ) -> None:
+        self.name = config.name
+        self._config = config
+        self._http = http
+        self._credentials = credentials
+        self._max_message_bytes = max_message_bytes
+        self._on_notification = on_notification
+        self._ids = itertools.count(1)
+        self._session_id: str | None = None
+        self._generation = 0
+        self._init_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self.protocol_version: str | None = None
+        self.server_info: dict[str, Any] = {}
+        self.capabilities: dict[str, Any] = {}
+        self.instructions: str | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """(Re-)run the initialize handshake. Raises an `UpstreamError` subclass on failure."""
+        async with self._init_lock:
+            await self._with_auth_retry(self._initialize)
+
+    async def close(self) -> None:
+        """End the session: DELETE it on the server (best effort, bounded) and stop background sends."""
+        for task in list(self._background):
+            task.cancel()
+        session_id, self._session_id = self._session_id, None
+        if session_id is None:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                headers = self._headers()
+                headers["Mcp-Session-Id"] = session_id
+                async with self._http.delete(self._config.url, headers=headers, allow_redirects=False):
+                    pass
+        except (TimeoutError, aiohttp.ClientError, OSError, CredentialRejected) as exc:
+            _log.debug("session delete failed", upstream=self.name, error=str(exc))
+
+    # --- requests ------------------------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        *,
+        timeout: float,
+        on_related: NotificationHandler | None = None,
+    ) -> Any:
+        """Send one request and return its `result`.
+
+        Raises:
+            UpstreamRpcError: the upstream answered with a JSON-RPC error.
+            UpstreamError: any other failure (unreachable, timeout, HTTP error, garbage, credential rejected).
+        """
+        request_id = next(self._ids)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._request_with_recovery(request_id, method, params, on_related)
+        except TimeoutError:
+            self._cancel_upstream(request_id, "timed out")
+            raise UpstreamTimeout(self.name, f"no answer to {method} within {timeout:g} s") from None
+        except asyncio.CancelledError:
+            self._cancel_upstream(request_id, "cancelled by the client")
+            raise
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        body = jsonrpc.dumps(jsonrpc.notification(method, params))
+        await self._post_expecting_accepted(body)
+
+    async def _request_with_recovery(
+        self, request_id: int, method: str, params: dict[str, Any] | None, on_related: NotificationHandler | None
+    ) -> Any:
+        body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
+        expired_once = False
+        while True:
+            generation = self._generation
+            try:
+                return await self._with_auth_retry(lambda: self._exchange(request_id, body, on_related))
+            except SessionExpired:
+                if expired_once:
+                    raise
+                expired_once = True
+                _log.info("upstream session expired, re-initializing", upstream=self.name)
+                await self._reinitialize(generation)
+
+    async def _reinitialize(self, seen_generation: int) -> None:
+        async with self._init_lock:
+            if self._generation != seen_generation:
+                return  # another caller already re-initialized
+            self._session_id = None
+            await self._with_auth_retry(self._initialize)
+
+    async def _with_auth_retry(self, attempt: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        try:
+            return await attempt()
+        except _Unauthorized:
+            if not self._credentials.reload():
+                raise self._rejected() from None
+            _log.info("credential changed after a 401, retrying once", upstream=self.name)
+        try:
+            return await attempt()
+        except _Unauthorized:
+            raise self._rejected() from None
+
+    def _rejected(self) -> CredentialRejected:
+        return CredentialRejected(self.name, f"the credential was rejected (HTTP 401): {self._credentials.fix_hint()}")
+
+    async def _initialize(self) -> None:
+        params = {
+            "protocolVersion": LATEST_HANDSHAKE_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "mcpx", "version": __version__},
+        }
+        request_id = next(self._ids)
+        body = jsonrpc.dumps(jsonrpc.request(request_id, "initialize", params))
+        self._session_id = None
+        result = await self._exchange(request_id, body, None, initializing=True)
+        if not isinstance(result, dict):
+            raise UpstreamProtocolError(self.name, "initialize result is not an object")
+        version = result.get("protocolVersion")
+        if version not in HANDSHAKE_VERSIONS:
+            raise UpstreamProtocolError(self.name, f"unsupported protocol version {version!r}")
+        self.protocol_version = str(version)
+        capabilities = result.get("capabilities")
+        self.capabilities = capabilities if isinstance(capabilities, dict) else {}
+        server_info = result.get("serverInfo")
+        self.server_info = server_info if isinstance(server_info, dict) else {}
+        instructions = result.get("instructions")
+        self.instructions = instructions if isinstance(instructions, str) else None
+        self._generation += 1
+        await self._post_expecting_accepted(jsonrpc.dumps(jsonrpc.notification("notifications/initialized")))
+
+    # --- one HTTP exchange ---------------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        headers = {
+            name: expand_env(value, upstream=self.name, what=f"the {name} header")
+            for name, value in self._config.headers.items()
+        }
+        headers.update(self._credentials.headers())
+        headers["Accept"] = "application/json, text/event-stream"
+        headers["Content-Type"] = "application/json"
+        if self._session_id is not None:
+            headers["Mcp-Session-Id"] = self._session_id
+        if self.protocol_version is not None:
+            headers["MCP-Protocol-Version"] = self.protocol_version
+        return headers
+
+    async def _exchange(
+        self, request_id: int, body: bytes, on_related: NotificationHandler | None, *, initializing: bool = False
+    ) -> Any:
+        sent_session = self._session_id
+        try:
+            async with self._http.post(
+                self._config.url, data=body, headers=self._headers(), allow_redirects=False
+            ) as response:
+                if response.status == 401:
+                    raise _Unauthorized
+                if response.status == 404 and sent_session is not None:
+                    raise SessionExpired(self.name, "the upstream no longer knows our session")
+                if response.status != 200:
+                    raise await self._http_error(response)
+                if initializing:
+                    session_id = response.headers.get("Mcp-Session-Id")
+                    if session_id is not None and not _visible_ascii(session_id):
+                        raise UpstreamProtocolError(self.name, "invalid Mcp-Session-Id")
+                    self._session_id = session_id
+                content_type = response.content_type
+                if content_type == "application/json":
+                    message = self._parse(await self._read_body(response))
+                    return self._result_of(message, request_id)
+                if content_type == "text/event-stream":
+                    return await self._read_stream(response, request_id, on_related)
+                raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
+
+    async def _read_stream(
+        self, response: aiohttp.ClientResponse, request_id: int, on_related: NotificationHandler | None
+    ) -> Any:
+        decoder = SSEDecoder(self._max_message_bytes)
+        try:
+            async for chunk in response.content.iter_any():
+                for event in decoder.feed(chunk):
+                    if event.event != "message" or not event.data:
+                        continue
+                    message = self._parse(event.data.encode())
+                    if "method" not in message:
+                        if message.get("id") == request_id:
+                            return self._result_of(message, request_id)
+                        _log.debug("ignoring unrelated response on stream", upstream=self.name)
+                    elif "id" in message:
+                        self._answer_server_request(message)
+                    elif on_related is not None and _is_related(message):
+                        on_related(message)
+                    else:
+                        self._on_notification(message)
+        except FrameTooLarge as exc:
+            raise UpstreamProtocolError(self.name, f"SSE event too large: {exc}") from None
+        raise UpstreamProtocolError(self.name, "the SSE stream ended before the response")
+
+    def _answer_server_request(self, message: Message) -> None:
+        # Server→client requests are routed to agents by the full-surface work; until then only ping is answered.
+        if message.get("method") == "ping":
+            reply = jsonrpc.result_response(message["id"], {})
+        else:
+            reply = jsonrpc.error_response(
+                message["id"], {"code": -32601, "message": f"mcpx does not relay {message.get('method')} yet"}
+            )
+        self._spawn(self._post_expecting_accepted(jsonrpc.dumps(reply)))
+
+    def _result_of(self, message: Message, request_id: int) -> Any:
+        if message.get("id") != request_id:
+            raise UpstreamProtocolError(self.name, "response id does not match the request")
+        if "error" in message:
+            error = message["error"]
+            if not isinstance(error, dict):
+                raise UpstreamProtocolError(self.name, "malformed JSON-RPC error")
+            raise UpstreamRpcError(self.name, error)
+        if "result" not in message:
+            raise UpstreamProtocolError(self.name, "response has neither result nor error")
+        return message["result"]
+
+    def _parse(self, raw: bytes) -> Message:
+        try:
+            return jsonrpc.validate_message(jsonrpc.loads(raw))
+        except (ParseError, InvalidRequest) as exc:
+            raise UpstreamProtocolError(self.name, f"not a JSON-RPC message: {exc}") from None
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        limit = self._max_message_bytes
+        if response.content_length is not None and response.content_length > limit:
+            raise UpstreamProtocolError(self.name, f"response larger than the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamProtocolError(self.name, f"response larger than the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _http_error(self, response: aiohttp.ClientResponse) -> UpstreamHTTPError:
+        detail = ""
+        try:
+            async with asyncio.timeout(2.0):
+                text = (await response.content.read(2048)).decode("utf-8", "replace")
+            message = jsonrpc.loads(text).get("error", {}).get("message") if text.startswith("{") else None
+            detail = f": {message}" if isinstance(message, str) else ""
+        except (TimeoutError, aiohttp.ClientError, OSError, ParseError, AttributeError):
+            pass
+        reason = f"HTTP {response.status} {response.reason or ''}".rstrip() + redact(detail)[:300]
+        return UpstreamHTTPError(self.name, response.status, reason)
+
+    async def _post_expecting_accepted(self, body: bytes) -> None:
+        try:
+            async with self._http.post(
+                self._config.url, data=body, headers=self._headers(), allow_redirects=False
+            ) as response:
+                if response.status == 401:
+                    raise self._rejected()
+                if response.status not in (200, 202, 204):
+                    raise await self._http_error(response)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
+
+    # --- background sends ----------------------------------------------------------------------------------------
+
+    def _cancel_upstream(self, request_id: int, reason: str) -> None:
+        if self._session_id is not None:
+            params = {"requestId": request_id, "reason": reason}
+            self._spawn(self.notify("notifications/cancelled", params))
+
+    def _spawn(self, send: Coroutine[Any, Any, None]) -> None:
+        async def guarded() -> None:
+            try:
+                async with asyncio.timeout(5.0):
+                    await send
+            except (TimeoutError, CredentialRejected, UpstreamUnavailable, UpstreamHTTPError) as exc:
+                _log.debug("background send failed", upstream=self.name, error=str(exc))
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _is_related(message: Message) -> bool:
+    return message.get("method") in ("notifications/progress", "notifications/message")
+
+
+def _visible_ascii(value: str) -> bool:
+    return bool(value) and all(0x21 <= ord(char) <= 0x7E for char in value)
+
+
+def _describe_connection_error(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    return f"connection failed: {type(exc).__name__}: {exc}"

@@ -1,0 +1,217 @@
+"""Keeps one upstream connected: connect, list its tools, watch for failure, reconnect with capped backoff.
+
+A `ManagedUpstream` is what the router talks to. Calls made while the upstream is down fail at once with an
+error naming it and why; nothing waits for a reconnect. The last known tool list is kept while it is down, so
+agents do not see tools flicker; a fresh list replaces it when the upstream comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from mcpx.auth.credentials import CredentialProvider, provider_for
+from mcpx.config.model import DaemonConfig, UpstreamConfig
+from mcpx.errors import CredentialRejected, UpstreamError, UpstreamProtocolError, UpstreamUnavailable
+from mcpx.jsonrpc import Message
+from mcpx.log import get_logger
+from mcpx.upstream.http import HttpSession, NotificationHandler
+
+_log = get_logger("mcpx.upstream")
+
+# A hostile or broken upstream must not make mcpx page forever.
+_MAX_TOOL_PAGES = 100
+
+
+class UpstreamState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DOWN = "down"
+    AUTH_FAILED = "auth_failed"
+    STOPPED = "stopped"
+
+
+class ManagedUpstream:
+    """One configured upstream, its session, its state and its last known tools."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        daemon: DaemonConfig,
+        http: aiohttp.ClientSession,
+        on_tools_changed: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._daemon = daemon
+        self._on_tools_changed = on_tools_changed
+        self.credentials: CredentialProvider = provider_for(config.name, config.auth)
+        self.session = HttpSession(
+            config,
+            http,
+            self.credentials,
+            max_message_bytes=daemon.max_message_bytes,
+            on_notification=self._on_notification,
+        )
+        self.state = UpstreamState.STARTING
+        self.last_error: str | None = None
+        self.retry_at: float | None = None
+        self.tools: tuple[dict[str, Any], ...] = ()
+        self._broken = asyncio.Event()
+        self._wake = asyncio.Event()
+        # Set once the first connection attempt has ended, however it ended.
+        self.first_attempt_done = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Task[None] | None = None
+        self._refresh_again = False
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._keeper = asyncio.get_running_loop().create_task(self._keep(), name=f"upstream:{self.name}")
+
+    async def stop(self) -> None:
+        for task in (self._keeper, self._refresh):
+            if task is not None:
+                task.cancel()
+        for task in (self._keeper, self._refresh):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.session.close()
+        self.state = UpstreamState.STOPPED
+
+    async def _keep(self) -> None:
+        delay = self._daemon.reconnect_initial
+        while True:
+            try:
+                async with asyncio.timeout(self._daemon.connect_timeout + self.config.timeout):
+                    await self.session.connect()
+                    tools = await self._list_tools()
+            except (UpstreamError, TimeoutError) as exc:
+                self._fail(
+                    exc if isinstance(exc, UpstreamError) else UpstreamUnavailable(self.name, "connect timed out")
+                )
+            except Exception as exc:  # noqa: BLE001 - task top: an upstream must never take the daemon down
+                _log.exception("unexpected error while connecting", upstream=self.name)
+                self._fail(UpstreamProtocolError(self.name, f"unexpected error: {type(exc).__name__}"))
+            else:
+                self._broken.clear()
+                self.state = UpstreamState.READY
+                self.last_error = None
+                self.retry_at = None
+                delay = self._daemon.reconnect_initial
+                _log.info(
+                    "upstream ready", upstream=self.name, tools=len(tools), protocol=self.session.protocol_version
+                )
+                self._set_tools(tools)
+                self.first_attempt_done.set()
+                await self._broken.wait()
+                continue
+            self.first_attempt_done.set()
+            self.retry_at = time.time() + delay
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, self._daemon.reconnect_max)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        state = UpstreamState.AUTH_FAILED if isinstance(exc, CredentialRejected) else UpstreamState.DOWN
+        if state != self.state or exc.reason != self.last_error:
+            _log.warning("upstream unavailable", upstream=self.name, state=state.value, error=exc.reason)
+        self.state = state
+        self.last_error = exc.reason
+
+    def wake(self) -> None:
+        """Retry connecting now instead of waiting out the backoff."""
+        self._wake.set()
+
+    # --- calls ---------------------------------------------------------------------------------------------------
+
+    async def request(self, method: str, params: dict[str, Any] | None, on_related: NotificationHandler | None) -> Any:
+        """Forward one request. Raises an `UpstreamError` (never hangs on a down upstream)."""
+        if self.state is not UpstreamState.READY:
+            raise self.unavailable()
+        try:
+            return await self.session.request(method, params, timeout=self.config.timeout, on_related=on_related)
+        except UpstreamUnavailable as exc:
+            self._mark_broken(exc)
+            raise
+        except CredentialRejected as exc:
+            self._mark_broken(exc)
+            raise
+
+    def unavailable(self) -> UpstreamError:
+        """Why calls to this upstream cannot be made right now."""
+        if self.state is UpstreamState.AUTH_FAILED:
+            if self.credentials.reload():
+                self.wake()
+                return CredentialRejected(self.name, "the credential changed; reconnecting now, try again")
+            return CredentialRejected(self.name, self.last_error or "credential rejected")
+        if self.state is UpstreamState.STARTING:
+            return UpstreamUnavailable(self.name, "still connecting")
+        retry = f"; retrying in {max(0, round(self.retry_at - time.time()))} s" if self.retry_at else ""
+        return UpstreamUnavailable(self.name, f"{self.last_error or 'unavailable'}{retry}")
+
+    def _mark_broken(self, exc: UpstreamError) -> None:
+        if self.state is UpstreamState.READY:
+            self._fail(exc)
+            self._broken.set()
+
+    # --- tools ---------------------------------------------------------------------------------------------------
+
+    async def _list_tools(self) -> tuple[dict[str, Any], ...]:
+        tools: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(_MAX_TOOL_PAGES):
+            params = {"cursor": cursor} if cursor is not None else None
+            result = await self.session.request("tools/list", params, timeout=self.config.timeout)
+            page = result.get("tools") if isinstance(result, dict) else None
+            if not isinstance(page, list):
+                raise UpstreamProtocolError(self.name, "tools/list result has no tools array")
+            for tool in page:
+                if isinstance(tool, dict) and isinstance(tool.get("name"), str) and tool["name"]:
+                    tools.append(tool)
+                else:
+                    _log.warning("ignoring malformed tool", upstream=self.name)
+            next_cursor = result.get("nextCursor")
+            if not isinstance(next_cursor, str):
+                return tuple(tools)
+            cursor = next_cursor
+        raise UpstreamProtocolError(self.name, f"tools/list did not end after {_MAX_TOOL_PAGES} pages")
+
+    def _set_tools(self, tools: tuple[dict[str, Any], ...]) -> None:
+        if tools != self.tools:
+            self.tools = tools
+            self._on_tools_changed()
+
+    def _on_notification(self, message: Message) -> None:
+        if message.get("method") == "notifications/tools/list_changed":
+            self._schedule_refresh()
+        else:
+            _log.debug("upstream notification dropped", upstream=self.name, method=message.get("method"))
+
+    def _schedule_refresh(self) -> None:
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh_again = True
+            return
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_tools())
+
+    async def _refresh_tools(self) -> None:
+        while True:
+            self._refresh_again = False
+            try:
+                self._set_tools(await self._list_tools())
+            except UpstreamError as exc:
+                _log.warning("tool list refresh failed", upstream=self.name, error=exc.reason)
+            if not self._refresh_again:
+                return

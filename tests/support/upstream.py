@@ -1,0 +1,143 @@
+"""Real MCP upstream servers for tests: the `mcp` SDK's MCPServer over streamable HTTP, served by uvicorn on
+127.0.0.1, optionally requiring a bearer token through the SDK's own token verification (HTTP 401 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import uvicorn
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import MCPServer
+from pydantic import AnyHttpUrl
+from starlette.applications import Starlette
+
+
+@dataclass
+class TokenCheck:
+    """The tokens an upstream accepts right now (tests rotate them)."""
+
+    valid: set[str] = field(default_factory=set)
+    seen: list[str] = field(default_factory=list)
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        self.seen.append(token)
+        if token not in self.valid:
+            return None
+        # One principal whatever the token, so a rotated token keeps using the same upstream session.
+        return AccessToken(token=token, client_id="mcpx-tests", scopes=[], subject="tester")
+
+
+def build_server(name: str, tokens: TokenCheck | None, port: int) -> MCPServer:
+    """An MCP server whose tools say which server ran them, so misrouting is visible in every result."""
+    auth = None
+    if tokens is not None:
+        auth = AuthSettings(
+            issuer_url=AnyHttpUrl(f"http://127.0.0.1:{port}"),
+            resource_server_url=AnyHttpUrl(f"http://127.0.0.1:{port}/mcp"),
+            validate_token_resource=False,
+        )
+    server: MCPServer = MCPServer(name, auth=auth, token_verifier=tokens if tokens is not None else None)
+
+    @server.tool()
+    def echo(text: str) -> str:
+        """Echo the text back, prefixed with the server's name."""
+        return f"{name}:{text}"
+
+    @server.tool()
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    @server.tool()
+    def get_issue(key: str) -> str:
+        """Fetch one issue."""
+        return f"{name}:issue {key}"
+
+    @server.tool()
+    def search_issues(query: str) -> str:
+        """Search issues."""
+        return f"{name}:results for {query}"
+
+    @server.tool()
+    def delete_issue(key: str) -> str:
+        """Delete an issue."""
+        return f"{name}:deleted {key}"
+
+    return server
+
+
+def reserve_port() -> socket.socket:
+    """A bound (not yet listening) loopback socket: connections to it are refused until `listen()`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class Upstream:
+    """One upstream MCP server that tests can start, stop and restart on a fixed port."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        json_response: bool,
+        tokens: TokenCheck | None = None,
+        customize: Callable[[MCPServer], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.json_response = json_response
+        self.tokens = tokens
+        self.customize = customize
+        self._sock = reserve_port()
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.server: MCPServer | None = None
+        self._uvicorn: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def app(self) -> Starlette:
+        self.server = build_server(self.name, self.tokens, self.port)
+        if self.customize is not None:
+            self.customize(self.server)
+        return self.server.streamable_http_app(json_response=self.json_response)
+
+    async def start(self) -> None:
+        if self._sock.fileno() < 0:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(("127.0.0.1", self.port))
+        self._sock.listen(128)
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        self._uvicorn = uvicorn.Server(config)
+        self._task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[self._sock]))
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None and self._task is not None:
+            self._uvicorn.should_exit = True
+            await asyncio.wait_for(self._task, 10)
+        self._uvicorn = None
+        self._task = None
+        self._sock.close()
+
+    async def restart(self) -> None:
+        """Stop and start again on the same port: every MCP session the server held is forgotten."""
+        await self.stop()
+        await self.start()
+
+
+@contextlib.asynccontextmanager
+async def running(*upstreams: Upstream) -> AsyncIterator[None]:
+    try:
+        for upstream in upstreams:
+            await upstream.start()
+        yield
+    finally:
+        for upstream in upstreams:
+            await upstream.stop()
