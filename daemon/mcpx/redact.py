@@ -26,6 +26,18 @@ def register_secret(secret: str) -> None:
         _secrets.add(secret)
 
 
+def scrub(data: bytes) -> bytes:
+    """`data` (serialized JSON on its way to an agent) with every registered secret replaced by its fingerprint.
+
+    An upstream that echoes our credential back in a result must not hand it to the agent.
+    """
+    for secret in _secrets:
+        encoded = secret.encode()
+        if encoded in data:
+            data = data.replace(encoded, f"<secret {fingerprint(secret)}>".encode())
+    return data
+
+
 def redact(text: str) -> str:
     """`text` with every registered secret replaced by its fingerprint."""
     for secret in _secrets:

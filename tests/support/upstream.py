@@ -15,7 +15,15 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from pydantic import AnyHttpUrl
-from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    """One HTTP request as the upstream received it (method and lower-cased headers)."""
+
+    method: str
+    headers: dict[str, str]
 
 
 @dataclass
@@ -99,14 +107,23 @@ class Upstream:
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self.server: MCPServer | None = None
+        self.requests: list[SeenRequest] = []
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def app(self) -> Starlette:
+    def app(self) -> ASGIApp:
         self.server = build_server(self.name, self.tokens, self.port)
         if self.customize is not None:
             self.customize(self.server)
-        return self.server.streamable_http_app(json_response=self.json_response)
+        inner = self.server.streamable_http_app(json_response=self.json_response)
+
+        async def recorded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                headers = {key.decode().lower(): value.decode() for key, value in scope["headers"]}
+                self.requests.append(SeenRequest(scope["method"], headers))
+            await inner(scope, receive, send)
+
+        return recorded
 
     async def start(self) -> None:
         if self._sock.fileno() < 0:

@@ -28,6 +28,7 @@ from mcpx.errors import (
 )
 from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
+from mcpx.redact import scrub
 from mcpx.router.router import Router, tools_list_response
 from mcpx.upstream.http import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION
 
@@ -195,4 +196,4 @@ class AgentSession:
 
     def _send_message(self, message: Message) -> None:
         if not self._closed:
-            self._send(jsonrpc.dumps(message))
+            self._send(scrub(jsonrpc.dumps(message)))

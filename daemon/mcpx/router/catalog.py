@@ -14,6 +14,7 @@ from typing import Any
 
 from mcpx import jsonrpc
 from mcpx.config.model import UpstreamConfig
+from mcpx.redact import scrub
 
 SEPARATOR = "__"
 
@@ -73,4 +74,4 @@ def build_catalog(upstreams: Iterable[tuple[UpstreamConfig, Sequence[dict[str, A
         route, tool = owners[0]
         routes[name] = route
         exposed_tools.append(tool)
-    return Catalog(tuple(exposed_tools), routes, collisions, jsonrpc.dumps(exposed_tools))
+    return Catalog(tuple(exposed_tools), routes, collisions, scrub(jsonrpc.dumps(exposed_tools)))

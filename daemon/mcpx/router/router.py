@@ -127,14 +127,18 @@ class Router:
         name = params.get("name")
         if not isinstance(name, str):
             raise InvalidParams('tools/call needs a string "name"')
+        if not self.settled:
+            await self.wait_settled(self.config.daemon.connect_timeout)
         route = self.catalog.routes.get(name)
         if route is None:
-            # A namespaced tool of an upstream that has not come up yet: say why, rather than "unknown tool".
+            # A namespaced tool of an upstream that is not up: say why (or bring it up), not "unknown tool".
             prefix, separator, _ = name.partition(SEPARATOR)
             pending = self.upstreams.get(prefix) if separator else None
             if pending is not None and pending.config.namespace and pending.state is not UpstreamState.READY:
-                raise pending.unavailable()
-            raise InvalidParams(f"unknown tool: {name}")
+                await pending.ensure_ready()
+                route = self.catalog.routes.get(name)
+            if route is None:
+                raise InvalidParams(f"unknown tool: {name}")
         upstream = self.upstreams[route.upstream]
         forwarded = {**params, "name": route.tool}
         on_related = self._relay_related(forwarded, send_to_agent)

@@ -65,6 +65,11 @@ class ManagedUpstream:
         self.tools: tuple[dict[str, Any], ...] = ()
         self._broken = asyncio.Event()
         self._wake = asyncio.Event()
+        self._attempts_started = 0
+        self._attempts_ended = 0
+        self._attempt_changed = asyncio.Condition()
+        # What the credential looked like when the upstream rejected it (a fingerprint, never the secret).
+        self._rejected_credential: str | None = None
         # Set once the first connection attempt has ended, however it ended.
         self.first_attempt_done = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
@@ -90,6 +95,8 @@ class ManagedUpstream:
     async def _keep(self) -> None:
         delay = self._daemon.reconnect_initial
         while True:
+            self._attempts_started += 1
+            attempt = self._attempts_started
             try:
                 async with asyncio.timeout(self._daemon.connect_timeout + self.config.timeout):
                     await self.session.connect()
@@ -111,10 +118,10 @@ class ManagedUpstream:
                     "upstream ready", upstream=self.name, tools=len(tools), protocol=self.session.protocol_version
                 )
                 self._set_tools(tools)
-                self.first_attempt_done.set()
+                await self._attempt_ended(attempt)
                 await self._broken.wait()
                 continue
-            self.first_attempt_done.set()
+            await self._attempt_ended(attempt)
             self.retry_at = time.time() + delay
             self._wake.clear()
             try:
@@ -128,19 +135,34 @@ class ManagedUpstream:
         state = UpstreamState.AUTH_FAILED if isinstance(exc, CredentialRejected) else UpstreamState.DOWN
         if state != self.state or exc.reason != self.last_error:
             _log.warning("upstream unavailable", upstream=self.name, state=state.value, error=exc.reason)
+        if state is UpstreamState.AUTH_FAILED:
+            self._rejected_credential = self.credentials.describe()
         self.state = state
         self.last_error = exc.reason
+
+    async def _attempt_ended(self, attempt: int) -> None:
+        self.first_attempt_done.set()
+        async with self._attempt_changed:
+            self._attempts_ended = attempt
+            self._attempt_changed.notify_all()
 
     def wake(self) -> None:
         """Retry connecting now instead of waiting out the backoff."""
         self._wake.set()
 
+    async def reconnect_now(self) -> None:
+        """Start a fresh connection attempt and wait (bounded) until it has ended, however it ended."""
+        wanted = self._attempts_started + 1
+        self.wake()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._daemon.connect_timeout), self._attempt_changed:
+                await self._attempt_changed.wait_for(lambda: self._attempts_ended >= wanted)
+
     # --- calls ---------------------------------------------------------------------------------------------------
 
     async def request(self, method: str, params: dict[str, Any] | None, on_related: NotificationHandler | None) -> Any:
         """Forward one request. Raises an `UpstreamError` (never hangs on a down upstream)."""
-        if self.state is not UpstreamState.READY:
-            raise self.unavailable()
+        await self.ensure_ready()
         try:
             return await self.session.request(method, params, timeout=self.config.timeout, on_related=on_related)
         except UpstreamUnavailable as exc:
@@ -150,12 +172,21 @@ class ManagedUpstream:
             self._mark_broken(exc)
             raise
 
+    async def ensure_ready(self) -> None:
+        """Return when calls can be made; raise why not otherwise. Waits (bounded) only where waiting helps: for
+        the first connection attempt, and for a reconnect when the user changed a rejected credential."""
+        if self.state is UpstreamState.STARTING:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._daemon.connect_timeout):
+                    await self.first_attempt_done.wait()
+        if self.state is UpstreamState.AUTH_FAILED and self.credentials.describe() != self._rejected_credential:
+            await self.reconnect_now()
+        if self.state is not UpstreamState.READY:
+            raise self.unavailable()
+
     def unavailable(self) -> UpstreamError:
         """Why calls to this upstream cannot be made right now."""
         if self.state is UpstreamState.AUTH_FAILED:
-            if self.credentials.reload():
-                self.wake()
-                return CredentialRejected(self.name, "the credential changed; reconnecting now, try again")
             return CredentialRejected(self.name, self.last_error or "credential rejected")
         if self.state is UpstreamState.STARTING:
             return UpstreamUnavailable(self.name, "still connecting")
