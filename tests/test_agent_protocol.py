@@ -1,0 +1,178 @@
+"""The agent-facing JSON-RPC surface, driven over a raw socket: bad input gets a clear error, the session goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from tests.support.daemon import Sandbox, mcpxctl, running_daemon, upstream_toml
+from tests.support.upstream import Upstream, running
+
+
+class RawAgent:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send_line(self, line: bytes) -> None:
+        self.writer.write(line + b"\n")
+        await self.writer.drain()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.send_line(json.dumps(message).encode())
+
+    async def receive(self) -> dict[str, Any]:
+        async with asyncio.timeout(10):
+            line = await self.reader.readline()
+        assert line, "the daemon closed the connection"
+        message = json.loads(line)
+        assert isinstance(message, dict)
+        return message
+
+    async def request(self, request_id: int | str, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        await self.send(message)
+        while True:
+            reply = await self.receive()
+            if reply.get("id") == request_id:
+                return reply
+
+
+@asynccontextmanager
+async def raw_agent(sandbox: Sandbox) -> AsyncIterator[RawAgent]:
+    reader, writer = await asyncio.open_unix_connection(str(sandbox.socket), limit=1 << 24)
+    try:
+        yield RawAgent(reader, writer)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_malformed_and_oversized_messages_get_errors_and_the_session_goes_on(sandbox: Sandbox) -> None:
+    sandbox.write_config("[daemon]\nmax_message_bytes = 4096\n")
+    async with running_daemon(sandbox), raw_agent(sandbox) as peer:
+        await peer.send_line(b"{not json")
+        error = await peer.receive()
+        assert error["id"] is None
+        assert error["error"]["code"] == -32700
+
+        await peer.send_line(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"' + b" " * 10_000 + b"}")
+        error = await peer.receive()
+        assert error["id"] is None
+        assert error["error"]["code"] == -32600
+        assert "4096" in error["error"]["message"]
+
+        await peer.send_line(b'[{"jsonrpc": "2.0", "id": 2, "method": "ping"}]')
+        assert (await peer.receive())["error"]["code"] == -32600  # batches were removed in 2025-06-18
+
+        await peer.send_line(b'{"jsonrpc": "1.0", "id": 3, "method": "ping"}')
+        assert (await peer.receive())["error"]["code"] == -32600
+
+        await peer.send_line(b'{"jsonrpc": "2.0", "id": 4, "method": "ping", "params": [1]}')
+        assert (await peer.receive())["error"]["code"] == -32600
+
+        assert (await peer.request(5, "ping")) == {"jsonrpc": "2.0", "id": 5, "result": {}}
+
+
+async def test_handshake_versions_discover_fallback_and_unknown_methods(sandbox: Sandbox) -> None:
+    sandbox.write_config("")
+    async with running_daemon(sandbox), raw_agent(sandbox) as peer:
+        discover = await peer.request(1, "server/discover", {})
+        assert discover["error"]["code"] == -32601  # a 2026-07-28 client falls back to initialize on this
+
+        for version in ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"):
+            reply = await peer.request(
+                f"init-{version}", "initialize", {"protocolVersion": version, "capabilities": {}}
+            )
+            assert reply["result"]["protocolVersion"] == version
+        reply = await peer.request("init-new", "initialize", {"protocolVersion": "2099-01-01", "capabilities": {}})
+        assert reply["result"]["protocolVersion"] == "2025-11-25"
+        assert reply["result"]["capabilities"] == {"tools": {"listChanged": True}}
+        assert reply["result"]["serverInfo"]["name"] == "mcpx"
+        await peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+        for method in ("resources/list", "prompts/list", "no/such/method"):
+            assert (await peer.request(method, method, {}))["error"]["code"] == -32601
+        unknown = await peer.request("t", "tools/call", {"name": "nope__tool", "arguments": {}})
+        assert unknown["error"]["code"] == -32602
+        assert (await peer.request("l", "tools/list", {})) == {"jsonrpc": "2.0", "id": "l", "result": {"tools": []}}
+
+
+async def test_agent_request_ids_are_kept_whatever_their_type(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=False)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as peer:
+        await peer.request(0, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}})
+        ids: list[int | str] = [1, "1", "a-string-id", 2**53, -7]
+        for request_id in ids:
+            await peer.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": request_id,
+                    "method": "tools/call",
+                    "params": {"name": "alpha__echo", "arguments": {"text": repr(request_id)}},
+                }
+            )
+        replies = {}
+        while len(replies) < len(ids):
+            reply = await peer.receive()
+            if "id" in reply:
+                replies[json.dumps(reply["id"])] = reply
+        for request_id in ids:
+            reply = replies[json.dumps(request_id)]
+            assert reply["result"]["content"][0]["text"] == f"alpha:{request_id!r}"
+
+
+async def test_tools_without_namespace_and_a_withheld_collision(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True)
+    beta = Upstream("beta", json_response=True)
+    sandbox.write_config(
+        upstream_toml("alpha", alpha.url, namespace=False, include_tools=["echo", "add"])
+        + upstream_toml("beta", beta.url, namespace=False, include_tools=["echo", "get_issue"])
+    )
+    async with running(alpha, beta), running_daemon(sandbox), raw_agent(sandbox) as peer:
+        tools = (await peer.request(1, "tools/list", {}))["result"]["tools"]
+        assert sorted(tool["name"] for tool in tools) == ["add", "get_issue"]
+        echo = await peer.request(2, "tools/call", {"name": "echo", "arguments": {"text": "x"}})
+        assert echo["error"]["code"] == -32602
+        added = await peer.request(3, "tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}})
+        assert added["result"]["structuredContent"] == {"result": 3}
+        code, out, _ = await mcpxctl(sandbox, "status", "--json")
+        upstreams = {u["name"]: u for u in json.loads(out)["upstreams"]}
+        assert upstreams["alpha"]["withheld_tools"] == ["echo"]
+        assert upstreams["beta"]["withheld_tools"] == ["echo"]
+        code, out, _ = await mcpxctl(sandbox, "status")
+        assert "withheld (name collision): echo" in out
+    assert "tool name collision" in sandbox.log.read_text()
+
+
+async def test_cancelled_call_gets_no_response_and_the_session_goes_on(sandbox: Sandbox) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    def slow_tool(server: Any) -> None:
+        @server.tool()
+        async def slow() -> str:
+            started.set()
+            await release.wait()
+            return "done"
+
+    alpha = Upstream("alpha", json_response=False, customize=slow_tool)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as peer:
+        await peer.request(0, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}})
+        await peer.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "alpha__slow"}})
+        async with asyncio.timeout(10):
+            await started.wait()
+        await peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
+        pong = await peer.request(2, "ping")
+        assert pong["result"] == {}
+        release.set()
+        # The next reply on the wire is for request 3, not the cancelled request 1.
+        await peer.send({"jsonrpc": "2.0", "id": 3, "method": "ping"})
+        assert (await peer.receive())["id"] == 3
