@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from mcp.server.mcpserver import MCPServer
+
 from tests.support.daemon import Sandbox, mcpxctl, running_daemon, upstream_toml
 from tests.support.upstream import Upstream, running
 
@@ -118,7 +120,7 @@ async def test_agent_request_ids_are_kept_whatever_their_type(sandbox: Sandbox) 
                     "params": {"name": "alpha__echo", "arguments": {"text": repr(request_id)}},
                 }
             )
-        replies = {}
+        replies: dict[str, dict[str, Any]] = {}
         while len(replies) < len(ids):
             reply = await peer.receive()
             if "id" in reply:
@@ -142,11 +144,11 @@ async def test_tools_without_namespace_and_a_withheld_collision(sandbox: Sandbox
         assert echo["error"]["code"] == -32602
         added = await peer.request(3, "tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}})
         assert added["result"]["structuredContent"] == {"result": 3}
-        code, out, _ = await mcpxctl(sandbox, "status", "--json")
+        _, out, _ = await mcpxctl(sandbox, "status", "--json")
         upstreams = {u["name"]: u for u in json.loads(out)["upstreams"]}
         assert upstreams["alpha"]["withheld_tools"] == ["echo"]
         assert upstreams["beta"]["withheld_tools"] == ["echo"]
-        code, out, _ = await mcpxctl(sandbox, "status")
+        _, out, _ = await mcpxctl(sandbox, "status")
         assert "withheld (name collision): echo" in out
     assert "tool name collision" in sandbox.log.read_text()
 
@@ -155,7 +157,7 @@ async def test_cancelled_call_gets_no_response_and_the_session_goes_on(sandbox: 
     started = asyncio.Event()
     release = asyncio.Event()
 
-    def slow_tool(server: Any) -> None:
+    def slow_tool(server: MCPServer) -> None:
         @server.tool()
         async def slow() -> str:
             started.set()

@@ -22,13 +22,13 @@ def _leaky(server: MCPServer) -> None:
     def whoami(ctx: Context) -> str:
         request = ctx.request_context.request
         assert request is not None
-        return f"you sent {request.headers.get('authorization')}"  # type: ignore[union-attr]
+        return f"you sent {request.headers.get('authorization')}"
 
     @server.tool()
     def fail_loudly(ctx: Context) -> str:
         request = ctx.request_context.request
         assert request is not None
-        raise ValueError(f"bad token {request.headers.get('authorization')}")  # type: ignore[union-attr]
+        raise ValueError(f"bad token {request.headers.get('authorization')}")
 
 
 async def test_canary_secrets_appear_in_no_log_status_error_or_result(sandbox: Sandbox) -> None:
@@ -70,7 +70,7 @@ async def test_canary_secrets_appear_in_no_log_status_error_or_result(sandbox: S
             whoami = await client.call_tool("alpha__whoami", {})
             assert "you sent Bearer <secret sha256:" in whoami.model_dump_json()
             for command in (["status"], ["status", "--json"], ["logout", "alpha"], ["reload"]):
-                code, out, err = await mcpxctl(sandbox, *command)
+                _, out, err = await mcpxctl(sandbox, *command)
                 outputs += [out, err]
         assert await daemon.stop() == 0
         assert daemon.process is not None and daemon.process.stderr is not None
