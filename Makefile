@@ -27,7 +27,7 @@ pytest: venv
 test: lint typecheck pytest
 
 demo: venv
-	$(BIN)/python -m mcpx_demo
+	$(BIN)/python demo/run_demo.py
 
 format: venv
 	$(BIN)/ruff format daemon shim tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -49,6 +50,7 @@ class Daemon:
     async def run(self, lock: SocketLock) -> int:
         loop = asyncio.get_running_loop()
         sock = bind_socket(self.socket_path)
+        bound = os.stat(self.socket_path)
         await self.router.start()
         max_bytes = self.config.daemon.max_message_bytes
         server = await loop.create_unix_server(
@@ -68,11 +70,11 @@ class Daemon:
             for session in list(self.sessions):
                 session.close()
             await self.router.stop()
-            try:
-                if os.stat(self.socket_path).st_ino == os.fstat(sock.fileno()).st_ino:
+            # Remove the socket file only if it is still ours (a newer daemon may have replaced it).
+            with contextlib.suppress(OSError):
+                current = os.stat(self.socket_path)
+                if (current.st_dev, current.st_ino) == (bound.st_dev, bound.st_ino):
                     self.socket_path.unlink()
-            except OSError:
-                pass
             lock.release()
         return 0
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mcpx.config.model import Config
+from mcpx.config.model import Config, DuplicateUpstreamName as _DuplicateName
 from mcpx.errors import ConfigError
 
 _AUTH_TAGS = frozenset({"none", "bearer_env", "bearer_file", "static_header"})
@@ -37,12 +37,29 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
     try:
         return Config.model_validate({**document, "source": path})
     except ValidationError as exc:
-        raise ConfigError([_describe(path, document, error) for error in exc.errors()]) from None
+        problems = [_describe(path, document, error) for error in exc.errors()]
+        problems += [
+            f"{path}: upstream {name!r}: name: used by more than one upstream" for name in _duplicates(document)
+        ]
+        raise ConfigError(list(dict.fromkeys(problems))) from None
+
+
+def _duplicates(document: dict[str, Any]) -> list[str]:
+    """Upstream names used twice, found in the raw document so they are reported with every other problem."""
+    proxy = document.get("proxy")
+    upstreams = proxy.get("upstream") if isinstance(proxy, dict) else None
+    if not isinstance(upstreams, list):
+        return []
+    names = [upstream.get("name") for upstream in upstreams if isinstance(upstream, dict)]
+    return sorted({name for name in names if isinstance(name, str) and names.count(name) > 1})
 
 
 def _describe(path: Path, document: dict[str, Any], error: Any) -> str:
     location: tuple[int | str, ...] = tuple(error["loc"])
     where = ""
+    duplicate = error.get("ctx", {}).get("error")
+    if location == ("proxy",) and isinstance(duplicate, _DuplicateName):
+        return f"{path}: upstream {duplicate.name!r}: name: used by more than one upstream"
     if location[:2] == ("proxy", "upstream") and len(location) >= 3 and isinstance(location[2], int):
         index = location[2]
         upstreams = document.get("proxy", {}).get("upstream", [])
@@ -52,11 +69,10 @@ def _describe(path: Path, document: dict[str, Any], error: Any) -> str:
         # Drop the discriminator tag pydantic inserts for tagged unions (e.g. auth.bearer_env.env).
         if len(location) >= 2 and location[0] == "auth" and location[1] in _AUTH_TAGS:
             location = (location[0], *location[2:])
-    field = ".".join(str(part) for part in location) or "(table)"
+    field = ".".join(str(part) for part in location)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required field is missing"
-    prefix = f"{path}: {where}: " if where else f"{path}: "
-    return f"{prefix}{field}: {message}"
+    return ": ".join(part for part in (str(path), where, field, message) if part)

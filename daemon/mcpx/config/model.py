@@ -129,6 +129,12 @@ class DaemonConfig(_Strict):
     reconnect_max: Annotated[float, Field(gt=0, le=86400)] = 60.0
 
 
+class DuplicateUpstreamName(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"upstream name {name!r} is used twice")
+        self.name = name
+
+
 class ProxyConfig(_Strict):
     upstream: tuple[UpstreamConfig, ...] = ()
 
@@ -137,7 +143,7 @@ class ProxyConfig(_Strict):
         seen: set[str] = set()
         for upstream in self.upstream:
             if upstream.name in seen:
-                raise ValueError(f"upstream name {upstream.name!r} is used twice")
+                raise DuplicateUpstreamName(upstream.name)
             seen.add(upstream.name)
         return self
 

@@ -49,6 +49,8 @@ class SSEDecoder:
             self._at_start = False
             if chunk.startswith(_BOM):
                 chunk = chunk[len(_BOM) :]
+        if not chunk:
+            return []
         events: list[SSEEvent] = []
         position = 0
         if self._pending_cr and chunk[:1] == b"\n":
@@ -100,7 +102,7 @@ class SSEDecoder:
         elif name == "id":
             if "\0" not in value:
                 self._last_id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = int(value)
         return None
 
