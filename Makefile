@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 venv: $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check daemon shim tests
-	$(BIN)/ruff format --check daemon shim tests
+	$(BIN)/ruff check daemon shim tests demo
+	$(BIN)/ruff format --check daemon shim tests demo
 
 typecheck: venv
 	$(BIN)/mypy

@@ -50,7 +50,7 @@ def build_server(name: str, tokens: TokenCheck | None, port: int) -> MCPServer:
             resource_server_url=AnyHttpUrl(f"http://127.0.0.1:{port}/mcp"),
             validate_token_resource=False,
         )
-    server: MCPServer = MCPServer(name, auth=auth, token_verifier=tokens if tokens is not None else None)
+    server: MCPServer = MCPServer(name, auth=auth, token_verifier=tokens, log_level="WARNING")
 
     @server.tool()
     def echo(text: str) -> str:

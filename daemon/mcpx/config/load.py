@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mcpx.config.model import Config, DuplicateUpstreamName as _DuplicateName
+from mcpx.config.model import Config
+from mcpx.config.model import DuplicateUpstreamName as _DuplicateName
 from mcpx.errors import ConfigError
 
 _AUTH_TAGS = frozenset({"none", "bearer_env", "bearer_file", "static_header"})
