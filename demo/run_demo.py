@@ -62,6 +62,24 @@ def demo_server(port: int, token: str) -> MCPServer:
     return server
 
 
+async def start_daemon(env: dict[str, str], root: Path) -> asyncio.subprocess.Process:
+    """Start mcpxd and wait for its sd_notify READY=1 (sent once the socket is served)."""
+    notify_path = root / "notify"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    daemon = await asyncio.create_subprocess_exec(
+        str(BIN / "mcpxd"), env={**env, "NOTIFY_SOCKET": str(notify_path)}, stdin=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with asyncio.timeout(20):
+            while b"READY=1" not in await asyncio.get_running_loop().sock_recv(notify, 4096):
+                pass
+    finally:
+        notify.close()
+    return daemon
+
+
 def say(text: str) -> None:
     print(text, flush=True)
 
@@ -93,11 +111,10 @@ auth = {{ type = "bearer_env", env = "DEMO_TOKEN" }}
     (root / "config.toml").write_text(config)
     say(f"1. demo upstream listening on http://127.0.0.1:{port}/mcp (requires a bearer token)")
     say(f"2. mcpx config ({root / 'config.toml'}):\n\n" + "\n".join("     " + line for line in config.splitlines()))
-    daemon = await asyncio.create_subprocess_exec(str(BIN / "mcpxd"), env=env, stdin=asyncio.subprocess.DEVNULL)
+    daemon = await start_daemon(env, root)
     exit_code = 1
     try:
         say("\n3. mcpxd started; an agent connects through mcpx-shim (stdio), as Claude Code or Codex would")
-        # The shim waits for the daemon's socket itself (and would start mcpxd if none were running).
         params = StdioServerParameters(command=str(BIN / "mcpx-shim"), env=env)
         async with Client(params) as agent:
             info = agent.server_info
@@ -120,9 +137,8 @@ auth = {{ type = "bearer_env", env = "DEMO_TOKEN" }}
         upstream.should_exit = True
         await asyncio.wait_for(upstream_task, 15)
         shutil.rmtree(root, ignore_errors=True)
-    say(
-        f"\n5. mcpxd stopped (exit {daemon_code}); the agent never saw the token or the URL. Demo {'OK' if exit_code == 0 else 'FAILED'}."
-    )
+    outcome = "OK" if exit_code == 0 else "FAILED"
+    say(f"\n5. mcpxd stopped (exit {daemon_code}); the agent never saw the token or the URL. Demo {outcome}.")
     return exit_code or daemon_code
 
 

@@ -54,7 +54,8 @@ class SocketLock:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise AlreadyRunning(f"another mcpxd holds {self.path}") from None
+                socket_path = self.path.with_name(self.path.name.removesuffix(".lock"))
+                raise AlreadyRunning(f"mcpxd is already running on {socket_path} (it holds {self.path})") from None
             raise
         self._fd = fd
 

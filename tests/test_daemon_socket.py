@@ -1,0 +1,181 @@
+"""The daemon's socket: private permissions, one daemon per socket, stale sockets, other users, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcpx.daemon import EXIT_ALREADY_RUNNING, EXIT_CONFIG, EXIT_STARTUP
+from tests.support.daemon import MCPXD, Sandbox, agent, mcpxctl, run, running_daemon, upstream_toml
+
+NOBODY = 65534
+
+# Run as another user: connect, send `initialize`, and report every byte received and how the connection ended.
+_PEER_SNIPPET = """
+import json, os, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(10)
+sock.connect(sys.argv[1])
+received = b""
+end = "eof"
+try:
+    sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25",'
+                 b'"capabilities":{},"clientInfo":{"name":"intruder","version":"1"}}}\\n')
+    while chunk := sock.recv(65536):
+        received += chunk
+except (BrokenPipeError, ConnectionResetError) as exc:
+    end = type(exc).__name__
+except TimeoutError:
+    end = "timeout"
+print(json.dumps({"uid": os.getuid(), "received": received.decode("latin-1"), "end": end}))
+"""
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def _log_events(sandbox: Sandbox) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in sandbox.log.read_text().splitlines() if line.strip()]
+
+
+async def test_socket_dir_state_dir_are_0700_and_socket_log_are_0600(sandbox: Sandbox) -> None:
+    sandbox.write_config("")
+    async with running_daemon(sandbox):
+        assert stat.S_ISSOCK(sandbox.socket.lstat().st_mode)
+        assert _mode(sandbox.socket.parent) == 0o700
+        assert _mode(sandbox.socket) == 0o600
+        assert _mode(sandbox.state) == 0o700
+        assert _mode(sandbox.log) == 0o600
+
+
+async def test_second_daemon_on_the_same_socket_refuses_and_the_first_keeps_serving(sandbox: Sandbox) -> None:
+    sandbox.write_config("")
+    async with running_daemon(sandbox):
+        code, stdout, stderr = await run(MCPXD, env=sandbox.env)
+        assert code == EXIT_ALREADY_RUNNING
+        assert stdout == ""
+        lines = stderr.splitlines()
+        assert len(lines) == 1, stderr
+        assert lines[0].startswith("mcpxd: ")
+        assert any(words in lines[0] for words in ("already running", "already answers", "another mcpxd")), stderr
+        assert str(sandbox.socket) in lines[0]
+
+        code, stdout, stderr = await mcpxctl(sandbox, "status", "--json")
+        assert code == 0, stderr
+        assert json.loads(stdout)["socket"] == str(sandbox.socket)
+
+
+async def test_stale_socket_file_is_replaced_and_the_daemon_serves(sandbox: Sandbox) -> None:
+    sandbox.write_config("")
+    sandbox.socket.parent.mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sandbox.socket))  # bound, never listening: connections are refused, as after a crash
+    stale.close()
+    assert stat.S_ISSOCK(sandbox.socket.lstat().st_mode)
+
+    async with running_daemon(sandbox):
+        code, _, stderr = await mcpxctl(sandbox, "status")
+        assert code == 0, stderr
+        async with agent(sandbox) as client:
+            await client.list_tools()
+        assert _mode(sandbox.socket) == 0o600
+
+
+async def test_path_that_is_not_a_socket_makes_the_daemon_exit_with_a_clear_message(sandbox: Sandbox) -> None:
+    sandbox.write_config("")
+    sandbox.socket.parent.mkdir(mode=0o700)
+    sandbox.socket.write_text("precious data\n")
+
+    code, stdout, stderr = await run(MCPXD, env=sandbox.env)
+
+    assert code == EXIT_STARTUP
+    assert stdout == ""
+    assert stderr.splitlines() == [
+        f"mcpxd: {sandbox.socket} exists and is not a socket: remove it or choose another path"
+    ]
+    assert sandbox.socket.read_text() == "precious data\n"
+
+
+async def test_connection_from_another_user_is_refused_before_a_byte_is_read(sandbox: Sandbox) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    sandbox.write_config("")
+    async with running_daemon(sandbox):
+        # Let uid 65534 reach the socket, so that only the daemon's peer check can stop it.
+        sandbox.root.chmod(0o711)
+        sandbox.socket.parent.chmod(0o711)
+        sandbox.socket.chmod(0o666)
+
+        code, stdout, stderr = await run(
+            setpriv,
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _PEER_SNIPPET,
+            str(sandbox.socket),
+            env={"PATH": sandbox.env["PATH"]},
+        )
+        assert code == 0, stderr
+        report = json.loads(stdout)
+        assert report["uid"] == NOBODY
+        assert report["received"] == ""
+        assert report["end"] in ("eof", "ConnectionResetError", "BrokenPipeError")
+
+        refused = [
+            event for event in _log_events(sandbox) if event.get("event") == "refused a connection from another user"
+        ]
+        assert [event.get("uid") for event in refused] == [NOBODY]
+        assert not any(event.get("event") == "agent connected" for event in _log_events(sandbox))
+
+        async with agent(sandbox) as client:
+            assert (await client.list_tools()).tools == []
+
+
+async def test_sigterm_makes_the_daemon_exit_0_and_remove_its_socket(sandbox: Sandbox) -> None:
+    sandbox.write_config("")
+    async with running_daemon(sandbox) as daemon:
+        assert stat.S_ISSOCK(sandbox.socket.lstat().st_mode)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.process is not None
+        async with asyncio.timeout(15):
+            code = await daemon.process.wait()
+        assert code == 0
+        assert not sandbox.socket.exists()
+
+
+async def test_invalid_config_exits_2_naming_file_upstream_and_field_and_serves_nothing(sandbox: Sandbox) -> None:
+    sandbox.write_config(
+        upstream_toml("broken", "ftp://example.com/mcp") + upstream_toml("slow", "http://127.0.0.1:9/mcp", timeout=-1)
+    )
+
+    code, stdout, stderr = await run(MCPXD, env=sandbox.env)
+
+    assert code == EXIT_CONFIG
+    assert stdout == ""
+    lines = stderr.splitlines()
+    assert lines[0] == "mcpxd: the configuration is invalid:"
+    problems = lines[1:]
+    assert len(problems) == 2, stderr
+    assert all(str(sandbox.config) in problem for problem in problems), stderr
+    assert any("'broken'" in problem and "url" in problem for problem in problems), stderr
+    assert any("'slow'" in problem and "timeout" in problem for problem in problems), stderr
+    assert not sandbox.socket.exists()
+    assert not sandbox.socket.parent.exists()

@@ -1,0 +1,199 @@
+"""mcpx-shim: starts the daemon when none runs, fails in one line, relays MCP only, and imports only the stdlib."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mcp_types import TextContent
+
+from tests.support.daemon import SHIM, Sandbox, agent, mcpxctl, run, running_daemon, upstream_toml
+from tests.support.upstream import Upstream, running
+
+SHIM_DIR = Path(__file__).resolve().parent.parent / "shim"
+
+
+async def _wait_for_exit(pid: int, timeout: float = 10.0) -> None:
+    """Wait until `pid` (not our child: the shim started it in its own session) has exited."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        if hasattr(os, "pidfd_open"):
+            # A pidfd becomes readable when the process exits, even while it is an unreaped zombie (an orphan
+            # whose new parent does not reap it), which `os.kill(pid, 0)` cannot tell from a live process.
+            fd = os.pidfd_open(pid)
+            exited = asyncio.Event()
+            loop.add_reader(fd, exited.set)
+            try:
+                await exited.wait()
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+            return
+        # The one tolerated poll: without pidfds there is no event for the exit of a process that is not ours.
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def _stop_daemon_if_running(sandbox: Sandbox) -> int | None:
+    """SIGTERM the daemon that answers on the sandbox socket (if any) and wait for it to exit; returns its pid."""
+    code, stdout, _ = await mcpxctl(sandbox, "status", "--json")
+    if code != 0:
+        return None
+    pid = int(json.loads(stdout)["pid"])
+    os.kill(pid, signal.SIGTERM)
+    await _wait_for_exit(pid)
+    return pid
+
+
+def _is_jsonrpc_message(message: Any) -> bool:
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        return False
+    if "method" in message:
+        return isinstance(message["method"], str)
+    return "id" in message and (("result" in message) ^ ("error" in message))
+
+
+async def test_shim_starts_the_daemon_when_none_runs_and_the_daemon_keeps_running(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    assert not sandbox.socket.exists()
+    async with running(alpha):
+        try:
+            async with agent(sandbox) as client:
+                names = sorted(tool.name for tool in (await client.list_tools()).tools)
+                assert names == [
+                    "alpha__add",
+                    "alpha__delete_issue",
+                    "alpha__echo",
+                    "alpha__get_issue",
+                    "alpha__search_issues",
+                ]
+                result = await client.call_tool("alpha__echo", {"text": "via shim"})
+                assert isinstance(result.content[0], TextContent)
+                assert result.content[0].text == "alpha:via shim"
+
+            code, stdout, stderr = await mcpxctl(sandbox, "status", "--json")
+            assert code == 0, stderr
+            status = json.loads(stdout)
+            assert status["socket"] == str(sandbox.socket)
+            assert status["config"] == str(sandbox.config)
+            assert [upstream["name"] for upstream in status["upstreams"]] == ["alpha"]
+        finally:
+            pid = await _stop_daemon_if_running(sandbox)
+    assert pid is not None
+    code, _, stderr = await mcpxctl(sandbox, "status")
+    assert code != 0
+    assert "mcpxd is not running" in stderr
+
+
+async def test_shim_fails_in_one_line_when_the_daemon_cannot_start(sandbox: Sandbox) -> None:
+    sandbox.write_config(upstream_toml("broken", "ftp://example.com/mcp"))
+
+    code, stdout, stderr = await run(SHIM, env=sandbox.env)
+
+    assert code != 0
+    assert stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("mcpx-shim:")
+    assert "the configuration is invalid" in lines[0]
+    assert "'broken'" in lines[0]
+    assert "url" in lines[0]
+    assert not sandbox.socket.exists()
+
+
+async def test_shim_with_bad_arguments_prints_usage_and_exits_non_zero(sandbox: Sandbox) -> None:
+    for args in (["--bogus"], ["--config"], ["stray"]):
+        code, stdout, stderr = await run(SHIM, *args, env=sandbox.env)
+        assert code != 0, args
+        assert stdout == ""
+        lines = stderr.splitlines()
+        assert len(lines) == 1, (args, stderr)
+        assert lines[0].startswith("mcpx-shim: usage: mcpx-shim"), stderr
+    assert not sandbox.socket.exists()
+
+
+async def test_shim_stdout_carries_only_jsonrpc_messages_and_it_exits_0_when_stdin_closes(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=False)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    requests = [
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "1"},
+            },
+        },
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+    ]
+    payload = b"".join(json.dumps(request).encode() + b"\n" for request in requests) + b"{this is not json\n"
+    async with running(alpha), running_daemon(sandbox):
+        process = await asyncio.create_subprocess_exec(
+            SHIM,
+            env=sandbox.env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert process.stdin is not None
+            assert process.stdout is not None
+            assert process.stderr is not None
+            process.stdin.write(payload)
+            await process.stdin.drain()
+            messages: list[Any] = []
+            responses: dict[Any, Any] = {}
+            async with asyncio.timeout(15):
+                while not {1, 2, None} <= responses.keys():
+                    line = await process.stdout.readline()
+                    assert line.endswith(b"\n"), line
+                    message = json.loads(line)
+                    messages.append(message)
+                    if "method" not in message:
+                        responses[message.get("id")] = message
+                process.stdin.close()
+                rest = await process.stdout.read()
+                stderr = await process.stderr.read()
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        messages += [json.loads(line) for line in rest.splitlines()]
+        assert all(_is_jsonrpc_message(message) for message in messages), messages
+        assert responses[1]["result"]["serverInfo"]["name"] == "mcpx"
+        assert "alpha__echo" in {tool["name"] for tool in responses[2]["result"]["tools"]}
+        assert responses[None]["error"]["code"] == -32700
+        assert code == 0
+        assert stderr == b""
+
+
+def test_shim_imports_only_builtin_and_os_modules_and_nothing_from_mcpx() -> None:
+    probe = (
+        f"import sys; sys.path.insert(0, {str(SHIM_DIR)!r}); before = set(sys.modules); import mcpx_shim; "
+        "print(sorted(set(sys.modules) - before))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    )
+    imported = set(ast.literal_eval(completed.stdout))
+    assert "mcpx_shim" in imported
+    # `os` and what it needs (loaded by `site` in a normal start, which -S skips) are the only non-builtins.
+    allowed = {"mcpx_shim", "_socket", "_thread", "os", "os.path", "posixpath", "genericpath", "stat", "_stat"}
+    allowed |= {"_collections_abc"}
+    assert imported <= allowed, imported - allowed
