@@ -55,11 +55,11 @@ async def test_progress_and_log_messages_of_a_call_reach_the_calling_agent(sandb
 
     alpha = Upstream("alpha", json_response=False, customize=chatty)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
-    progress: list[tuple[float, float | None, str | None]] = []
+    seen_progress: list[tuple[float, float | None, str | None]] = []
     logs: list[object] = []
 
-    async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append((value, total, message))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen_progress.append((progress, total, message))
 
     async def on_log(params: mcp_types.LoggingMessageNotificationParams) -> None:
         logs.append(params.data)
@@ -67,7 +67,7 @@ async def test_progress_and_log_messages_of_a_call_reach_the_calling_agent(sandb
     async with running(alpha), running_daemon(sandbox), agent(sandbox, logging_callback=on_log) as client:
         result = await client.call_tool("alpha__work", {"steps": 3}, progress_callback=on_progress)
         assert _text(result) == "worked"
-    assert progress == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+    assert seen_progress == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
     assert logs == ["all steps done"]
 
 
