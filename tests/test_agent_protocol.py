@@ -78,6 +78,8 @@ async def test_malformed_and_oversized_messages_get_errors_and_the_session_goes_
         await peer.send_line(b'{"jsonrpc": "2.0", "id": 4, "method": "ping", "params": [1]}')
         assert (await peer.receive())["error"]["code"] == -32600
 
+        await peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": [1]}})
+        await peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": {"x": 1}}})
         assert (await peer.request(5, "ping")) == {"jsonrpc": "2.0", "id": 5, "result": {}}
 
 

@@ -53,10 +53,13 @@ class AgentConnection(asyncio.Protocol):
         if session is None:
             return
         for item in self._framer.feed(data):
-            if isinstance(item, Oversized):
-                session.on_oversized(item.limit)
-            else:
-                session.on_line(item)
+            try:
+                if isinstance(item, Oversized):
+                    session.on_oversized(item.limit)
+                else:
+                    session.on_line(item)
+            except Exception:  # noqa: BLE001 - callback top: one bad message must not end the session
+                _log.exception("failed to handle an agent message")
 
     def eof_received(self) -> bool:
         return False  # close our side too

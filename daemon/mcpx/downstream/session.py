@@ -179,7 +179,8 @@ class AgentSession:
 
     def _on_notification(self, method: str, params: dict[str, Any]) -> None:
         if method == "notifications/cancelled":
-            task = self._in_flight.pop(params.get("requestId"), None)  # type: ignore[arg-type]
+            request_id = params.get("requestId")
+            task = self._in_flight.pop(request_id, None) if jsonrpc.is_request_id(request_id) else None  # type: ignore[arg-type]
             if task is not None:
                 task.cancel()  # MCP: no response is sent for a cancelled request
         elif method != "notifications/initialized":
