@@ -7,16 +7,10 @@ import asyncio
 import mcp_types
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp_types import TextContent
 
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
+from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
-
-
-def _text(result: object) -> str:
-    content = result.content  # type: ignore[attr-defined]
-    assert isinstance(content[0], TextContent)
-    return str(content[0].text)
 
 
 async def test_a_call_past_the_upstream_timeout_ends_with_a_tool_error_and_upstream_is_told(sandbox: Sandbox) -> None:
@@ -37,11 +31,11 @@ async def test_a_call_past_the_upstream_timeout_ends_with_a_tool_error_and_upstr
     async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
         result = await client.call_tool("alpha__sleepy", {})
         assert result.is_error
-        assert "alpha" in _text(result)
-        assert "0.5 s" in _text(result)
+        assert "alpha" in text_of(result)
+        assert "0.5 s" in text_of(result)
         async with asyncio.timeout(10):
             await cancelled.wait()  # mcpx sent notifications/cancelled upstream
-        assert _text(await client.call_tool("alpha__echo", {"text": "next"})) == "alpha:next"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "next"})) == "alpha:next"
 
 
 async def test_progress_and_log_messages_of_a_call_reach_the_calling_agent(sandbox: Sandbox) -> None:
@@ -66,7 +60,7 @@ async def test_progress_and_log_messages_of_a_call_reach_the_calling_agent(sandb
 
     async with running(alpha), running_daemon(sandbox), agent(sandbox, logging_callback=on_log) as client:
         result = await client.call_tool("alpha__work", {"steps": 3}, progress_callback=on_progress)
-        assert _text(result) == "worked"
+        assert text_of(result) == "worked"
     assert seen_progress == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
     assert logs == ["all steps done"]
 

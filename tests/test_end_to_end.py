@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from mcp_types import TextContent
-
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, running_daemon, upstream_toml
+from tests.support.results import text_of
 from tests.support.upstream import TokenCheck, Upstream, running
-
-
-def _text(result: object) -> str:
-    content = result.content  # type: ignore[attr-defined]
-    assert isinstance(content[0], TextContent)
-    return content[0].text
 
 
 async def test_agent_sees_and_calls_tools_of_every_upstream(sandbox: Sandbox) -> None:
@@ -49,11 +42,11 @@ async def test_agent_sees_and_calls_tools_of_every_upstream(sandbox: Sandbox) ->
         assert by_name["beta__echo"].description == "Echo the text back, prefixed with the server's name."
         assert by_name["alpha__add"].input_schema["properties"].keys() == {"a", "b"}
 
-        assert _text(await client.call_tool("alpha__echo", {"text": "hi"})) == "alpha:hi"
-        assert _text(await client.call_tool("beta__echo", {"text": "hi"})) == "beta:hi"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "hi"})) == "alpha:hi"
+        assert text_of(await client.call_tool("beta__echo", {"text": "hi"})) == "beta:hi"
         added = await client.call_tool("alpha__add", {"a": 2, "b": 3})
         assert added.structured_content == {"result": 5}
-        assert _text(await client.call_tool("beta__get_issue", {"key": "X-1"})) == "beta:issue X-1"
+        assert text_of(await client.call_tool("beta__get_issue", {"key": "X-1"})) == "beta:issue X-1"
 
 
 async def test_ten_agents_hundred_interleaved_calls_each_get_only_their_own_results(sandbox: Sandbox) -> None:
@@ -72,7 +65,7 @@ async def test_ten_agents_hundred_interleaved_calls_each_get_only_their_own_resu
                     text = f"agent{index}-call{n}"
                     async with semaphore:
                         result = await client.call_tool(f"{upstream}__echo", {"text": text})
-                    return f"{upstream}:{text}", _text(result)
+                    return f"{upstream}:{text}", text_of(result)
 
                 return await asyncio.gather(*(call(n) for n in range(100)))
 
@@ -99,8 +92,8 @@ async def test_upstream_down_at_start_comes_up_and_agents_are_told(sandbox: Sand
             assert {name for name in names if name.startswith("alpha__")} == names
             failed = await client.call_tool("late__echo", {"text": "x"})
             assert failed.is_error
-            assert "late" in _text(failed)
-        assert _text(await client.call_tool("alpha__echo", {"text": "up"})) == "alpha:up"
+            assert "late" in text_of(failed)
+        assert text_of(await client.call_tool("alpha__echo", {"text": "up"})) == "alpha:up"
         await late.start()
         try:
             async with asyncio.timeout(15):
@@ -108,6 +101,6 @@ async def test_upstream_down_at_start_comes_up_and_agents_are_told(sandbox: Sand
                     await changed.wait()
                     changed.clear()
                     names = {tool.name for tool in (await client.list_tools()).tools}
-            assert _text(await client.call_tool("late__echo", {"text": "back"})) == "late:back"
+            assert text_of(await client.call_tool("late__echo", {"text": "back"})) == "late:back"
         finally:
             await late.stop()

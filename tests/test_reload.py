@@ -7,16 +7,9 @@ import json
 import signal
 from collections.abc import Awaitable, Callable
 
-from mcp_types import TextContent
-
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
+from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
-
-
-def _text(result: object) -> str:
-    content = result.content  # type: ignore[attr-defined]
-    assert isinstance(content[0], TextContent)
-    return str(content[0].text)
 
 
 def _change_watcher() -> tuple[asyncio.Event, Callable[[object], Awaitable[None]]]:
@@ -53,7 +46,7 @@ async def test_reload_adds_changes_and_removes_upstreams_while_an_agent_stays_co
         assert code == 0, err
         assert "added: beta" in out
         await _wait_for_tools(client, changed, lambda names: "beta__echo" in names)
-        assert _text(await client.call_tool("beta__echo", {"text": "new"})) == "beta:new"
+        assert text_of(await client.call_tool("beta__echo", {"text": "new"})) == "beta:new"
 
         sandbox.write_config(
             upstream_toml("alpha", alpha.url, exclude_tools=["echo"]) + upstream_toml("beta", beta.url)
@@ -72,14 +65,14 @@ async def test_reload_adds_changes_and_removes_upstreams_while_an_agent_stays_co
         assert "removed: alpha" in out
         await _wait_for_tools(client, changed, lambda names: not any(name.startswith("alpha__") for name in names))
         # The same agent session kept working throughout.
-        assert _text(await client.call_tool("beta__echo", {"text": "still here"})) == "beta:still here"
+        assert text_of(await client.call_tool("beta__echo", {"text": "still here"})) == "beta:still here"
 
 
 async def test_invalid_config_on_reload_is_refused_and_the_running_one_kept(sandbox: Sandbox) -> None:
     alpha = Upstream("alpha", json_response=True)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
     async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
-        assert _text(await client.call_tool("alpha__echo", {"text": "a"})) == "alpha:a"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "a"})) == "alpha:a"
         sandbox.write_config(upstream_toml("alpha", alpha.url, bogus_key=1) + "[[proxy.upstream]]\nname = 'x'\n")
         code, _, err = await mcpxctl(sandbox, "reload")
         assert code != 0
@@ -91,7 +84,7 @@ async def test_invalid_config_on_reload_is_refused_and_the_running_one_kept(sand
         code, _, err = await mcpxctl(sandbox, "reload")
         assert code != 0
         assert "invalid TOML" in err
-        assert _text(await client.call_tool("alpha__echo", {"text": "b"})) == "alpha:b"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "b"})) == "alpha:b"
         code, out, _ = await mcpxctl(sandbox, "status", "--json")
         assert [upstream["name"] for upstream in json.loads(out)["upstreams"]] == ["alpha"]
 

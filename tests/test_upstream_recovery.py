@@ -5,16 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from mcp_types import TextContent
-
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, mcpxctl, running_daemon, upstream_toml
+from tests.support.results import text_of
 from tests.support.upstream import TokenCheck, Upstream, running
-
-
-def _text(result: object) -> str:
-    content = result.content  # type: ignore[attr-defined]
-    assert isinstance(content[0], TextContent)
-    return str(content[0].text)
 
 
 async def _status(sandbox: Sandbox) -> dict[str, dict[str, object]]:
@@ -30,7 +23,7 @@ async def test_rotated_bearer_file_is_reread_after_a_401_and_the_call_retried(sa
     token_file.write_text("token-one-AAAA\n")
     sandbox.write_config(upstream_toml("alpha", alpha.url, auth={"type": "bearer_file", "path": str(token_file)}))
     async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
-        assert _text(await client.call_tool("alpha__echo", {"text": "1"})) == "alpha:1"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "1"})) == "alpha:1"
         # The server rotates the token; the new one is written in place with the same size and mtime, so
         # nothing but the 401 can tell mcpx that the file must be read again.
         stat = os.stat(token_file)
@@ -39,7 +32,7 @@ async def test_rotated_bearer_file_is_reread_after_a_401_and_the_call_retried(sa
             file.write("token-two-BBBB\n")
         os.utime(token_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert os.stat(token_file).st_ino == stat.st_ino
-        assert _text(await client.call_tool("alpha__echo", {"text": "2"})) == "alpha:2"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "2"})) == "alpha:2"
         assert tokens.seen[-2:] == ["token-one-AAAA", "token-two-BBBB"]
 
 
@@ -54,14 +47,14 @@ async def test_rejected_credential_is_reported_with_the_file_to_fix_then_recover
     async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
         failed = await client.call_tool("alpha__echo", {"text": "x"})
         assert failed.is_error
-        assert str(token_file) in _text(failed)
-        assert "401" in _text(failed)
+        assert str(token_file) in text_of(failed)
+        assert "401" in text_of(failed)
         status = await _status(sandbox)
         assert status["alpha"]["state"] == "auth_failed"
         assert str(token_file) in str(status["alpha"]["last_error"])
 
         token_file.write_text("good-token-1234\n")
-        assert _text(await client.call_tool("alpha__echo", {"text": "fixed"})) == "alpha:fixed"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "fixed"})) == "alpha:fixed"
         assert (await _status(sandbox))["alpha"]["state"] == "ready"
 
 
@@ -71,18 +64,18 @@ async def test_missing_env_token_names_the_variable(sandbox: Sandbox) -> None:
     async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
         failed = await client.call_tool("alpha__echo", {"text": "x"})
         assert failed.is_error
-        assert "ALPHA_TOKEN_X" in _text(failed)
-        assert "alpha" in _text(failed)
+        assert "ALPHA_TOKEN_X" in text_of(failed)
+        assert "alpha" in text_of(failed)
 
 
 async def test_expired_upstream_session_is_reinitialized_and_the_call_retried(sandbox: Sandbox) -> None:
     alpha = Upstream("alpha", json_response=False)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
     async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
-        assert _text(await client.call_tool("alpha__echo", {"text": "before"})) == "alpha:before"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "before"})) == "alpha:before"
         old_sessions = {r.headers.get("mcp-session-id") for r in alpha.requests} - {None}
         await alpha.restart()  # the server forgets every session: our next request gets 404
-        assert _text(await client.call_tool("alpha__echo", {"text": "after"})) == "alpha:after"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "after"})) == "alpha:after"
         new_sessions = {r.headers.get("mcp-session-id") for r in alpha.requests} - {None} - old_sessions
         assert len(new_sessions) == 1
         initializes = [r for r in alpha.requests if r.method == "POST" and "mcp-session-id" not in r.headers]
@@ -94,13 +87,13 @@ async def test_upstream_going_down_fails_calls_at_once_and_comes_back(sandbox: S
     beta = Upstream("beta", json_response=True)
     sandbox.write_config(FAST_RECONNECT + upstream_toml("alpha", alpha.url) + upstream_toml("beta", beta.url))
     async with running(alpha, beta), running_daemon(sandbox), agent(sandbox) as client:
-        assert _text(await client.call_tool("alpha__echo", {"text": "1"})) == "alpha:1"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "1"})) == "alpha:1"
         await alpha.stop()
         failed = await client.call_tool("alpha__echo", {"text": "2"})
         assert failed.is_error
-        assert "alpha" in _text(failed)
+        assert "alpha" in text_of(failed)
         # The other upstream is unaffected, and alpha's tools stay listed while it is down.
-        assert _text(await client.call_tool("beta__echo", {"text": "3"})) == "beta:3"
+        assert text_of(await client.call_tool("beta__echo", {"text": "3"})) == "beta:3"
         assert "alpha__echo" in {tool.name for tool in (await client.list_tools()).tools}
         await alpha.start()
         status = await _status(sandbox)
@@ -121,7 +114,7 @@ async def test_daemon_stop_deletes_upstream_sessions_and_sends_configured_header
     )
     async with running(alpha):
         async with running_daemon(sandbox) as daemon, agent(sandbox) as client:
-            assert _text(await client.call_tool("alpha__echo", {"text": "h"})) == "alpha:h"
+            assert text_of(await client.call_tool("alpha__echo", {"text": "h"})) == "alpha:h"
             post = [r for r in alpha.requests if r.method == "POST"][-1]
             assert post.headers["authorization"] == "Bearer alpha-secret-xyz"
             assert post.headers["x-tenant"] == "acme"

@@ -64,36 +64,55 @@ class NoCredential:
         return "none"
 
 
-class BearerFromEnv:
-    def __init__(self, upstream: str, variable: str) -> None:
+class _SecretSource:
+    """What the providers below share: send the current value, and after a rejection say whether re-reading it
+    gives a different one. Subclasses read the value (`_read`) and shape the header (`_header`)."""
+
+    def __init__(self, upstream: str) -> None:
         self._upstream = upstream
-        self._variable = variable
         self._sent: str | None = None
 
-    def _read(self) -> str:
+    def _read(self, *, force: bool) -> str:
+        raise NotImplementedError
+
+    def _header(self, value: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {value}"}
+
+    def headers(self) -> dict[str, str]:
+        value = self._read(force=False)
+        self._sent = value
+        return self._header(value)
+
+    def reload(self) -> bool:
+        try:
+            return self._read(force=True) != self._sent
+        except CredentialRejected:
+            return False
+
+    def _fingerprint(self, unreadable: str) -> str:
+        try:
+            return fingerprint(self._read(force=False))
+        except CredentialRejected:
+            return unreadable
+
+
+class BearerFromEnv(_SecretSource):
+    def __init__(self, upstream: str, variable: str) -> None:
+        super().__init__(upstream)
+        self._variable = variable
+
+    def _read(self, *, force: bool) -> str:
         value = os.environ.get(self._variable, "").strip()
         if not value:
             raise CredentialRejected(self._upstream, f"environment variable {self._variable} is not set or empty")
         register_secret(value)
         return value
 
-    def headers(self) -> dict[str, str]:
-        token = self._read()
-        self._sent = token
-        return {"Authorization": f"Bearer {token}"}
-
-    def reload(self) -> bool:
-        try:
-            return self._read() != self._sent
-        except CredentialRejected:
-            return False
-
     def fix_hint(self) -> str:
         return f"put a valid token in the environment variable {self._variable} of mcpxd and restart it"
 
     def describe(self) -> str:
-        value = os.environ.get(self._variable, "").strip()
-        return f"bearer_env {self._variable} ({fingerprint(value) if value else 'unset'})"
+        return f"bearer_env {self._variable} ({self._fingerprint('unset')})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +122,16 @@ class _FileStamp:
     mtime_ns: int
 
 
-class BearerFromFile:
+class BearerFromFile(_SecretSource):
     """Token from the first non-empty line of a file, re-read whenever the file's inode, size or mtime change."""
 
     def __init__(self, upstream: str, path: Path) -> None:
-        self._upstream = upstream
+        super().__init__(upstream)
         self._path = path
         self._stamp: _FileStamp | None = None
         self._token: str | None = None
-        self._sent: str | None = None
 
-    def _current(self, *, force: bool = False) -> str:
+    def _read(self, *, force: bool) -> str:
         try:
             info = os.stat(self._path)
         except OSError as exc:
@@ -136,61 +154,35 @@ class BearerFromFile:
                 return token
         raise CredentialRejected(self._upstream, f"token file {self._path} is empty")
 
-    def headers(self) -> dict[str, str]:
-        token = self._current()
-        self._sent = token
-        return {"Authorization": f"Bearer {token}"}
-
-    def reload(self) -> bool:
-        try:
-            return self._current(force=True) != self._sent
-        except CredentialRejected:
-            return False
-
     def fix_hint(self) -> str:
         return f"write a valid token to {self._path} (mcpx re-reads it on the next call)"
 
     def describe(self) -> str:
-        try:
-            return f"bearer_file {self._path} ({fingerprint(self._current())})"
-        except CredentialRejected:
-            return f"bearer_file {self._path} (unreadable)"
+        return f"bearer_file {self._path} ({self._fingerprint('unreadable')})"
 
 
-class StaticHeader:
+class StaticHeader(_SecretSource):
     def __init__(self, upstream: str, header: str, template: str) -> None:
-        self._upstream = upstream
-        self._header = header
+        super().__init__(upstream)
+        self._name = header
         self._template = template
-        self._sent: str | None = None
 
-    def _value(self) -> str:
-        value = expand_env(self._template, upstream=self._upstream, what=f"the {self._header} header")
+    def _read(self, *, force: bool) -> str:
+        value = expand_env(self._template, upstream=self._upstream, what=f"the {self._name} header")
         register_secret(value)
         return value
 
-    def headers(self) -> dict[str, str]:
-        value = self._value()
-        self._sent = value
-        return {self._header: value}
-
-    def reload(self) -> bool:
-        try:
-            return self._value() != self._sent
-        except CredentialRejected:
-            return False
+    def _header(self, value: str) -> dict[str, str]:
+        return {self._name: value}
 
     def fix_hint(self) -> str:
         names = _ENV_REFERENCE.findall(self._template)
         if names:
-            return f"put a valid value in {', '.join(names)} (used in the {self._header} header) and restart mcpxd"
-        return f"fix the value of the {self._header} header in the config and run `mcpxctl reload`"
+            return f"put a valid value in {', '.join(names)} (used in the {self._name} header) and restart mcpxd"
+        return f"fix the value of the {self._name} header in the config and run `mcpxctl reload`"
 
     def describe(self) -> str:
-        try:
-            return f"static_header {self._header} ({fingerprint(self._value())})"
-        except CredentialRejected:
-            return f"static_header {self._header} (unset)"
+        return f"static_header {self._name} ({self._fingerprint('unset')})"
 
 
 def provider_for(upstream: str, auth: AuthConfig) -> CredentialProvider:
