@@ -6,6 +6,10 @@ and the shim exits when either side closes. If no daemon answers, it starts `mcp
 the same config and socket, waits for it (bounded), and otherwise prints one actionable line on stderr and
 exits non-zero. Its stdout carries MCP messages only.
 
+When stdin and stdout are pipes or sockets (as agents spawn MCP servers), the shim hands them to the daemon
+over the socket (SCM_RIGHTS) and leaves the data path: it only waits for the daemon to end the session.
+Otherwise (a terminal, a file) or with `MCPX_SHIM_RELAY=1`, it relays the bytes itself.
+
 Socket resolution repeats `mcpx.paths` (a test keeps the two in step): `--socket`, else `[daemon] socket`
 in the config, else `$MCPX_SOCKET`, else `$XDG_RUNTIME_DIR/mcpx/mcpx.sock`, else `/tmp/mcpx-<uid>/mcpx.sock`.
 """
@@ -18,6 +22,8 @@ import sys
 _CHUNK = 1 << 16
 _START_TIMEOUT = 10.0
 _USAGE = "usage: mcpx-shim [--config FILE] [--socket PATH]"
+# Must match mcpx.downstream.server.ATTACH_HELLO (the shim imports nothing from the daemon package).
+_ATTACH_HELLO = b"MCPX-ATTACH 1\n"
 
 
 def _fail(message: str) -> int:
@@ -130,6 +136,46 @@ def _start_daemon(path: str, explicit_config: str | None) -> "tuple[_socket.sock
             process.stderr.close()
 
 
+def _attachable() -> bool:
+    """True when stdin and stdout are pipes or sockets, which the daemon can drive itself."""
+    if os.environ.get("MCPX_SHIM_RELAY"):
+        return False
+    for fd in (0, 1):
+        try:
+            kind = os.fstat(fd).st_mode & 0o170000
+        except OSError:
+            return False
+        if kind not in (0o010000, 0o140000):  # S_IFIFO, S_IFSOCK
+            return False
+    return True
+
+
+def _attach(sock: "_socket.socket") -> bool:
+    """Hand stdin and stdout to the daemon (SCM_RIGHTS) and wait until it closes our socket.
+
+    From then on the agent and the daemon talk directly and the shim is out of the data path; it stays alive
+    because the agent watches its process, and exits when the daemon ends the session.
+    """
+    fds = (0).to_bytes(4, sys.byteorder, signed=True) + (1).to_bytes(4, sys.byteorder, signed=True)
+    try:
+        sock.sendmsg([_ATTACH_HELLO], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+    except OSError:
+        return False
+    # Keep no copy of the agent's pipes: the agent must see EOF as soon as the daemon closes them.
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    while True:
+        try:
+            if not sock.recv(64):
+                return True
+        except InterruptedError:
+            continue
+        except OSError:
+            return True
+
+
 def _pump_stdin(sock: "_socket.socket") -> None:
     try:
         while True:
@@ -195,6 +241,8 @@ def main(argv: "list[str] | None" = None) -> int:
         sock, why = _start_daemon(path, explicit_config)
         if sock is None:
             return _fail(f"{why} (socket {path}; run `mcpxd` in a terminal to see more)")
+    if _attachable() and _attach(sock):
+        return 0
     _thread.start_new_thread(_pump_stdin, (sock,))
     _pump_socket(sock)
     return 0

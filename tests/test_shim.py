@@ -197,3 +197,49 @@ def test_shim_imports_only_builtin_and_os_modules_and_nothing_from_mcpx() -> Non
     allowed = {"mcpx_shim", "_socket", "_thread", "os", "os.path", "posixpath", "genericpath", "stat", "_stat"}
     allowed |= {"_collections_abc"}
     assert imported <= allowed, imported - allowed
+
+
+async def _shim_session(sandbox: Sandbox, env: dict[str, str]) -> tuple[str, str, list[dict[str, Any]]]:
+    """Run the shim as an agent would (pipes), do initialize + tools/call, and report where its stdin and
+    stdout point once the session runs, plus the replies."""
+    process = await asyncio.create_subprocess_exec(
+        SHIM, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdin is not None and process.stdout is not None
+    requests = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25"}},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "alpha__echo", "arguments": {"text": "x"}},
+        },
+    ]
+    replies = []
+    for request in requests:
+        process.stdin.write(json.dumps(request).encode() + b"\n")
+        await process.stdin.drain()
+        async with asyncio.timeout(10):
+            while (reply := json.loads(await process.stdout.readline())).get("id") != request["id"]:
+                pass  # a notification (tools/list_changed while upstreams connect)
+        replies.append(reply)
+    stdin_target = os.readlink(f"/proc/{process.pid}/fd/0")
+    stdout_target = os.readlink(f"/proc/{process.pid}/fd/1")
+    process.stdin.close()
+    async with asyncio.timeout(10):
+        assert await process.wait() == 0
+    return stdin_target, stdout_target, replies
+
+
+async def test_shim_hands_agent_pipes_to_the_daemon_or_relays_when_asked(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox):
+        # Attach mode (the default with pipes): the shim keeps no copy of the agent's pipes.
+        stdin_target, stdout_target, replies = await _shim_session(sandbox, sandbox.env)
+        assert (stdin_target, stdout_target) == ("/dev/null", "/dev/null")
+        assert replies[1]["result"]["content"][0]["text"] == "alpha:x"
+        # Relay mode: the shim copies bytes itself, and the session works the same.
+        stdin_target, stdout_target, replies = await _shim_session(sandbox, {**sandbox.env, "MCPX_SHIM_RELAY": "1"})
+        assert stdin_target.startswith("pipe:") and stdout_target.startswith("pipe:")
+        assert replies[1]["result"]["content"][0]["text"] == "alpha:x"

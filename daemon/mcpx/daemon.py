@@ -21,8 +21,7 @@ import sdnotify
 from mcpx import __version__, paths
 from mcpx.config import Config, load_config
 from mcpx.downstream.listener import AlreadyRunning, SocketLock, StartupError, bind_socket, ensure_private_dir
-from mcpx.downstream.server import AgentConnection
-from mcpx.downstream.session import AgentSession
+from mcpx.downstream.server import AgentConnection, AgentListener
 from mcpx.errors import ConfigError, InvalidParams
 from mcpx.log import configure_logging, get_logger
 from mcpx.router.router import Router
@@ -41,7 +40,7 @@ class Daemon:
         self.socket_path = socket_path
         self.state_dir = state_dir
         self.router = Router(config)
-        self.sessions: set[AgentSession] = set()
+        self.connections: set[AgentConnection] = set()
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -53,9 +52,13 @@ class Daemon:
         bound = os.stat(self.socket_path)
         await self.router.start()
         max_bytes = self.config.daemon.max_message_bytes
-        server = await loop.create_unix_server(
-            lambda: AgentConnection(self.router, self, self.sessions, max_bytes), sock=sock
+        listener = AgentListener(
+            sock,
+            lambda peer, lifeline: AgentConnection(
+                self.router, self, self.connections, max_bytes, peer=peer, lifeline=lifeline
+            ),
         )
+        serving = loop.create_task(listener.serve())
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_from_signal()))
@@ -66,9 +69,10 @@ class Daemon:
         finally:
             self._notifier.notify("STOPPING=1")
             _log.info("mcpxd stopping")
-            server.close()
-            for session in list(self.sessions):
-                session.close()
+            serving.cancel()
+            listener.close()
+            for connection in list(self.connections):
+                connection.close()
             await self.router.stop()
             # Remove the socket file only if it is still ours (a newer daemon may have replaced it).
             with contextlib.suppress(OSError):
@@ -83,7 +87,7 @@ class Daemon:
         return f"{ready}/{len(self.router.upstreams)} upstreams ready, {self._agent_count()} agents"
 
     def _agent_count(self) -> int:
-        return sum(1 for session in self.sessions if session.initialized)
+        return sum(1 for connection in self.connections if connection.session.initialized)
 
     # --- Control (what mcpxctl asks) -----------------------------------------------------------------------------
 

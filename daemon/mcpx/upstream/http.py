@@ -10,6 +10,7 @@ forgot the session (404), re-read the credential and retry once on 401, the per-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
@@ -215,9 +216,12 @@ class HttpSession:
     ) -> Any:
         sent_session = self._session_id
         try:
-            async with self._http.post(
-                self._config.url, data=body, headers=self._headers(), allow_redirects=False
-            ) as response:
+            async with contextlib.AsyncExitStack() as cleanup:
+                response = await self._http.post(
+                    self._config.url, data=body, headers=self._headers(), allow_redirects=False
+                )
+                # Release the connection to the pool when done, unless an SSE stream is handed to a drainer.
+                cleanup.callback(response.release)
                 if response.status == 401:
                     raise _Unauthorized
                 if response.status == 404 and sent_session is not None:
@@ -234,7 +238,11 @@ class HttpSession:
                     message = self._parse(await self._read_body(response))
                     return self._result_of(message, request_id)
                 if content_type == "text/event-stream":
-                    return await self._read_stream(response, request_id, on_related)
+                    result = await self._read_stream(response, request_id, on_related)
+                    if not response.content.at_eof():
+                        cleanup.pop_all()
+                        self._spawn(self._drain(response))
+                    return result
                 raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
@@ -262,6 +270,16 @@ class HttpSession:
         except FrameTooLarge as exc:
             raise UpstreamProtocolError(self.name, f"SSE event too large: {exc}") from None
         raise UpstreamProtocolError(self.name, "the SSE stream ended before the response")
+
+    async def _drain(self, response: aiohttp.ClientResponse) -> None:
+        """Read what follows the response on an SSE stream (normally just its end), so that the keep-alive
+        connection returns to the pool instead of being closed; the caller already has its result."""
+        try:
+            async with asyncio.timeout(5.0):
+                async for _ in response.content.iter_any():
+                    pass
+        finally:
+            response.release()
 
     def _answer_server_request(self, message: Message) -> None:
         # Server→client requests are routed to agents by the full-surface work; until then only ping is answered.
@@ -340,7 +358,14 @@ class HttpSession:
             try:
                 async with asyncio.timeout(5.0):
                     await send
-            except (TimeoutError, CredentialRejected, UpstreamUnavailable, UpstreamHTTPError) as exc:
+            except (
+                TimeoutError,
+                aiohttp.ClientError,
+                OSError,
+                CredentialRejected,
+                UpstreamUnavailable,
+                UpstreamHTTPError,
+            ) as exc:
                 _log.debug("background send failed", upstream=self.name, error=str(exc))
 
         task = asyncio.get_running_loop().create_task(guarded())
