@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck pytest demo format clean
+.PHONY: venv test lint typecheck pytest demo bench format clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 venv: $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check daemon shim tests demo
-	$(BIN)/ruff format --check daemon shim tests demo
+	$(BIN)/ruff check daemon shim tests demo benchmarks
+	$(BIN)/ruff format --check daemon shim tests demo benchmarks
 
 typecheck: venv
 	$(BIN)/mypy
@@ -29,9 +29,12 @@ test: lint typecheck pytest
 demo: venv
 	$(BIN)/python demo/run_demo.py
 
+bench: venv
+	$(BIN)/python benchmarks/bench.py
+
 format: venv
-	$(BIN)/ruff format daemon shim tests
-	$(BIN)/ruff check --fix daemon shim tests
+	$(BIN)/ruff format daemon shim tests demo benchmarks
+	$(BIN)/ruff check --fix daemon shim tests demo benchmarks
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

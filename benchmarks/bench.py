@@ -477,7 +477,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{memory['hundred_agents']['misrouted']} |",
     ]
     added = {
-        mode: results["latency"][mode]["mcpx"]["p50_us"]["median"] - results["latency"][mode]["direct"]["p50_us"]["median"]
+        mode: results["latency"][mode]["mcpx"]["p50_us"]["median"]
+        - results["latency"][mode]["direct"]["p50_us"]["median"]
         for mode in ("json", "sse")
     }
     lines += ["", f"mcpx added latency p50: {added['json']:.0f} µs (json), {added['sse']:.0f} µs (sse)"]

@@ -12,7 +12,7 @@ import hashlib
 # and such values are not credentials worth the name.
 _MIN_SECRET_LENGTH = 6
 
-_secrets: set[str] = set()
+_secrets: dict[str, bytes] = {}  # secret → its UTF-8 encoding, for scrubbing serialized messages
 
 
 def fingerprint(secret: str) -> str:
@@ -22,8 +22,8 @@ def fingerprint(secret: str) -> str:
 
 def register_secret(secret: str) -> None:
     """Remember `secret` so `redact` can scrub it from any text."""
-    if len(secret) >= _MIN_SECRET_LENGTH:
-        _secrets.add(secret)
+    if len(secret) >= _MIN_SECRET_LENGTH and secret not in _secrets:
+        _secrets[secret] = secret.encode()
 
 
 def scrub(data: bytes) -> bytes:
@@ -31,8 +31,7 @@ def scrub(data: bytes) -> bytes:
 
     An upstream that echoes our credential back in a result must not hand it to the agent.
     """
-    for secret in _secrets:
-        encoded = secret.encode()
+    for secret, encoded in _secrets.items():
         if encoded in data:
             data = data.replace(encoded, f"<secret {fingerprint(secret)}>".encode())
     return data

@@ -70,6 +70,7 @@ class HttpSession:
         self._on_notification = on_notification
         self._ids = itertools.count(1)
         self._session_id: str | None = None
+        self._static_headers: dict[str, str] | None = None
         self._generation = 0
         self._init_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -198,11 +199,13 @@ class HttpSession:
     # --- one HTTP exchange ---------------------------------------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:
-        headers = {
-            name: expand_env(value, upstream=self.name, what=f"the {name} header")
-            for name, value in self._config.headers.items()
-        }
-        headers.update(self._credentials.headers())
+        if self._static_headers is None:
+            # The daemon's environment does not change while it runs: expand `${VAR}` once.
+            self._static_headers = {
+                name: expand_env(value, upstream=self.name, what=f"the {name} header")
+                for name, value in self._config.headers.items()
+            }
+        headers = {**self._static_headers, **self._credentials.headers()}
         headers["Accept"] = "application/json, text/event-stream"
         headers["Content-Type"] = "application/json"
         if self._session_id is not None:

@@ -1,0 +1,70 @@
+"""Cheap guards for the mistakes that would cost speed, checked without timing anything.
+
+- The daemon never imports the `mcp` SDK (or its pydantic wire models): forwarded traffic is never validated
+  and re-serialized through them (measured at ~8× the cost of orjson, and lossy).
+- pydantic is used by the configuration only, so no per-message path can construct models.
+- The standard library `json` module is not used on the daemon's message path (orjson is; `json` is only the
+  fallback inside `mcpx.jsonrpc` and in the stdlib-only CLI).
+- No per-message logging above DEBUG in the per-message modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mcpx"
+PER_MESSAGE_MODULES = ["downstream/session.py", "downstream/server.py", "upstream/http.py", "router/router.py"]
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_the_daemon_never_imports_the_mcp_sdk() -> None:
+    code = "import sys, mcpx.daemon; print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'mcp_types')))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
+
+
+def test_pydantic_is_imported_by_the_configuration_only() -> None:
+    users = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if any(name == "pydantic" or name.startswith("pydantic.") for name in _imports(path))
+    )
+    assert users == ["config/load.py", "config/model.py"]
+
+
+def test_per_message_modules_do_not_use_the_stdlib_json_module() -> None:
+    for module in PER_MESSAGE_MODULES:
+        assert "json" not in _imports(PACKAGE / module), module
+
+
+def test_per_message_modules_log_messages_at_debug_only() -> None:
+    """Per-message events must be DEBUG; INFO and above are for state changes (connect, reload, failures)."""
+    allowed_info = {
+        "agent connected",
+        "upstream session expired, re-initializing",
+        "credential changed after a 401, retrying once",
+    }
+    for module in PER_MESSAGE_MODULES:
+        for node in ast.walk(ast.parse((PACKAGE / module).read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "info"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "_log"
+            ):
+                event = node.args[0]
+                assert isinstance(event, ast.Constant), module
+                assert event.value in allowed_info, f"{module}: info-level event {event.value!r} on the message path"
