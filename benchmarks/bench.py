@@ -305,7 +305,7 @@ async def pipelined(agent: Agent, tool: str, calls: int, in_flight: int, tag: st
     return misrouted
 
 
-async def throughput(bench: Bench, target: str, mode: str, agents: int, in_flight: int, calls: int) -> float:
+async def throughput(bench: Bench, target: str, mode: str, *, agents: int, in_flight: int, calls: int) -> float:
     opened = [await bench.agent(target, mode) for _ in range(agents)]
     tool = bench.tool(target, mode, "echo")
     try:
@@ -370,9 +370,11 @@ async def run(bench: Bench, rounds: int) -> dict[str, Any]:
                 record("latency", mode, target, "p99_us", value=latency["p99_us"])
         for target in targets:
             total = 1000 if bench.quick else 6400
-            record("throughput", "1x64", target, value=await throughput(bench, target, "json", 1, 64, total))
+            one = await throughput(bench, target, "json", agents=1, in_flight=64, calls=total)
+            record("throughput", "1x64", target, value=one)
             if target != "mcp-remote" or not bench.quick:
-                record("throughput", "20x8", target, value=await throughput(bench, target, "json", 20, 8, total))
+                many = await throughput(bench, target, "json", agents=20, in_flight=8, calls=total)
+                record("throughput", "20x8", target, value=many)
             record("big_result_ms", target, value=await big_result(bench, target, "json", 2 if bench.quick else 4))
         shim = [str(BIN / "mcpx-shim")]
         for _ in range(5 if bench.quick else 15):
@@ -449,7 +451,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         f"mcpx benchmark, {meta['date']}, {meta['machine']}, {meta['rounds']} rounds (median, min–max)",
         "",
-        "| target | p50 µs (json) | p99 µs (json) | p50 µs (sse) | p99 µs (sse) | calls/s 1×64 | calls/s 20×8 | 8 MiB result ms |",
+        "| target | p50 µs (json) | p99 µs (json) | p50 µs (sse) | p99 µs (sse) "
+        "| calls/s 1×64 | calls/s 20×8 | 8 MiB result ms |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]  # fmt: skip
     for target in results["latency"]["json"]:
