@@ -5,6 +5,7 @@
     │   ├── ParseError, InvalidRequest, MethodNotFound, InvalidParams
     ├── UpstreamError         an upstream failed or misbehaved       → tool error (tools/call) or JSON-RPC error
     │   ├── UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError, UpstreamHTTPError
+    │   ├── SessionExpired      the upstream forgot our session (404): re-initialized and retried, never shown
     │   ├── CredentialRejected  the upstream refused our credential (fix the env var / file named in the message)
     │   └── UpstreamRpcError    the upstream answered with a JSON-RPC error: forwarded unchanged
     ├── ConfigError           the configuration is wrong             → mcpxd exits / reload refused

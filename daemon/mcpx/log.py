@@ -72,7 +72,7 @@ def configure_logging(level: str, *, log_file: Path | None, console: bool | None
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *_: sink,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     # Third-party libraries (aiohttp, asyncio) log through the standard library: keep their warnings.
     logging.basicConfig(level=logging.WARNING, handlers=[_StdlibBridge()], force=True)

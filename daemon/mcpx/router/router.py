@@ -35,6 +35,7 @@ class Router:
         self._listeners: set[CatalogListener] = set()
         self._progress_tokens = itertools.count(1)
         self._http: aiohttp.ClientSession | None = None
+        self._settled = False
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, enable_cleanup_closed=True)
@@ -56,7 +57,10 @@ class Router:
 
     @property
     def settled(self) -> bool:
-        return all(upstream.first_attempt_done.is_set() for upstream in self.upstreams.values())
+        # Asked on every tools/list and tools/call: once true it stays true until an upstream is added.
+        if not self._settled:
+            self._settled = all(upstream.first_attempt_done.is_set() for upstream in self.upstreams.values())
+        return self._settled
 
     async def stop(self) -> None:
         await asyncio.gather(*(upstream.stop() for upstream in self.upstreams.values()))
@@ -70,6 +74,7 @@ class Router:
         assert self._http is not None
         upstream = ManagedUpstream(upstream_config, self.config.daemon, self._http, self._rebuild_catalog)
         self.upstreams[upstream_config.name] = upstream
+        self._settled = False
         upstream.start()
 
     async def apply(self, config: Config) -> dict[str, list[str]]:
