@@ -6,6 +6,7 @@
 - The standard library `json` module is not used on the daemon's message path (orjson is; `json` is only the
   fallback inside `mcpx.jsonrpc` and in the stdlib-only CLI).
 - No per-message logging above DEBUG in the per-message modules.
+- Upstream requests go through mcpx's own HTTP/1.1 client, not aiohttp's (about 250 µs more per call).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mcpx"
-PER_MESSAGE_MODULES = ["downstream/session.py", "downstream/server.py", "upstream/http.py", "router/router.py"]
+PER_MESSAGE_MODULES = [
+    "downstream/session.py",
+    "downstream/server.py",
+    "upstream/http.py",
+    "upstream/h1.py",
+    "router/router.py",
+]
 
 
 def _imports(path: Path) -> set[str]:
@@ -68,3 +75,8 @@ def test_per_message_modules_log_messages_at_debug_only() -> None:
                 event = node.args[0]
                 assert isinstance(event, ast.Constant), module
                 assert event.value in allowed_info, f"{module}: info-level event {event.value!r} on the message path"
+
+
+def test_the_upstream_hot_path_does_not_use_aiohttp() -> None:
+    for module in ("upstream/http.py", "upstream/h1.py", "upstream/supervisor.py", "router/router.py"):
+        assert not any(name.split(".")[0] == "aiohttp" for name in _imports(PACKAGE / module)), module

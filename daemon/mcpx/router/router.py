@@ -11,14 +11,13 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from mcpx import jsonrpc
 from mcpx.config.model import Config, UpstreamConfig
 from mcpx.errors import InvalidParams
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.router.catalog import SEPARATOR, Catalog, build_catalog
+from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import NotificationHandler
 from mcpx.upstream.supervisor import ManagedUpstream, UpstreamState
 
@@ -34,13 +33,11 @@ class Router:
         self.upstreams: dict[str, ManagedUpstream] = {}
         self._listeners: set[CatalogListener] = set()
         self._progress_tokens = itertools.count(1)
-        self._http: aiohttp.ClientSession | None = None
+        self._http: HttpClient | None = None
         self._settled = False
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, enable_cleanup_closed=True)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.daemon.connect_timeout)
-        self._http = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
+        self._http = HttpClient(connect_timeout=self.config.daemon.connect_timeout)
         for upstream_config in self.config.upstreams:
             self._add(upstream_config)
 

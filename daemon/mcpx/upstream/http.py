@@ -15,8 +15,6 @@ import itertools
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
 
-import aiohttp
-
 from mcpx import __version__, jsonrpc
 from mcpx.auth.credentials import CredentialProvider, expand_env
 from mcpx.config.model import UpstreamConfig
@@ -36,6 +34,7 @@ from mcpx.framing.sse import SSEDecoder
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.redact import redact
+from mcpx.upstream.h1 import BodyTooLarge, ConnectError, HttpClient, HttpClientError, Response, Target
 
 LATEST_HANDSHAKE_VERSION: Final = "2025-11-25"
 HANDSHAKE_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
@@ -56,7 +55,7 @@ class HttpSession:
     def __init__(
         self,
         config: UpstreamConfig,
-        http: aiohttp.ClientSession,
+        http: HttpClient,
         credentials: CredentialProvider,
         *,
         max_message_bytes: int,
@@ -65,6 +64,7 @@ class HttpSession:
         self.name = config.name
         self._config = config
         self._http = http
+        self._target = Target.parse(config.url)
         self._credentials = credentials
         self._max_message_bytes = max_message_bytes
         self._on_notification = on_notification
@@ -97,9 +97,8 @@ class HttpSession:
             async with asyncio.timeout(2.0):
                 headers = self._headers()
                 headers["Mcp-Session-Id"] = session_id
-                async with self._http.delete(self._config.url, headers=headers, allow_redirects=False):
-                    pass
-        except (TimeoutError, aiohttp.ClientError, OSError, CredentialRejected) as exc:
+                (await self._http.request("DELETE", self._target, headers)).release()
+        except (TimeoutError, HttpClientError, CredentialRejected) as exc:
             _log.debug("session delete failed", upstream=self.name, error=str(exc))
 
     # --- requests ------------------------------------------------------------------------------------------------
@@ -220,9 +219,7 @@ class HttpSession:
         sent_session = self._session_id
         try:
             async with contextlib.AsyncExitStack() as cleanup:
-                response = await self._http.post(
-                    self._config.url, data=body, headers=self._headers(), allow_redirects=False
-                )
+                response = await self._http.request("POST", self._target, self._headers(), body)
                 # Release the connection to the pool when done, unless an SSE stream is handed to a drainer.
                 cleanup.callback(response.release)
                 if response.status == 401:
@@ -232,30 +229,30 @@ class HttpSession:
                 if response.status != 200:
                     raise await self._http_error(response)
                 if initializing:
-                    session_id = response.headers.get("Mcp-Session-Id")
+                    session_id = response.headers.get("mcp-session-id")
                     if session_id is not None and not _visible_ascii(session_id):
                         raise UpstreamProtocolError(self.name, "invalid Mcp-Session-Id")
                     self._session_id = session_id
                 content_type = response.content_type
                 if content_type == "application/json":
-                    message = self._parse(await self._read_body(response))
+                    message = self._parse(await response.read(self._max_message_bytes))
                     return self._result_of(message, request_id)
                 if content_type == "text/event-stream":
                     result = await self._read_stream(response, request_id, on_related)
-                    if not response.content.at_eof():
+                    if not response.at_eof:
                         cleanup.pop_all()
-                        self._spawn(self._drain(response))
+                        self._spawn(lambda: self._drain(response))
                     return result
                 raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
-        except (aiohttp.ClientError, OSError) as exc:
+        except BodyTooLarge as exc:
+            raise UpstreamProtocolError(self.name, str(exc)) from None
+        except HttpClientError as exc:
             raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
 
-    async def _read_stream(
-        self, response: aiohttp.ClientResponse, request_id: int, on_related: NotificationHandler | None
-    ) -> Any:
+    async def _read_stream(self, response: Response, request_id: int, on_related: NotificationHandler | None) -> Any:
         decoder = SSEDecoder(self._max_message_bytes)
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 for event in decoder.feed(chunk):
                     if event.event != "message" or not event.data:
                         continue
@@ -274,12 +271,12 @@ class HttpSession:
             raise UpstreamProtocolError(self.name, f"SSE event too large: {exc}") from None
         raise UpstreamProtocolError(self.name, "the SSE stream ended before the response")
 
-    async def _drain(self, response: aiohttp.ClientResponse) -> None:
+    async def _drain(self, response: Response) -> None:
         """Read what follows the response on an SSE stream (normally just its end), so that the keep-alive
         connection returns to the pool instead of being closed; the caller already has its result."""
         try:
             async with asyncio.timeout(5.0):
-                async for _ in response.content.iter_any():
+                async for _ in response.chunks():
                     pass
         finally:
             response.release()
@@ -292,7 +289,7 @@ class HttpSession:
             reply = jsonrpc.error_response(
                 message["id"], {"code": -32601, "message": f"mcpx does not relay {message.get('method')} yet"}
             )
-        self._spawn(self._post_expecting_accepted(jsonrpc.dumps(reply)))
+        self._spawn(lambda: self._post_expecting_accepted(jsonrpc.dumps(reply)))
 
     def _result_of(self, message: Message, request_id: int) -> Any:
         if message.get("id") != request_id:
@@ -312,41 +309,29 @@ class HttpSession:
         except (ParseError, InvalidRequest) as exc:
             raise UpstreamProtocolError(self.name, f"not a JSON-RPC message: {exc}") from None
 
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
-        limit = self._max_message_bytes
-        if response.content_length is not None and response.content_length > limit:
-            raise UpstreamProtocolError(self.name, f"response larger than the {limit}-byte limit")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamProtocolError(self.name, f"response larger than the {limit}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _http_error(self, response: aiohttp.ClientResponse) -> UpstreamHTTPError:
+    async def _http_error(self, response: Response) -> UpstreamHTTPError:
         detail = ""
         try:
             async with asyncio.timeout(2.0):
-                text = (await response.content.read(2048)).decode("utf-8", "replace")
+                text = (await response.read_prefix(2048)).decode("utf-8", "replace")
             message = jsonrpc.loads(text).get("error", {}).get("message") if text.startswith("{") else None
             detail = f": {message}" if isinstance(message, str) else ""
-        except (TimeoutError, aiohttp.ClientError, OSError, ParseError, AttributeError):
+        except (TimeoutError, HttpClientError, ParseError, AttributeError):
             pass
         reason = f"HTTP {response.status} {response.reason or ''}".rstrip() + redact(detail)[:300]
         return UpstreamHTTPError(self.name, response.status, reason)
 
     async def _post_expecting_accepted(self, body: bytes) -> None:
         try:
-            async with self._http.post(
-                self._config.url, data=body, headers=self._headers(), allow_redirects=False
-            ) as response:
+            response = await self._http.request("POST", self._target, self._headers(), body)
+            try:
                 if response.status == 401:
                     raise self._rejected()
                 if response.status not in (200, 202, 204):
                     raise await self._http_error(response)
-        except (aiohttp.ClientError, OSError) as exc:
+            finally:
+                response.release()
+        except HttpClientError as exc:
             raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
 
     # --- background sends ----------------------------------------------------------------------------------------
@@ -354,17 +339,17 @@ class HttpSession:
     def _cancel_upstream(self, request_id: int, reason: str) -> None:
         if self._session_id is not None:
             params = {"requestId": request_id, "reason": reason}
-            self._spawn(self.notify("notifications/cancelled", params))
+            self._spawn(lambda: self.notify("notifications/cancelled", params))
 
-    def _spawn(self, send: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        # A factory, not a coroutine: a task cancelled before it starts must not leave a never-awaited coroutine.
         async def guarded() -> None:
             try:
                 async with asyncio.timeout(5.0):
-                    await send
+                    await send()
             except (
                 TimeoutError,
-                aiohttp.ClientError,
-                OSError,
+                HttpClientError,
                 CredentialRejected,
                 UpstreamUnavailable,
                 UpstreamHTTPError,
@@ -384,9 +369,7 @@ def _visible_ascii(value: str) -> bool:
     return bool(value) and all(0x21 <= ord(char) <= 0x7E for char in value)
 
 
-def _describe_connection_error(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection"
-    return f"connection failed: {type(exc).__name__}: {exc}"
+def _describe_connection_error(exc: HttpClientError) -> str:
+    if isinstance(exc, ConnectError):
+        return f"cannot connect: {exc}"
+    return str(exc)

@@ -14,13 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from mcpx.auth.credentials import CredentialProvider, provider_for
 from mcpx.config.model import DaemonConfig, UpstreamConfig
 from mcpx.errors import CredentialRejected, UpstreamError, UpstreamProtocolError, UpstreamUnavailable
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
+from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import HttpSession, NotificationHandler
 
 _log = get_logger("mcpx.upstream")
@@ -44,7 +43,7 @@ class ManagedUpstream:
         self,
         config: UpstreamConfig,
         daemon: DaemonConfig,
-        http: aiohttp.ClientSession,
+        http: HttpClient,
         on_tools_changed: Callable[[], None],
     ) -> None:
         self.config = config

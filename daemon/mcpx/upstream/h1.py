@@ -1,0 +1,428 @@
+"""A small HTTP/1.1 client for the upstream hot path: `asyncio.Protocol` plus the llhttp parser (httptools).
+
+Why not aiohttp's client here: its per-request machinery (tracing hooks, cookie jar, timer contexts, stream
+readers) cost about 250 µs per call on the project's 2-core machines, more than everything else mcpx does for
+a call. This client does only what mcpx needs of an upstream: keep-alive connections pooled per origin,
+request bodies sent whole, response bodies delivered as they arrive (SSE streams), every buffer bounded, no
+redirects, no cookies, no compression (mcpx never sends `Accept-Encoding`). aiohttp stays for the rest (OAuth).
+
+Deadlines are the caller's (`asyncio.timeout` around `request` and the body reads), except connecting, which
+has its own. A response that is abandoned before its end closes its connection; a complete one returns it to
+the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Final, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+MAX_HEADER_BYTES: Final = 64 * 1024
+# Body bytes buffered before the socket stops being read (the reader is slower than the network).
+_HIGH_WATER: Final = 1024 * 1024
+_LOW_WATER: Final = 256 * 1024
+
+
+class HttpClientError(Exception):
+    """A transport-level failure; the message never contains header values."""
+
+
+class ConnectError(HttpClientError):
+    """The TCP (or TLS) connection could not be opened."""
+
+
+class ConnectionClosed(HttpClientError):
+    """The server closed the connection before the response was complete."""
+
+
+class InvalidResponse(HttpClientError):
+    """The server sent something that is not HTTP/1.1, or headers beyond the size limit."""
+
+
+class BodyTooLarge(HttpClientError):
+    """The response body exceeds the caller's limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A parsed URL: where to connect and what to put on the request line."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # path and query, as sent on the request line
+    host_header: str
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        host = parts.hostname
+        shown_host = f"[{host}]" if ":" in host else host
+        host_header = shown_host if port == default_port else f"{shown_host}:{port}"
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.scheme, host, port, path, host_header)
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+
+def encode_request(method: str, target: Target, headers: Mapping[str, str], body: bytes | None) -> bytes:
+    """The request head and body as bytes. Refuses line breaks in headers (header injection)."""
+    lines = [f"{method} {target.path} HTTP/1.1", f"Host: {target.host_header}"]
+    for name, value in headers.items():
+        if _has_control(name) or _has_control(value):
+            raise HttpClientError(f"the {name!r} header contains a line break or control character")
+        lines.append(f"{name}: {value}")
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + body if body else head
+
+
+def _ends_at_eof(headers: Mapping[str, str]) -> bool:
+    return "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "").lower()
+
+
+def _has_control(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\0" in text
+
+
+class Response:
+    """One response: status and headers at once, the body as it arrives."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+        self.status = 0
+        self.reason = ""
+        self.headers: dict[str, str] = {}  # keys in lower case
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = False
+        self._error: HttpClientError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._released = False
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("content-length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def at_eof(self) -> bool:
+        return self._complete and not self._chunks
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (chunked transfer-coding already removed)."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered <= _LOW_WATER:
+                    self._connection.resume_reading()
+                yield chunk
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body; `BodyTooLarge` beyond `limit` bytes."""
+        declared = self.content_length
+        if declared is not None and declared > limit:
+            raise BodyTooLarge(f"response larger than the {limit}-byte limit")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"response larger than the {limit}-byte limit")
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_prefix(self, limit: int) -> bytes:
+        """At most `limit` bytes from the start of the body (for error details)."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.chunks():
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+        return b"".join(parts)[:limit]
+
+    def release(self) -> None:
+        """Done with this response: a complete one gives its connection back to the pool, else it is closed."""
+        if self._released:
+            return
+        self._released = True
+        self._connection.finish(reusable=self._complete)
+
+    # --- fed by the connection -----------------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _HIGH_WATER:
+            self._connection.pause_reading()
+        self._wake()
+
+    def _end(self, error: HttpClientError | None) -> None:
+        if error is None:
+            self._complete = True
+        elif not self._complete:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; carries one request at a time."""
+
+    def __init__(self, pool: HttpClient, origin: tuple[str, str, int]) -> None:
+        self._pool = pool
+        self.origin = origin
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._response: Response | None = None
+        self._headers_ready: asyncio.Future[Response] | None = None
+        self._header_bytes = 0
+        self._keep_alive = True
+        self._reading_paused = False
+        self.closed = False
+        self.received_any = False
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    # --- used by the client ---
+
+    def send(self, data: bytes) -> asyncio.Future[Response]:
+        assert self._transport is not None and self._response is None
+        self._response = Response(self)
+        self._headers_ready = asyncio.get_running_loop().create_future()
+        self._header_bytes = 0
+        self.received_any = False
+        self._transport.write(data)
+        return self._headers_ready
+
+    def finish(self, *, reusable: bool) -> None:
+        self._response = None
+        self._headers_ready = None
+        if reusable and self._keep_alive and not self.closed:
+            self.resume_reading()
+            self._pool._checkin(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None and not self.closed:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._response is None:
+            # Bytes while idle: the server broke the protocol; this connection cannot be trusted again.
+            self.close()
+            return
+        self.received_any = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(InvalidResponse("the server switched protocols"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__ if isinstance(exc.__context__, HttpClientError) else None
+            self._fail(cause or InvalidResponse(f"malformed HTTP response: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return False  # close the transport; connection_lost reports it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool._forget(self)
+        response = self._response
+        if response is None:
+            return
+        if response.status >= 200 and _ends_at_eof(response.headers):
+            response._end(None)  # a body delimited by the end of the connection (RFC 9112 §6.3)
+        else:
+            self._fail(ConnectionClosed("the server closed the connection"))
+
+    # --- httptools callbacks ---
+
+    def on_status(self, status: bytes) -> None:
+        assert self._response is not None
+        self._response.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._response is not None
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise InvalidResponse(f"response headers larger than {MAX_HEADER_BYTES} bytes")
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers = self._response.headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        response = self._response
+        assert response is not None
+        response.status = self._parser.get_status_code()
+        self._keep_alive = self._parser.should_keep_alive()
+        if response.status < 200:
+            # An interim (1xx) response: its headers do not belong to the final one.
+            response.headers = {}
+            return
+        if self._headers_ready is not None and not self._headers_ready.done():
+            self._headers_ready.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response._feed(body)
+
+    def on_message_complete(self) -> None:
+        response = self._response
+        if response is not None and response.status >= 200:
+            response._end(None)
+
+    def _fail(self, error: HttpClientError) -> None:
+        if self._headers_ready is not None and not self._headers_ready.done():
+            self._headers_ready.set_exception(error)
+        if self._response is not None:
+            self._response._end(error)
+        self._keep_alive = False
+        self.close()
+
+
+class HttpClient:
+    """Keep-alive connections, pooled per origin, shared by every upstream session."""
+
+    def __init__(self, *, connect_timeout: float, idle_timeout: float = 30.0) -> None:
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    async def request(
+        self, method: str, target: Target, headers: Mapping[str, str], body: bytes | None = None
+    ) -> Response:
+        """Send one request and return once the response's headers are in; call `release()` on it when done."""
+        data = encode_request(method, target, headers, body)
+        connection = self._checkout(target.origin)
+        if connection is not None:
+            try:
+                return await self._send(connection, data)
+            except ConnectionClosed:
+                if connection.received_any:
+                    raise
+                # Not a byte of answer on a reused connection: almost always the server closing it for
+                # idleness as we sent. Like browsers and aiohttp, send once more on a fresh connection.
+        return await self._send(await self._connect(target), data)
+
+    async def close(self) -> None:
+        self._closed = True
+        for connection in list(self._all):
+            connection.close()
+        self._all.clear()
+        self._idle.clear()
+
+    async def _send(self, connection: _Connection, data: bytes) -> Response:
+        try:
+            return await connection.send(data)
+        except BaseException:
+            connection.close()
+            raise
+
+    async def _connect(self, target: Target) -> _Connection:
+        if self._closed:
+            raise ConnectError("the client is closed")
+        loop = asyncio.get_running_loop()
+        ssl_context = self._ssl_context() if target.scheme == "https" else None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, target.origin),
+                    target.host,
+                    target.port,
+                    ssl=ssl_context,
+                    server_hostname=target.host if ssl_context is not None else None,
+                )
+        except TimeoutError:
+            raise ConnectError(f"no connection within {self._connect_timeout:g} s") from None
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise ConnectError(exc.strerror or str(exc)) from None
+        self._all.add(connection)
+        return connection
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def _checkout(self, origin: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if connection.idle_handle is not None:
+                connection.idle_handle.cancel()
+                connection.idle_handle = None
+            if not connection.closed:
+                return connection
+        return None
+
+    def _checkin(self, connection: _Connection) -> None:
+        if self._closed:
+            connection.close()
+            return
+        self._idle.setdefault(connection.origin, []).append(connection)
+        connection.idle_handle = asyncio.get_running_loop().call_later(self._idle_timeout, connection.close)
+
+    def _forget(self, connection: _Connection) -> None:
+        self._all.discard(connection)
+        if connection.idle_handle is not None:
+            connection.idle_handle.cancel()
+            connection.idle_handle = None
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)

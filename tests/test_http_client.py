@@ -1,0 +1,312 @@
+"""The upstream HTTP/1.1 client (`mcpx.upstream.h1`) against scripted raw servers on loopback.
+
+Well-behaved exchanges are covered end to end by every other test (SDK servers under uvicorn); here are the
+edges a real server rarely shows on demand: keep-alive reuse, streaming, bodies ended by EOF, connections
+closed at bad moments, garbage, oversized heads and bodies, header injection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from mcpx.upstream.h1 import (
+    BodyTooLarge,
+    ConnectError,
+    ConnectionClosed,
+    HttpClient,
+    HttpClientError,
+    InvalidResponse,
+    Target,
+    encode_request,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class ScriptedServer:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length)
+        self.requests.append(head + body)
+        return body
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await self.handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def scripted(handler_for: Callable[[ScriptedServer], Handler]) -> AsyncIterator[tuple[ScriptedServer, Target]]:
+    server = ScriptedServer(lambda reader, writer: asyncio.sleep(0))
+    server.handler = handler_for(server)
+    listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield server, Target.parse(f"http://127.0.0.1:{port}/mcp?x=1")
+    finally:
+        listener.close()
+        for writer in server.writers:
+            writer.close()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*server.tasks, return_exceptions=True)
+
+
+def ok(body: bytes, extra: str = "") -> bytes:
+    return (
+        f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
+        + body
+    )
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HttpClient]:
+    http = HttpClient(connect_timeout=5)
+    yield http
+    await http.close()
+
+
+async def test_keep_alive_connection_is_reused(client: HttpClient) -> None:
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                body = await server.read_request(reader)
+                writer.write(ok(b"echo:" + body))
+
+        return serve
+
+    async with scripted(handler) as (server, target):
+        for index in range(3):
+            response = await client.request("POST", target, {"Content-Type": "application/json"}, b"%d" % index)
+            assert response.status == 200
+            assert response.headers["content-type"] == "application/json"
+            assert await response.read(1024) == b"echo:%d" % index
+            response.release()
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"POST /mcp?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+async def test_chunked_body_arrives_as_it_is_sent(client: HttpClient) -> None:
+    second_may_go = asyncio.Event()
+
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"6\r\nfirst\n\r\n")
+            await second_may_go.wait()
+            writer.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
+
+        return serve
+
+    async with scripted(handler) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        assert response.content_type == "text/event-stream"
+        chunks = response.chunks()
+        assert await anext(chunks) == b"first\n"
+        second_may_go.set()
+        assert await anext(chunks) == b"second\n"
+        with pytest.raises(StopAsyncIteration):
+            await anext(chunks)
+        assert response.at_eof
+        response.release()
+
+
+async def test_body_delimited_by_end_of_connection(client: HttpClient) -> None:
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{"a":')
+            await writer.drain()
+            writer.write(b"1}")
+
+        return serve
+
+    async with scripted(handler) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        assert await response.read(1024) == b'{"a":1}'
+        response.release()
+
+
+async def test_pooled_connection_closed_by_the_server_is_replaced(client: HttpClient) -> None:
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(ok(b"one"))
+            await writer.drain()
+            # Then close the idle keep-alive connection, as servers do after their idle timeout.
+
+        return serve
+
+    async with scripted(handler) as (server, target):
+        first = await client.request("POST", target, {}, b"{}")
+        assert await first.read(100) == b"one"
+        first.release()
+        # Whether or not the close has been seen when the next request goes out, it must succeed.
+        second = await client.request("POST", target, {}, b"{}")
+        assert await second.read(100) == b"one"
+        second.release()
+    assert server.connections == 2
+    assert len(server.requests) == 2
+
+
+async def test_connection_lost_mid_body_is_an_error(client: HttpClient) -> None:
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+
+        return serve
+
+    async with scripted(handler) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        with pytest.raises(ConnectionClosed):
+            await response.read(1000)
+        response.release()
+
+
+async def test_connection_lost_before_any_answer_is_not_resent(client: HttpClient) -> None:
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)  # read it, then hang up without answering
+
+        return serve
+
+    async with scripted(handler) as (server, target):
+        with pytest.raises(ConnectionClosed):
+            await client.request("POST", target, {}, b"{}")
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"this is not http\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
+    ],
+    ids=["garbage", "oversized-head", "bad-length"],
+)
+async def test_invalid_responses_are_refused(client: HttpClient, answer: bytes) -> None:
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(answer)
+            await reader.read()
+
+        return serve
+
+    async with scripted(handler) as (_, target):
+        with pytest.raises(InvalidResponse):
+            await client.request("POST", target, {}, b"{}")
+
+
+async def test_body_limits(client: HttpClient) -> None:
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await server.read_request(reader)
+                body = b"x" * 5000
+                if len(server.requests) == 1:
+                    writer.write(ok(body))
+                else:  # no declared length: the limit must hold while streaming
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n" + body + b"\r\n0\r\n\r\n"
+                    )
+
+        return serve
+
+    async with scripted(handler) as (_, target):
+        for _ in range(2):
+            response = await client.request("POST", target, {}, b"{}")
+            with pytest.raises(BodyTooLarge):
+                await response.read(4096)
+            response.release()
+
+
+async def test_an_abandoned_response_closes_its_connection(client: HttpClient) -> None:
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await reader.read()  # never ends the body
+
+        return serve
+
+    async with scripted(handler) as (server, target):
+        for _ in range(2):
+            response = await client.request("POST", target, {}, b"{}")
+            assert await anext(response.chunks()) == b"first"
+            response.release()
+    assert server.connections == 2
+
+
+async def test_large_body_is_delivered_whole_through_flow_control(client: HttpClient) -> None:
+    body = bytes(range(256)) * (12 * 4096)  # 12 MiB: well past the high-water mark
+
+    def handler(server: ScriptedServer) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(ok(body))
+            await writer.drain()
+            await reader.read()
+
+        return serve
+
+    async with scripted(handler) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        chunks = response.chunks()
+        first = await anext(chunks)
+        # Let the network run ahead of the reader so that reading pauses, then read the rest.
+        for _ in range(50):
+            await asyncio.sleep(0)
+        rest = b"".join([chunk async for chunk in chunks])
+        assert first + rest == body
+        response.release()
+
+
+async def test_unreachable_server_is_a_connect_error(client: HttpClient) -> None:
+    async with scripted(lambda server: lambda reader, writer: asyncio.sleep(0)) as (_, target):
+        pass  # the listener is closed again: nothing listens on the port now
+    with pytest.raises(ConnectError):
+        await client.request("POST", target, {}, b"{}")
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\0b"])
+def test_header_injection_is_refused(value: str) -> None:
+    target = Target.parse("https://example.test/mcp")
+    with pytest.raises(HttpClientError, match="'Authorization' header") as caught:
+        encode_request("POST", target, {"Authorization": value}, b"{}")
+    assert value not in str(caught.value)
+
+
+def test_targets() -> None:
+    assert Target.parse("https://example.test/mcp").host_header == "example.test"
+    assert Target.parse("https://example.test/mcp").port == 443
+    assert Target.parse("http://[::1]:8080").host_header == "[::1]:8080"
+    assert Target.parse("http://[::1]:8080").path == "/"
+    with pytest.raises(ValueError, match="not an http"):
+        Target.parse("ftp://example.test/")
