@@ -1,7 +1,9 @@
 """`make bench`: mcpx's overhead against the direct floor and against mcp-remote, measured in one run.
 
 Every target serves the same fast upstream (benchmarks/upstream.py, its own process, JSON or SSE responses):
-- `direct`: the floor, a client speaking streamable HTTP straight to the upstream;
+- `direct`: the floor, a client speaking streamable HTTP straight to the upstream with the leanest client we
+  have (mcpx's own HTTP/1.1 client); the targets are measured against it;
+- `direct-aiohttp`: the same with aiohttp's client, the cost of a typical fast Python agent talking directly;
 - `mcpx`: an agent spawning `mcpx-shim` (stdio) → mcpxd → upstream;
 - `mcp-remote`: an agent spawning `mcp-remote` (stdio → streamable HTTP), installed from the npm registry.
 The agents are minimal raw JSON-RPC clients (orjson), so the client's own cost does not hide the proxies'.
@@ -33,6 +35,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+
+from mcpx.upstream import h1
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -125,7 +129,8 @@ class StdioAgent(Agent):
 
 
 class HttpAgent(Agent):
-    """The floor: the same requests sent straight to the upstream over streamable HTTP (keep-alive)."""
+    """A floor: the same requests sent straight to the upstream over streamable HTTP (keep-alive), by aiohttp's
+    client: what a typical fast Python agent would use."""
 
     def __init__(self, url: str, http: aiohttp.ClientSession) -> None:
         self.url = url
@@ -144,12 +149,42 @@ class HttpAgent(Agent):
             if method == "initialize":
                 self.headers["Mcp-Session-Id"] = response.headers["Mcp-Session-Id"]
                 self.headers["MCP-Protocol-Version"] = "2025-11-25"
-        if response.content_type == "text/event-stream":
-            raw = next(line[6:] for line in raw.split(b"\n") if line.startswith(b"data: "))
-        return orjson.loads(raw)["result"]
+        return _result(raw, response.content_type)
 
     async def close(self) -> None:
         await self.http.close()
+
+
+class RawHttpAgent(Agent):
+    """The lowest floor: the same requests by the leanest client we have (mcpx's own HTTP/1.1 client), so that
+    mcpx's figures are not flattered by a slow direct client."""
+
+    def __init__(self, url: str) -> None:
+        self.target = h1.Target.parse(url)
+        self.http = h1.HttpClient(connect_timeout=10)
+        self._ids = itertools.count(1)
+        self.headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+    async def request(self, method: str, params: dict[str, Any]) -> Any:
+        body = orjson.dumps({"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params})
+        response = await self.http.request("POST", self.target, self.headers, body)
+        try:
+            raw = await response.read(1 << 30)
+        finally:
+            response.release()
+        if method == "initialize":
+            self.headers["Mcp-Session-Id"] = response.headers["mcp-session-id"]
+            self.headers["MCP-Protocol-Version"] = "2025-11-25"
+        return _result(raw, response.content_type)
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+def _result(raw: bytes, content_type: str) -> Any:
+    if content_type == "text/event-stream":
+        raw = next(line[6:] for line in raw.split(b"\n") if line.startswith(b"data: "))
+    return orjson.loads(raw)["result"]
 
 
 # --- the targets -----------------------------------------------------------------------------------------------
@@ -216,7 +251,9 @@ class Bench:
 
     async def agent(self, target: str, mode: str) -> Agent:
         if target == "direct":
-            agent: Agent = await HttpAgent.open(self.upstream_urls[mode])
+            agent: Agent = RawHttpAgent(self.upstream_urls[mode])
+        elif target == "direct-aiohttp":
+            agent = await HttpAgent.open(self.upstream_urls[mode])
         elif target == "mcpx":
             agent = await StdioAgent.spawn([str(BIN / "mcpx-shim")], self.mcpx_env)
         else:
@@ -352,7 +389,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 async def run(bench: Bench, rounds: int) -> dict[str, Any]:
-    targets = ["direct", "mcpx"] + (["mcp-remote"] if bench.mcp_remote else [])
+    targets = ["direct", "direct-aiohttp", "mcpx"] + (["mcp-remote"] if bench.mcp_remote else [])
     modes = ["json", "sse"]
     calls = 300 if bench.quick else 2000
     results: dict[str, Any] = {"latency": {}, "throughput": {}, "start_ms": {}, "big_result_ms": {}, "memory": {}}
@@ -484,7 +521,16 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         - results["latency"][mode]["direct"]["p50_us"]["median"]
         for mode in ("json", "sse")
     }
-    lines += ["", f"mcpx added latency p50: {added['json']:.0f} µs (json), {added['sse']:.0f} µs (sse)"]
+    added_aiohttp = {
+        mode: results["latency"][mode]["mcpx"]["p50_us"]["median"]
+        - results["latency"][mode]["direct-aiohttp"]["p50_us"]["median"]
+        for mode in ("json", "sse")
+    }
+    lines += [
+        "",
+        f"mcpx added latency p50: {added['json']:.0f} µs (json), {added['sse']:.0f} µs (sse)",
+        f"  (against the aiohttp floor: {added_aiohttp['json']:.0f} µs (json), {added_aiohttp['sse']:.0f} µs (sse))",
+    ]
     for shape in ("1x64", "20x8"):
         ratio = results["throughput"][shape]["mcpx"]["median"] / results["throughput"][shape]["direct"]["median"]
         lines.append(f"mcpx throughput {shape}: {ratio * 100:.0f} % of the direct floor")

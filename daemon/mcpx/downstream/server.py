@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
 import stat
@@ -201,6 +202,7 @@ class AgentListener:
     async def _attach(self, conn: socket.socket, peer: PeerCredentials, stdin_fd: int, stdout_fd: int) -> None:
         loop = asyncio.get_running_loop()
         connection = self._make_connection(peer, conn)
+        _enlarge_pipe(stdout_fd)
         stdin = os.fdopen(stdin_fd, "rb", buffering=0)
         stdout = os.fdopen(stdout_fd, "wb", buffering=0)
         try:
@@ -249,3 +251,16 @@ def _is_stream(fd: int) -> bool:
     except OSError:
         return False
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+# Large results cross the agent's stdout pipe in fewer wake-ups with a 1 MiB buffer than with the default 64 KiB
+# (Linux; 1 MiB is the default unprivileged maximum, /proc/sys/fs/pipe-max-size).
+_PIPE_BYTES = 1024 * 1024
+
+
+def _enlarge_pipe(fd: int) -> None:
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None or not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return
+    with contextlib.suppress(OSError):  # over the user's pipe quota: keep the default size
+        fcntl.fcntl(fd, set_size, _PIPE_BYTES)

@@ -214,7 +214,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self.closed = False
         self.received_any = False
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
 
     # --- used by the client ---
 
@@ -402,27 +402,30 @@ class HttpClient:
 
     def _checkout(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)
+        if not idle:
+            return None
+        # Most recently used first. Connections idle too long are closed here rather than by a timer per
+        # request: servers drop idle keep-alive connections on their own, and a timer costs on every call.
+        stale_before = asyncio.get_running_loop().time() - self._idle_timeout
         while idle:
             connection = idle.pop()
-            if connection.idle_handle is not None:
-                connection.idle_handle.cancel()
-                connection.idle_handle = None
-            if not connection.closed:
-                return connection
+            if connection.closed:
+                continue
+            if connection.idle_since < stale_before:
+                connection.close()
+                continue
+            return connection
         return None
 
     def _checkin(self, connection: _Connection) -> None:
         if self._closed:
             connection.close()
             return
+        connection.idle_since = asyncio.get_running_loop().time()
         self._idle.setdefault(connection.origin, []).append(connection)
-        connection.idle_handle = asyncio.get_running_loop().call_later(self._idle_timeout, connection.close)
 
     def _forget(self, connection: _Connection) -> None:
         self._all.discard(connection)
-        if connection.idle_handle is not None:
-            connection.idle_handle.cancel()
-            connection.idle_handle = None
         idle = self._idle.get(connection.origin)
         if idle and connection in idle:
             idle.remove(connection)
