@@ -19,12 +19,14 @@ from typing import Any
 import sdnotify
 
 from mcpx import __version__, paths
+from mcpx.auth.oauth.credential import LoginError, OAuthCredential
 from mcpx.config import Config, load_config
 from mcpx.downstream.listener import AlreadyRunning, SocketLock, StartupError, bind_socket, ensure_private_dir
 from mcpx.downstream.server import AgentConnection, AgentListener
-from mcpx.errors import ConfigError, InvalidParams
+from mcpx.errors import ConfigError, InvalidParams, LoginFailed
 from mcpx.log import configure_logging, get_logger
 from mcpx.router.router import Router
+from mcpx.upstream.supervisor import ManagedUpstream
 
 _log = get_logger("mcpx.daemon")
 
@@ -39,7 +41,7 @@ class Daemon:
         self.config_path = config_path
         self.socket_path = socket_path
         self.state_dir = state_dir
-        self.router = Router(config)
+        self.router = Router(config, state_dir)
         self.connections: set[AgentConnection] = set()
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -125,10 +127,54 @@ class Daemon:
         except ConfigError as exc:
             _log.error("reload refused: the configuration is invalid", problems=exc.problems)
 
-    async def logout(self, upstream: str) -> dict[str, Any]:
+    def _oauth(self, upstream: str) -> tuple[ManagedUpstream, OAuthCredential | None]:
         managed = self.router.upstreams.get(upstream)
         if managed is None:
             raise InvalidParams(f"no upstream named {upstream!r}")
+        credentials = managed.credentials
+        return managed, credentials if isinstance(credentials, OAuthCredential) else None
+
+    async def login(self, upstream: str, action: str, response: str | None) -> dict[str, Any]:
+        """`mcpxctl login`: `start` gives the authorization URL, `wait` returns when the login is complete and the
+        upstream usable, `paste` hands over where the browser landed (headless machines)."""
+        managed, credentials = self._oauth(upstream)
+        if credentials is None:
+            raise InvalidParams(f"upstream '{upstream}' uses {managed.config.auth.type} credentials: there is no login")
+        try:
+            if action == "start":
+                flow = await credentials.begin_login()
+                return {"upstream": upstream, "url": flow.pending.url, "redirect_uri": flow.pending.redirect_uri}
+            if action == "paste":
+                if response is None:
+                    raise InvalidParams("paste needs the response")
+                credentials.finish_login(response)
+                action = "wait"
+            if action == "wait":
+                flow_now = credentials.current_login()
+                if flow_now is None:
+                    raise LoginError("no login is in progress; start one with `mcpxctl login NAME`")
+                await credentials.wait_login(flow_now)
+                await managed.reconnect_now()
+                return {
+                    "upstream": upstream,
+                    "state": managed.state.value,
+                    "tools": len(managed.tools),
+                    "oauth": credentials.status(),
+                }
+        except LoginError as exc:
+            raise LoginFailed(upstream, str(exc)) from None
+        raise InvalidParams(f"unknown login action {action!r}")
+
+    async def logout(self, upstream: str) -> dict[str, Any]:
+        managed, credentials = self._oauth(upstream)
+        if credentials is not None:
+            try:
+                forgotten = await credentials.logout()
+            except LoginError as exc:
+                raise LoginFailed(upstream, str(exc)) from None
+            await managed.reconnect_now()
+            message = f"forgot the login for '{upstream}'" if forgotten else f"nothing was stored for '{upstream}'"
+            return {"upstream": upstream, "forgotten": forgotten, "message": message}
         kind = managed.config.auth.type
         return {
             "upstream": upstream,

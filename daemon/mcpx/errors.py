@@ -144,6 +144,15 @@ class NeedsLogin(McpxError):
         self.command = command
 
 
+class LoginFailed(McpxError):
+    """`mcpxctl login` could not complete; the message says why (never with a token or code in it)."""
+
+    def __init__(self, upstream: str, reason: str) -> None:
+        super().__init__(f"login to '{upstream}' failed: {reason}")
+        self.upstream = upstream
+        self.reason = reason
+
+
 # --- the one mapping to the wire ---------------------------------------------------------------------------------
 
 
@@ -156,7 +165,7 @@ def jsonrpc_error(exc: McpxError) -> dict[str, Any]:
     if isinstance(exc, ConfigError):
         message = "the configuration is invalid; the running configuration is kept"
         return {"code": CONFIG_INVALID, "message": message, "data": {"problems": [redact(p) for p in exc.problems]}}
-    if isinstance(exc, UpstreamError | NeedsLogin):
+    if isinstance(exc, UpstreamError | NeedsLogin | LoginFailed):
         return {"code": UPSTREAM_FAILED, "message": redact(str(exc)), "data": {"upstream": exc.upstream}}
     return {"code": INTERNAL_ERROR, "message": redact(str(exc))}
 

@@ -64,6 +64,8 @@ class Sandbox:
             "MCPX_CONFIG": str(root / "config.toml"),
             "MCPX_SOCKET": str(root / "run" / "mcpx.sock"),
             "MCPX_STATE_DIR": str(root / "state"),
+            # Never the user's real keyring: OAuth tests use the file store unless they choose otherwise.
+            "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
         }
         return cls(root, env)
 

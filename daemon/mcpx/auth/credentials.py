@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mcpx.config.model import AuthConfig, BearerEnvAuth, BearerFileAuth, NoAuth, StaticHeaderAuth
+from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
+from mcpx.auth.oauth.metadata import Challenge
+from mcpx.config.model import (
+    AuthConfig,
+    BearerEnvAuth,
+    BearerFileAuth,
+    NoAuth,
+    OAuthAuth,
+    OAuthClientCredentialsAuth,
+    StaticHeaderAuth,
+    UpstreamConfig,
+)
 from mcpx.errors import CredentialRejected
 from mcpx.redact import fingerprint, register_secret
 
@@ -21,12 +33,17 @@ _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class CredentialProvider(Protocol):
-    def headers(self) -> dict[str, str]:
-        """Headers to add to every request. Raises `CredentialRejected` when the credential cannot be read."""
+    async def prepare(self) -> None:
+        """Called before each (re)connection: load or obtain what `headers()` needs."""
         ...
 
-    def reload(self) -> bool:
-        """Re-read the credential after a rejection; True if it differs from the one last sent."""
+    def headers(self) -> dict[str, str]:
+        """Headers to add to every request. Raises `CredentialRejected` when the credential cannot be read, or
+        `NeedsLogin` when the user must log in first."""
+        ...
+
+    async def renew(self, rejected: Mapping[str, str], challenge: Challenge) -> bool:
+        """After a 401 for the `rejected` headers: True if a retry with `headers()` is worth making."""
         ...
 
     def fix_hint(self) -> str:
@@ -50,12 +67,32 @@ def expand_env(template: str, *, upstream: str, what: str) -> str:
     return _ENV_REFERENCE.sub(substitute, template)
 
 
-class NoCredential:
-    def headers(self) -> dict[str, str]:
-        return {}
+class StaticCredential:
+    """Static credentials have nothing to prepare; after a rejection they re-read their source."""
+
+    async def prepare(self) -> None:
+        return None
+
+    async def renew(self, rejected: Mapping[str, str], challenge: Challenge) -> bool:
+        return self.reload()
 
     def reload(self) -> bool:
+        """Re-read the credential after a rejection; True if it differs from the one last sent."""
         return False
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def fix_hint(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class NoCredential(StaticCredential):
+    def headers(self) -> dict[str, str]:
+        return {}
 
     def fix_hint(self) -> str:
         return "the upstream requires authentication but none is configured: set `auth` for it in the config"
@@ -64,7 +101,7 @@ class NoCredential:
         return "none"
 
 
-class _SecretSource:
+class _SecretSource(StaticCredential):
     """What the providers below share: send the current value, and after a rejection say whether re-reading it
     gives a different one. Subclasses read the value (`_read`) and shape the header (`_header`)."""
 
@@ -185,7 +222,16 @@ class StaticHeader(_SecretSource):
         return f"static_header {self._name} ({self._fingerprint('unset')})"
 
 
-def provider_for(upstream: str, auth: AuthConfig) -> CredentialProvider:
+def credentials_for(upstream: UpstreamConfig, oauth: OAuthContext) -> CredentialProvider:
+    """The provider of an upstream's `auth`: OAuth ones share the daemon's OAuth context."""
+    auth = upstream.auth
+    if isinstance(auth, OAuthAuth | OAuthClientCredentialsAuth):
+        return OAuthCredential(upstream, auth, oauth)
+    return provider_for(upstream.name, auth)
+
+
+def provider_for(upstream: str, auth: AuthConfig) -> StaticCredential:
+    """The provider of a static `auth` (none, bearer_env, bearer_file, static_header)."""
     match auth:
         case NoAuth():
             return NoCredential()
@@ -195,3 +241,5 @@ def provider_for(upstream: str, auth: AuthConfig) -> CredentialProvider:
             return BearerFromFile(upstream, path)
         case StaticHeaderAuth(header=header, value=value):
             return StaticHeader(upstream, header, value)
+        case _:
+            raise ValueError(f"{auth.type} credentials need the daemon's OAuth context: use credentials_for")

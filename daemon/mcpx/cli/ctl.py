@@ -1,4 +1,5 @@
-"""`mcpxctl`: ask the running daemon for its status, to reload its config, or to forget a login."""
+"""`mcpxctl`: ask the running daemon for its status, to reload its config, to log in to an upstream or to forget
+a login."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mcpx import __version__, paths
+from mcpx.cli.opener import open_url
 from mcpx.control.client import ControlError, DaemonNotRunning, call
 
 
@@ -65,10 +67,36 @@ def render_status(status: dict[str, Any]) -> str:
     rows += [[u["name"], u["state"], str(u["tools"]), u["auth"], u["url"], u["last_error"] or "-"] for u in upstreams]
     lines.append(_table(rows))
     for upstream in upstreams:
+        oauth = upstream.get("oauth")
+        if oauth:
+            if oauth["logged_in"]:
+                expiry = oauth.get("expires_in")
+                when = f", token expires in {_duration(expiry)}" if isinstance(expiry, int) and expiry > 0 else ""
+                lines.append(f"\n{upstream['name']}: logged in (OAuth, {oauth['storage'] or 'store'}{when})")
+            else:
+                lines.append(f"\n{upstream['name']}: not logged in: run `mcpxctl login {upstream['name']}`")
         if upstream["withheld_tools"]:
             withheld = ", ".join(upstream["withheld_tools"])
             lines.append(f"\n{upstream['name']}: withheld (name collision): {withheld}")
     return "\n".join(lines)
+
+
+def _login(socket_path: Path, name: str, *, no_browser: bool, timeout: float) -> int:
+    started = call(socket_path, "mcpx/login", {"upstream": name, "action": "start"})
+    url = started["url"]
+    print(f"To log in to {name}, open this URL in a browser:\n\n  {url}\n", file=sys.stderr)
+    if no_browser:
+        print("Then paste the address the browser ended on (or the code) here:", file=sys.stderr)
+        pasted = sys.stdin.readline().strip()
+        params = {"upstream": name, "action": "paste", "response": pasted}
+    else:
+        if not open_url(url):
+            print("(could not open a browser; open the URL yourself)", file=sys.stderr)
+        print("Waiting for the browser…", file=sys.stderr)
+        params = {"upstream": name, "action": "wait"}
+    result = call(socket_path, "mcpx/login", params, timeout=timeout + 30)
+    print(f"logged in to {name}: {result['state']}, {result['tools']} tools")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="show the daemon, its upstreams and agents")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     commands.add_parser("reload", help="re-read the config file; keeps the running config if it is invalid")
+    login = commands.add_parser("login", help="log in to an OAuth upstream (once; the daemon keeps it fresh)")
+    login.add_argument("name")
+    login.add_argument(
+        "--no-browser", action="store_true", help="print the URL and paste back where the browser landed (SSH)"
+    )
+    login.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser (default 300)")
     logout = commands.add_parser("logout", help="forget what is stored for an upstream")
     logout.add_argument("name")
     args = parser.parse_args(argv)
@@ -95,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             print("reloaded" + (f" ({'; '.join(changes)})" if changes else " (no upstream changed)"))
             for note in result.get("notes", []):
                 print(f"note: {note}")
+        elif args.command == "login":
+            return _login(socket_path, args.name, no_browser=args.no_browser, timeout=args.timeout)
         elif args.command == "logout":
             result = call(socket_path, "mcpx/logout", {"upstream": args.name})
             print(result["message"])

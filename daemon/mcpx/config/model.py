@@ -61,8 +61,96 @@ class StaticHeaderAuth(_Strict):
         return value
 
 
+def _scope_list(value: object) -> object:
+    """Scopes may be written as one space-separated string (as OAuth sends them) or as a list."""
+    return tuple(value.split()) if isinstance(value, str) else value
+
+
+def _oauth_url(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise ValueError(f"{what} must be an https:// URL (http:// only to a loopback address)")
+    if parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{what} must not have a fragment or credentials")
+    return value
+
+
+class _OAuthCommon(_Strict):
+    client_id: Annotated[str, Field(min_length=1)] | None = None
+    client_secret: Annotated[str, Field(min_length=1)] | None = None
+    client_secret_env: Annotated[str, Field(min_length=1)] | None = None
+    scopes: tuple[str, ...] | None = None
+    # Overrides the canonical URI of the MCP server sent as the RFC 8707 `resource` parameter.
+    resource: str | None = None
+
+    _split_scopes = field_validator("scopes", mode="before")(classmethod(lambda cls, value: _scope_list(value)))
+
+    @field_validator("resource")
+    @classmethod
+    def _resource_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+                raise ValueError("must be an absolute http(s) URL without a fragment")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> _OAuthCommon:
+        if self.client_secret is not None and self.client_secret_env is not None:
+            raise ValueError("give `client_secret` or `client_secret_env`, not both")
+        if (self.client_secret or self.client_secret_env) and self.client_id is None:
+            raise ValueError("a client secret needs its `client_id`")
+        return self
+
+
+class OAuthAuth(_OAuthCommon):
+    """OAuth 2.1 authorization code + PKCE, as the MCP authorization spec requires: everything is discovered
+    from the upstream; `mcpxctl login NAME` signs in once and the daemon refreshes the token."""
+
+    # `oauth_pkce` is the seed configuration's spelling of the same thing.
+    type: Literal["oauth", "oauth_pkce"]
+    # A Client ID Metadata Document URL, used as the client_id where the server supports them.
+    client_metadata_url: str | None = None
+    redirect_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    # Accepted for the seed configuration; mcpx keeps tokens in its own store (keyring or state directory).
+    token_cache: Path | None = None
+
+    @field_validator("client_metadata_url")
+    @classmethod
+    def _metadata_url(cls, value: str | None) -> str | None:
+        checked = _oauth_url(value, "client_metadata_url")
+        if checked is not None and urlsplit(checked).path in ("", "/"):
+            raise ValueError("client_metadata_url must have a path")
+        return checked
+
+
+class OAuthClientCredentialsAuth(_OAuthCommon):
+    """OAuth client credentials grant for machine access: a client secret, or a private key (private_key_jwt)."""
+
+    type: Literal["oauth_client_credentials"]
+    private_key_file: Path | None = None
+    private_key_algorithm: Literal["RS256", "ES256"] = "RS256"
+
+    @field_validator("private_key_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _has_credentials(self) -> OAuthClientCredentialsAuth:
+        if self.client_id is None:
+            raise ValueError("`client_id` is required")
+        secrets = [self.client_secret, self.client_secret_env, self.private_key_file]
+        if sum(value is not None for value in secrets) != 1:
+            raise ValueError("give exactly one of `client_secret`, `client_secret_env` or `private_key_file`")
+        return self
+
+
 AuthConfig = Annotated[
-    NoAuth | BearerEnvAuth | BearerFileAuth | StaticHeaderAuth,
+    NoAuth | BearerEnvAuth | BearerFileAuth | StaticHeaderAuth | OAuthAuth | OAuthClientCredentialsAuth,
     Field(discriminator="type"),
 ]
 
@@ -104,6 +192,9 @@ class UpstreamConfig(_Strict):
         auth_header = {
             "bearer_env": "authorization",
             "bearer_file": "authorization",
+            "oauth": "authorization",
+            "oauth_pkce": "authorization",
+            "oauth_client_credentials": "authorization",
             "static_header": self.auth.header.lower() if isinstance(self.auth, StaticHeaderAuth) else "",
         }.get(self.auth.type)
         if auth_header and any(name.lower() == auth_header for name in self.headers):
@@ -127,6 +218,8 @@ class DaemonConfig(_Strict):
     connect_timeout: Annotated[float, Field(gt=0, le=600)] = 10.0
     reconnect_initial: Annotated[float, Field(gt=0, le=3600)] = 1.0
     reconnect_max: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # Where OAuth logins are kept: the OS keyring when one answers ("auto"), or always the private state file.
+    token_store: Literal["auto", "keyring", "file"] = "auto"
 
 
 class DuplicateUpstreamName(ValueError):

@@ -46,6 +46,8 @@ class Control(Protocol):
 
     async def logout(self, upstream: str) -> dict[str, Any]: ...
 
+    async def login(self, upstream: str, action: str, response: str | None) -> dict[str, Any]: ...
+
 
 class AgentSession:
     def __init__(self, router: Router, control: Control, send: Callable[[bytes], None], peer: PeerCredentials) -> None:
@@ -118,6 +120,18 @@ class AgentSession:
                 if not isinstance(upstream, str):
                     raise InvalidParams('mcpx/logout needs a string "upstream"')
                 self._spawn(request_id, self._control_call(request_id, self._control.logout(upstream)))
+            elif method == "mcpx/login":
+                upstream, action, response = (
+                    params.get("upstream"),
+                    params.get("action", "start"),
+                    params.get("response"),
+                )
+                if not isinstance(upstream, str) or not isinstance(action, str):
+                    raise InvalidParams('mcpx/login needs a string "upstream" and "action"')
+                if response is not None and not isinstance(response, str):
+                    raise InvalidParams('mcpx/login "response" must be a string')
+                call = self._control.login(upstream, action, response)
+                self._spawn(request_id, self._control_call(request_id, call))
             else:
                 raise MethodNotFound(f"method not found: {method}")
         except McpxError as exc:

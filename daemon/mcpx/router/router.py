@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mcpx import jsonrpc
+from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.config.model import Config, UpstreamConfig
 from mcpx.errors import InvalidParams
 from mcpx.jsonrpc import Message
@@ -27,8 +29,9 @@ CatalogListener = Callable[[], None]
 
 
 class Router:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, state_dir: Path) -> None:
         self.config = config
+        self.oauth = OAuthContext(state_dir, config.daemon.token_store)
         self.catalog = Catalog()
         self.upstreams: dict[str, ManagedUpstream] = {}
         self._listeners: set[CatalogListener] = set()
@@ -64,12 +67,13 @@ class Router:
         self.upstreams.clear()
         if self._http is not None:
             await self._http.close()
+        await self.oauth.close()
 
     # --- configuration -------------------------------------------------------------------------------------------
 
     def _add(self, upstream_config: UpstreamConfig) -> None:
         assert self._http is not None
-        upstream = ManagedUpstream(upstream_config, self.config.daemon, self._http, self._rebuild_catalog)
+        upstream = ManagedUpstream(upstream_config, self.config.daemon, self._http, self.oauth, self._rebuild_catalog)
         self.upstreams[upstream_config.name] = upstream
         self._settled = False
         upstream.start()
@@ -184,6 +188,11 @@ class Router:
                 "withheld_tools": sorted(withheld.get(upstream.name, [])),
                 "last_error": upstream.last_error,
                 "auth": upstream.credentials.describe(),
+                **(
+                    {"oauth": upstream.credentials.status()}
+                    if isinstance(upstream.credentials, OAuthCredential)
+                    else {}
+                ),
                 "protocol_version": upstream.session.protocol_version,
                 "server": upstream.session.server_info.get("name"),
             }

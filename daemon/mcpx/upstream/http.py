@@ -17,6 +17,7 @@ from typing import Any, Final, TypeVar
 
 from mcpx import __version__, jsonrpc
 from mcpx.auth.credentials import CredentialProvider, expand_env
+from mcpx.auth.oauth.metadata import Challenge, parse_bearer_challenge
 from mcpx.config.model import UpstreamConfig
 from mcpx.errors import (
     CredentialRejected,
@@ -47,6 +48,11 @@ _T = TypeVar("_T")
 
 class _Unauthorized(Exception):
     """HTTP 401 from the upstream; internal to the retry logic."""
+
+    def __init__(self, sent: dict[str, str], challenge: Challenge) -> None:
+        super().__init__("HTTP 401")
+        self.sent = sent
+        self.challenge = challenge
 
 
 class HttpSession:
@@ -84,6 +90,7 @@ class HttpSession:
     async def connect(self) -> None:
         """(Re-)run the initialize handshake. Raises an `UpstreamError` subclass on failure."""
         async with self._init_lock:
+            await self._credentials.prepare()
             await self._with_auth_retry(self._initialize)
 
     async def close(self) -> None:
@@ -156,16 +163,23 @@ class HttpSession:
             await self._with_auth_retry(self._initialize)
 
     async def _with_auth_retry(self, attempt: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        # At most one renewal and one replay per request (TOK-3): a 401 after that is final.
         try:
             return await attempt()
-        except _Unauthorized:
-            if not self._credentials.reload():
+        except _Unauthorized as unauthorized:
+            if not await self._credentials.renew(unauthorized.sent, unauthorized.challenge):
                 raise self._rejected() from None
             _log.info("credential changed after a 401, retrying once", upstream=self.name)
         try:
             return await attempt()
         except _Unauthorized:
             raise self._rejected() from None
+
+    def _forbidden(self, response: Response) -> None:
+        challenge = parse_bearer_challenge(response.headers.get("www-authenticate"))
+        step_up = getattr(self._credentials, "insufficient_scope", None)
+        if challenge.error == "insufficient_scope" and step_up is not None:
+            raise step_up(challenge)
 
     def _rejected(self) -> CredentialRejected:
         return CredentialRejected(self.name, f"the credential was rejected (HTTP 401): {self._credentials.fix_hint()}")
@@ -217,13 +231,16 @@ class HttpSession:
         self, request_id: int, body: bytes, on_related: NotificationHandler | None, *, initializing: bool = False
     ) -> Any:
         sent_session = self._session_id
+        headers = self._headers()
         try:
             async with contextlib.AsyncExitStack() as cleanup:
-                response = await self._http.request("POST", self._target, self._headers(), body)
+                response = await self._http.request("POST", self._target, headers, body)
                 # Release the connection to the pool when done, unless an SSE stream is handed to a drainer.
                 cleanup.callback(response.release)
                 if response.status == 401:
-                    raise _Unauthorized
+                    raise _Unauthorized(headers, parse_bearer_challenge(response.headers.get("www-authenticate")))
+                if response.status == 403:
+                    self._forbidden(response)
                 if response.status == 404 and sent_session is not None:
                     raise SessionExpired(self.name, "the upstream no longer knows our session")
                 if response.status != 200:

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mcpx.auth.credentials import CredentialProvider, provider_for
+from mcpx.auth.credentials import CredentialProvider, credentials_for
+from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.config.model import DaemonConfig, UpstreamConfig
-from mcpx.errors import CredentialRejected, UpstreamError, UpstreamProtocolError, UpstreamUnavailable
+from mcpx.errors import CredentialRejected, NeedsLogin, UpstreamError, UpstreamProtocolError, UpstreamUnavailable
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.upstream.h1 import HttpClient
@@ -33,6 +34,7 @@ class UpstreamState(enum.StrEnum):
     READY = "ready"
     DOWN = "down"
     AUTH_FAILED = "auth_failed"
+    NEEDS_LOGIN = "needs_login"
     STOPPED = "stopped"
 
 
@@ -44,13 +46,16 @@ class ManagedUpstream:
         config: UpstreamConfig,
         daemon: DaemonConfig,
         http: HttpClient,
+        oauth: OAuthContext,
         on_tools_changed: Callable[[], None],
     ) -> None:
         self.config = config
         self.name = config.name
         self._daemon = daemon
         self._on_tools_changed = on_tools_changed
-        self.credentials: CredentialProvider = provider_for(config.name, config.auth)
+        self.credentials: CredentialProvider = credentials_for(config, oauth)
+        if isinstance(self.credentials, OAuthCredential):
+            self.credentials.on_login.append(self.wake)
         self.session = HttpSession(
             config,
             http,
@@ -100,6 +105,13 @@ class ManagedUpstream:
                 async with asyncio.timeout(self._daemon.connect_timeout + self.config.timeout):
                     await self.session.connect()
                     tools = await self._list_tools()
+            except NeedsLogin as exc:
+                self._needs_login(exc)
+                await self._attempt_ended(attempt)
+                # Nothing to retry until someone logs in (the login wakes this loop).
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             except (UpstreamError, TimeoutError) as exc:
                 self._fail(
                     exc if isinstance(exc, UpstreamError) else UpstreamUnavailable(self.name, "connect timed out")
@@ -139,6 +151,13 @@ class ManagedUpstream:
         self.state = state
         self.last_error = exc.reason
 
+    def _needs_login(self, exc: NeedsLogin) -> None:
+        if self.state is not UpstreamState.NEEDS_LOGIN:
+            _log.warning("upstream needs a login", upstream=self.name, command=exc.command)
+        self.state = UpstreamState.NEEDS_LOGIN
+        self.last_error = str(exc)
+        self.retry_at = None
+
     async def _attempt_ended(self, attempt: int) -> None:
         self.first_attempt_done.set()
         async with self._attempt_changed:
@@ -170,6 +189,12 @@ class ManagedUpstream:
         except CredentialRejected as exc:
             self._mark_broken(exc)
             raise
+        except NeedsLogin as exc:
+            logged_out = isinstance(self.credentials, OAuthCredential) and not self.credentials.logged_in
+            if logged_out and self.state is UpstreamState.READY:
+                self._needs_login(exc)
+                self._broken.set()
+            raise
 
     async def ensure_ready(self) -> None:
         """Return when calls can be made; raise why not otherwise. Waits (bounded) only where waiting helps: for
@@ -183,10 +208,12 @@ class ManagedUpstream:
         if self.state is not UpstreamState.READY:
             raise self.unavailable()
 
-    def unavailable(self) -> UpstreamError:
+    def unavailable(self) -> UpstreamError | NeedsLogin:
         """Why calls to this upstream cannot be made right now."""
         if self.state is UpstreamState.AUTH_FAILED:
             return CredentialRejected(self.name, self.last_error or "credential rejected")
+        if self.state is UpstreamState.NEEDS_LOGIN:
+            return NeedsLogin(self.name, f"mcpxctl login {self.name}")
         if self.state is UpstreamState.STARTING:
             return UpstreamUnavailable(self.name, "still connecting")
         retry = f"; retrying in {max(0, round(self.retry_at - time.time()))} s" if self.retry_at else ""

@@ -1,0 +1,51 @@
+"""The loopback redirect listener of a login (RFC 8252 §7.3): 127.0.0.1 only, one path, one answer.
+
+The browser lands on `http://127.0.0.1:PORT/callback?code=…&state=…`; the listener hands that query to the
+login flow (which checks it) and tells the user they can close the tab. It lives only while a login waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+_PAGE = (
+    "<!doctype html><meta charset=utf-8><title>mcpx</title>"
+    "<p>mcpx received the authorization. You can close this tab and return to the terminal.</p>"
+)
+
+
+class CallbackListener:
+    def __init__(self, port: int = 0) -> None:
+        self._port = port
+        self.answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._runner: web.AppRunner | None = None
+        self.redirect_uri = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/callback", self._callback)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self._port, reuse_address=False)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.redirect_uri = f"http://127.0.0.1:{port}/callback"
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        if not self.answer.done():
+            self.answer.set_result(f"{self.redirect_uri}?{request.query_string}")
+        return web.Response(text=_PAGE, content_type="text/html")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
