@@ -1,0 +1,61 @@
+"""Discovery against the real test authorization server: every variant the spec names, and the refusals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from mcpx.auth.oauth import endpoints
+from mcpx.auth.oauth.flow import start_authorization
+from mcpx.auth.oauth.metadata import Challenge, DiscoveryError, canonical_resource
+from tests.support.oauth_server import AuthServer, ProtectedUpstream
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.mark.parametrize("style", ["oauth", "openid"])
+@pytest.mark.parametrize("issuer_path", ["", "/tenant1"])
+@pytest.mark.parametrize("prm_location", ["path", "root"])
+@pytest.mark.parametrize("challenge_header", [True, False])
+async def test_discovery_variants(
+    http: aiohttp.ClientSession, style: str, issuer_path: str, prm_location: str, challenge_header: bool
+) -> None:
+    async with AuthServer(metadata_style=style, issuer_path=issuer_path) as auth:  # type: ignore[arg-type]
+        upstream = ProtectedUpstream(auth, prm_location=prm_location, challenge_header=challenge_header)  # type: ignore[arg-type]
+        async with upstream:
+            challenge = await endpoints.probe_challenge(http, upstream.url)
+            assert (challenge.resource_metadata is not None) == challenge_header
+            resource, server = await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), challenge)
+            assert resource is not None and server.issuer == auth.issuer
+            assert server.s256
+
+
+async def test_issuer_mismatch_and_wrong_resource_are_refused(http: aiohttp.ClientSession) -> None:
+    async with AuthServer(wrong_issuer_in_metadata=True) as auth, ProtectedUpstream(auth) as upstream:
+        with pytest.raises(DiscoveryError, match="names issuer"):
+            await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), Challenge())
+    async with (
+        AuthServer() as auth,
+        ProtectedUpstream(auth, prm_resource_override="https://other.example/mcp") as upstream,
+    ):
+        with pytest.raises(DiscoveryError, match="is for"):
+            await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), Challenge())
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["javascript:alert(1)", "file:///etc/passwd", "http://evil.example/authorize", "https://a/$(calc)\r\nX: y"],
+)
+async def test_hostile_authorization_endpoints_never_become_a_url(http: aiohttp.ClientSession, endpoint: str) -> None:
+    async with AuthServer(authorization_endpoint_override=endpoint) as auth, ProtectedUpstream(auth) as upstream:
+        with pytest.raises(DiscoveryError):
+            _, server = await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), Challenge())
+            start_authorization(
+                server, client_id="c", redirect_uri="http://127.0.0.1:1/callback", resource="r", scopes=()
+            )
