@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import ipaddress
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[im
 from mcp.server.mcpserver import Context, MCPServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcpx.auth.oauth.metadata import is_loopback
 from tests.support.upstream import Upstream, reserve_port
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -59,23 +59,12 @@ class RedactedSet(set[str]):
         return f"<{len(self)} redacted>"
 
 
-def is_loopback_host(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def redirect_uri_matches(registered: str, presented: str) -> bool:
     """Exact match, except that loopback http redirect URIs match on any port (RFC 8252 section 7.3)."""
     if registered == presented:
         return True
     reg, pres = urlsplit(registered), urlsplit(presented)
-    if reg.scheme != "http" or pres.scheme != "http" or not is_loopback_host(reg.hostname):
+    if reg.scheme != "http" or pres.scheme != "http" or not is_loopback(reg.hostname):
         return False
     return (reg.hostname, reg.path or "/", reg.query) == (pres.hostname, pres.path or "/", pres.query)
 
@@ -164,7 +153,41 @@ class AuthorizationFailed(Exception):
         self.location = location
 
 
-class AuthServer:
+class _LoopbackWebApp:
+    """An aiohttp application on a reserved 127.0.0.1 port; subclasses build it in `_app()`."""
+
+    def __init__(self) -> None:
+        self._sock = reserve_port()
+        self.port: int = self._sock.getsockname()[1]
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self._runner: web.AppRunner | None = None
+
+    def _app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._sock.listen(128)
+        self._runner = web.AppRunner(self._app(), access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._sock).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._sock.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class AuthServer(_LoopbackWebApp):
     """An in-memory OAuth 2.1 authorization server on 127.0.0.1; see the module docstring."""
 
     def __init__(
@@ -211,11 +234,8 @@ class AuthServer:
         # Mutable at any time: while True, the authorization endpoint redirects with error=access_denied.
         self.deny_authorization = False
 
-        self._sock = reserve_port()
-        self.port: int = self._sock.getsockname()[1]
-        self.origin = f"http://127.0.0.1:{self.port}"
+        super().__init__()
         self.issuer = self.origin + issuer_path
-        self._runner: web.AppRunner | None = None
 
         self.clients: dict[str, Client] = {}
         for client_id, secret in (pre_registered or {}).items():
@@ -257,27 +277,6 @@ class AuthServer:
 
     def endpoint(self, name: str) -> str:
         return f"{self.issuer}/{name}"
-
-    async def start(self) -> None:
-        self._sock.listen(128)
-        self._runner = web.AppRunner(self._app(), access_log=None)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        self._sock.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _app(self) -> web.Application:
         @web.middleware
@@ -414,7 +413,7 @@ class AuthServer:
             return _error_response(OAuthError("invalid_redirect_uri", "redirect_uris required"))
         for uri in redirect_uris:
             parts = urlsplit(uri)
-            if not parts.scheme or parts.fragment or (parts.scheme == "http" and not is_loopback_host(parts.hostname)):
+            if not parts.scheme or parts.fragment or (parts.scheme == "http" and not is_loopback(parts.hostname)):
                 return _error_response(OAuthError("invalid_redirect_uri", "unacceptable redirect URI"))
         if method not in ("none", "client_secret_post", "client_secret_basic"):
             return _error_response(OAuthError("invalid_client_metadata", "token_endpoint_auth_method"))
@@ -451,7 +450,7 @@ class AuthServer:
         return self.clients.get(client_id)
 
     async def _fetch_cimd(self, url: str, redirect_uri: str | None) -> Client | None:
-        if not is_loopback_host(urlsplit(url).hostname):
+        if not is_loopback(urlsplit(url).hostname):
             return None  # tests stay on loopback
         self.cimd_fetches.append(url)
         try:
@@ -762,16 +761,13 @@ def _error_response(exc: OAuthError, *, basic: bool = False) -> web.Response:
     return web.json_response(body, status=exc.status, headers=headers)
 
 
-class MetadataDocumentHost:
+class MetadataDocumentHost(_LoopbackWebApp):
     """A loopback web server publishing static JSON documents (e.g. client ID metadata documents)."""
 
     def __init__(self) -> None:
-        self._sock = reserve_port()
-        self.port: int = self._sock.getsockname()[1]
-        self.origin = f"http://127.0.0.1:{self.port}"
+        super().__init__()
         self.documents: dict[str, dict[str, Any]] = {}
         self.fetches: list[str] = []
-        self._runner: web.AppRunner | None = None
 
     def url(self, path: str) -> str:
         return self.origin + path
@@ -787,28 +783,10 @@ class MetadataDocumentHost:
             return web.Response(status=404)
         return web.json_response(document)
 
-    async def start(self) -> None:
+    def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._serve)
-        self._sock.listen(128)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        self._sock.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
+        return app
 
 
 # ---- the protected MCP upstream

@@ -26,7 +26,7 @@ from mcpx.config.model import (
     StaticHeaderAuth,
     UpstreamConfig,
 )
-from mcpx.errors import CredentialRejected
+from mcpx.errors import CredentialRejected, McpxError
 from mcpx.redact import fingerprint, register_secret
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -44,6 +44,10 @@ class CredentialProvider(Protocol):
 
     async def renew(self, rejected: Mapping[str, str], challenge: Challenge) -> bool:
         """After a 401 for the `rejected` headers: True if a retry with `headers()` is worth making."""
+        ...
+
+    def insufficient_scope(self, challenge: Challenge) -> McpxError | None:
+        """After a 403 `insufficient_scope`: the error that tells the user how to get the scopes, if any."""
         ...
 
     def fix_hint(self) -> str:
@@ -75,6 +79,9 @@ class StaticCredential:
 
     async def renew(self, rejected: Mapping[str, str], challenge: Challenge) -> bool:
         return self.reload()
+
+    def insufficient_scope(self, challenge: Challenge) -> McpxError | None:
+        return None  # a static credential cannot ask for more scopes: the 403 is reported as it is
 
     def reload(self) -> bool:
         """Re-read the credential after a rejection; True if it differs from the one last sent."""

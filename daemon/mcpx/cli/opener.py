@@ -8,28 +8,21 @@ URLs, or http to a loopback address, are ever opened; the caller prints the URL 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shlex
 import subprocess
 import webbrowser
-from urllib.parse import urlsplit
+
+from mcpx.auth.oauth.metadata import DiscoveryError, check_url
 
 
 def safe_to_open(url: str) -> bool:
-    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in url) or url.startswith("-"):
-        return False
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        return bool(parts.hostname)
-    if parts.scheme != "http" or parts.hostname is None:
-        return False
-    if parts.hostname == "localhost":
-        return True
+    """The daemon's rule for endpoint URLs, checked again on this side before anything is spawned."""
     try:
-        return ipaddress.ip_address(parts.hostname).is_loopback
-    except ValueError:
+        check_url(url, "the authorization URL")
+    except DiscoveryError:
         return False
+    return True
 
 
 def open_url(url: str) -> bool:

@@ -177,9 +177,10 @@ class HttpSession:
 
     def _forbidden(self, response: Response) -> None:
         challenge = parse_bearer_challenge(response.headers.get("www-authenticate"))
-        step_up = getattr(self._credentials, "insufficient_scope", None)
-        if challenge.error == "insufficient_scope" and step_up is not None:
-            raise step_up(challenge)
+        if challenge.error == "insufficient_scope":
+            step_up = self._credentials.insufficient_scope(challenge)
+            if step_up is not None:
+                raise step_up
 
     def _rejected(self) -> CredentialRejected:
         return CredentialRejected(self.name, f"the credential was rejected (HTTP 401): {self._credentials.fix_hint()}")

@@ -79,6 +79,7 @@ class ManagedUpstream:
         self._keeper: asyncio.Task[None] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._refresh_again = False
+        self._login_needed: NeedsLogin | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -155,6 +156,7 @@ class ManagedUpstream:
         if self.state is not UpstreamState.NEEDS_LOGIN:
             _log.warning("upstream needs a login", upstream=self.name, command=exc.command)
         self.state = UpstreamState.NEEDS_LOGIN
+        self._login_needed = exc
         self.last_error = str(exc)
         self.retry_at = None
 
@@ -212,8 +214,8 @@ class ManagedUpstream:
         """Why calls to this upstream cannot be made right now."""
         if self.state is UpstreamState.AUTH_FAILED:
             return CredentialRejected(self.name, self.last_error or "credential rejected")
-        if self.state is UpstreamState.NEEDS_LOGIN:
-            return NeedsLogin(self.name, f"mcpxctl login {self.name}")
+        if self.state is UpstreamState.NEEDS_LOGIN and self._login_needed is not None:
+            return self._login_needed
         if self.state is UpstreamState.STARTING:
             return UpstreamUnavailable(self.name, "still connecting")
         retry = f"; retrying in {max(0, round(self.retry_at - time.time()))} s" if self.retry_at else ""

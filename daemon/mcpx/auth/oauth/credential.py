@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -111,7 +111,7 @@ class OAuthCredential:
         self._login: LoginFlow | None = None
         self._challenge = Challenge()
         self._step_ups: dict[tuple[str, ...], int] = {}
-        self.on_login: list[Any] = []  # callbacks run after a successful login (the supervisor reconnects)
+        self.on_login: list[Callable[[], None]] = []  # run after a successful login (the supervisor reconnects)
 
     @property
     def logged_in(self) -> bool:
