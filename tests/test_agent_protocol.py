@@ -180,3 +180,29 @@ async def test_cancelled_call_gets_no_response_and_the_session_goes_on(sandbox: 
         # The next reply on the wire is for request 3, not the cancelled request 1.
         await peer.send({"jsonrpc": "2.0", "id": 3, "method": "ping"})
         assert (await peer.receive())["id"] == 3
+
+
+async def test_a_tool_result_reaches_the_agent_byte_for_byte_with_fields_no_sdk_model_knows(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True)
+    alpha.extra_result_fields = {
+        "xVendor": {"deep": [1, 2.5, None, "\u00e9\u2028"], "order": {"z": 1, "a": 2}},
+        "_meta": {"vendor.example/trace": "t-1"},
+        "structuredContent": {"b": 1, "a": [{}]},
+    }
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as peer:
+        await peer.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "call-1",
+                "method": "tools/call",
+                "params": {"name": "alpha__echo", "arguments": {"text": "x"}},
+            }
+        )
+        async with asyncio.timeout(10):
+            line = await peer.reader.readline()
+    (sent,) = alpha.tool_call_bodies
+    # Only the id differs: everything after it is the upstream's own bytes.
+    assert line.startswith(b'{"jsonrpc":"2.0","id":"call-1","result":')
+    assert line.rstrip(b"\n").partition(b',"result":')[2] == sent.partition(b',"result":')[2]
+    assert json.loads(line)["result"]["xVendor"]["order"] == {"z": 1, "a": 2}

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from mcp.server.auth.provider import AccessToken
@@ -108,6 +110,9 @@ class Upstream:
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self.server: MCPServer | None = None
         self.requests: list[SeenRequest] = []
+        # Fields no SDK model knows, added to every tools/call result (JSON responses only), and the bodies sent.
+        self.extra_result_fields: dict[str, object] = {}
+        self.tool_call_bodies: list[bytes] = []
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -121,9 +126,32 @@ class Upstream:
             if scope["type"] == "http":
                 headers = {key.decode().lower(): value.decode() for key, value in scope["headers"]}
                 self.requests.append(SeenRequest(scope["method"], headers))
-            await inner(scope, receive, send)
+            if scope["type"] == "http" and self.json_response and scope["method"] == "POST":
+                await inner(scope, receive, self._rewriting(send))
+            else:
+                await inner(scope, receive, send)
 
         return recorded
+
+    def _rewriting(self, send: Send) -> Send:
+        """Add `extra_result_fields` to tools/call results and record those bodies as sent."""
+        start: dict[str, Any] = {}
+
+        async def rewrite(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body = message.get("body", b"")
+            reply = json.loads(body) if body.startswith(b"{") else {}
+            if isinstance(reply.get("result"), dict) and "content" in reply["result"]:
+                reply["result"].update(self.extra_result_fields)
+                body = json.dumps(reply, separators=(",", ":")).encode()
+                self.tool_call_bodies.append(body)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({**message, "body": body})
+
+        return rewrite  # type: ignore[return-value]
 
     async def start(self) -> None:
         if self._sock.fileno() < 0:

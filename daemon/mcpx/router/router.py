@@ -148,7 +148,7 @@ class Router:
         upstream = self.upstreams[route.upstream]
         forwarded = {**params, "name": route.tool}
         on_related = self._relay_related(forwarded, send_to_agent)
-        return await upstream.request("tools/call", forwarded, on_related)
+        return await upstream.request("tools/call", forwarded, on_related, forward_raw=True)
 
     def _relay_related(
         self, forwarded: dict[str, Any], send_to_agent: Callable[[Message], None]

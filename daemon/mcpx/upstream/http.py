@@ -10,7 +10,7 @@ forgot the session (404), re-read the credential and retry once on 401, the per-
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
@@ -117,8 +117,10 @@ class HttpSession:
         *,
         timeout: float,
         on_related: NotificationHandler | None = None,
+        forward_raw: bool = False,
     ) -> Any:
-        """Send one request and return its `result`.
+        """Send one request and return its `result` (a `jsonrpc.RawJson` where `forward_raw` allows and the
+        upstream's bytes can be forwarded untouched).
 
         Raises:
             UpstreamRpcError: the upstream answered with a JSON-RPC error.
@@ -127,7 +129,7 @@ class HttpSession:
         request_id = next(self._ids)
         try:
             async with asyncio.timeout(timeout):
-                return await self._request_with_recovery(request_id, method, params, on_related)
+                return await self._request_with_recovery(request_id, method, params, on_related, forward_raw)
         except TimeoutError:
             self._cancel_upstream(request_id, "timed out")
             raise UpstreamTimeout(self.name, f"no answer to {method} within {timeout:g} s") from None
@@ -140,14 +142,20 @@ class HttpSession:
         await self._post_expecting_accepted(body)
 
     async def _request_with_recovery(
-        self, request_id: int, method: str, params: dict[str, Any] | None, on_related: NotificationHandler | None
+        self,
+        request_id: int,
+        method: str,
+        params: dict[str, Any] | None,
+        on_related: NotificationHandler | None,
+        forward_raw: bool,
     ) -> Any:
         body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
         expired_once = False
         while True:
             generation = self._generation
             try:
-                return await self._with_auth_retry(lambda: self._exchange(request_id, body, on_related))
+                exchange = functools.partial(self._exchange, request_id, body, on_related, forward_raw=forward_raw)
+                return await self._with_auth_retry(exchange)
             except SessionExpired:
                 if expired_once:
                     raise
@@ -229,52 +237,75 @@ class HttpSession:
         return headers
 
     async def _exchange(
-        self, request_id: int, body: bytes, on_related: NotificationHandler | None, *, initializing: bool = False
+        self,
+        request_id: int,
+        body: bytes,
+        on_related: NotificationHandler | None,
+        *,
+        initializing: bool = False,
+        forward_raw: bool = False,
     ) -> Any:
         sent_session = self._session_id
         headers = self._headers()
         try:
-            async with contextlib.AsyncExitStack() as cleanup:
-                response = await self._http.request("POST", self._target, headers, body)
-                # Release the connection to the pool when done, unless an SSE stream is handed to a drainer.
-                cleanup.callback(response.release)
-                if response.status == 401:
-                    raise _Unauthorized(headers, parse_bearer_challenge(response.headers.get("www-authenticate")))
-                if response.status == 403:
-                    self._forbidden(response)
-                if response.status == 404 and sent_session is not None:
-                    raise SessionExpired(self.name, "the upstream no longer knows our session")
-                if response.status != 200:
-                    raise await self._http_error(response)
-                if initializing:
-                    session_id = response.headers.get("mcp-session-id")
-                    if session_id is not None and not _visible_ascii(session_id):
-                        raise UpstreamProtocolError(self.name, "invalid Mcp-Session-Id")
-                    self._session_id = session_id
-                content_type = response.content_type
-                if content_type == "application/json":
-                    message = self._parse(await response.read(self._max_message_bytes))
-                    return self._result_of(message, request_id)
-                if content_type == "text/event-stream":
-                    result = await self._read_stream(response, request_id, on_related)
-                    if not response.at_eof:
-                        cleanup.pop_all()
-                        self._spawn(lambda: self._drain(response))
-                    return result
-                raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
+            response = await self._http.request("POST", self._target, headers, body)
+        except HttpClientError as exc:
+            raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
+        # The connection goes back to the pool when this returns, unless an SSE stream is handed to a drainer.
+        handed_off = False
+        try:
+            if response.status == 401:
+                raise _Unauthorized(headers, parse_bearer_challenge(response.headers.get("www-authenticate")))
+            if response.status == 403:
+                self._forbidden(response)
+            if response.status == 404 and sent_session is not None:
+                raise SessionExpired(self.name, "the upstream no longer knows our session")
+            if response.status != 200:
+                raise await self._http_error(response)
+            if initializing:
+                session_id = response.headers.get("mcp-session-id")
+                if session_id is not None and not _visible_ascii(session_id):
+                    raise UpstreamProtocolError(self.name, "invalid Mcp-Session-Id")
+                self._session_id = session_id
+            content_type = response.content_type
+            if content_type == "application/json":
+                return self._response_result(await response.read(self._max_message_bytes), request_id, forward_raw)
+            if content_type == "text/event-stream":
+                result = await self._read_stream(response, request_id, on_related, forward_raw)
+                if not response.at_eof:
+                    handed_off = True
+                    self._spawn(lambda: self._drain(response))
+                return result
+            raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
         except BodyTooLarge as exc:
             raise UpstreamProtocolError(self.name, str(exc)) from None
         except HttpClientError as exc:
             raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
+        finally:
+            if not handed_off:
+                response.release()
 
-    async def _read_stream(self, response: Response, request_id: int, on_related: NotificationHandler | None) -> Any:
+    def _response_result(self, raw: bytes, request_id: int, forward_raw: bool) -> Any:
+        """The result of the response `raw`: as the upstream's own bytes when it is forwarded untouched."""
+        if forward_raw:
+            spliced = jsonrpc.spliced_result(raw, request_id)
+            if spliced is not None:
+                return spliced
+        return self._result_of(self._parse(raw), request_id)
+
+    async def _read_stream(
+        self, response: Response, request_id: int, on_related: NotificationHandler | None, forward_raw: bool
+    ) -> Any:
         decoder = SSEDecoder(self._max_message_bytes)
         try:
             async for chunk in response.chunks():
                 for event in decoder.feed(chunk):
                     if event.event != "message" or not event.data:
                         continue
-                    message = self._parse(event.data.encode())
+                    data = event.data.encode()
+                    if forward_raw and (spliced := jsonrpc.spliced_result(data, request_id)) is not None:
+                        return spliced
+                    message = self._parse(data)
                     if "method" not in message:
                         if message.get("id") == request_id:
                             return self._result_of(message, request_id)

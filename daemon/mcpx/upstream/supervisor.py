@@ -180,11 +180,21 @@ class ManagedUpstream:
 
     # --- calls ---------------------------------------------------------------------------------------------------
 
-    async def request(self, method: str, params: dict[str, Any] | None, on_related: NotificationHandler | None) -> Any:
+    async def request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        on_related: NotificationHandler | None,
+        *,
+        forward_raw: bool = False,
+    ) -> Any:
         """Forward one request. Raises an `UpstreamError` (never hangs on a down upstream)."""
         await self.ensure_ready()
         try:
-            return await self.session.request(method, params, timeout=self.config.timeout, on_related=on_related)
+            timeout = self.config.timeout
+            return await self.session.request(
+                method, params, timeout=timeout, on_related=on_related, forward_raw=forward_raw
+            )
         except UpstreamUnavailable as exc:
             self._mark_broken(exc)
             raise

@@ -1,0 +1,57 @@
+"""The JSON-RPC codec: splicing an upstream's result bytes into the agent's response, and only when it is sound."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mcpx import jsonrpc
+from mcpx.jsonrpc import RawJson, spliced_result
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        (b'{"jsonrpc":"2.0","id":7,"result":{"a":[1,"x"]}}', b'{"a":[1,"x"]}'),
+        (b'{"jsonrpc":"2.0","id":7,"result":{"a":1}}\r\n', b'{"a":1}'),
+        (b'{"jsonrpc":"2.0","id":7,"result":{} }', b"{} "),
+        (b'{"result":[1,2],"jsonrpc":"2.0","id":7}', b"[1,2]"),
+        (b'{"jsonrpc":"2.0","id":7,"result":"\\u00e9"}', b'"\\u00e9"'),
+    ],
+)
+def test_the_two_compact_shapes_give_the_result_bytes_untouched(raw: bytes, value: bytes) -> None:
+    spliced = spliced_result(raw, 7)
+    assert spliced is not None
+    assert spliced.data == value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # A second "id" after the result would re-address the agent's response: never spliced.
+        b'{"jsonrpc":"2.0","id":7,"result":{"a":1},"id":4,"result":{}}',
+        b'{"result":{},"id":4,"x":1,"jsonrpc":"2.0","id":7}',
+        b'{"jsonrpc":"2.0","id":7,"result":{"a":1}',  # truncated
+        b'{"jsonrpc":"2.0","id":7,"result":}',
+        b'{"jsonrpc":"2.0","id":77,"result":{}}',  # another request's id
+        b'{"jsonrpc":"2.0","id":7,"error":{"code":1,"message":"m"}}',
+        b'{"jsonrpc":"2.0","id":7,"result":{"a":\n1}}',  # a newline would break the agent's line framing
+        b'{"jsonrpc":"2.0","id":7,"result":"\xff"}',  # not UTF-8
+        b'{"jsonrpc":"2.0","id":7,"result":123456789012345678901234567890}',  # left to the exact slow path
+        b'{"id":7,"jsonrpc":"2.0","result":{}}',  # another key order: parsed the ordinary way
+    ],
+)
+def test_anything_else_is_left_to_the_ordinary_parse(raw: bytes) -> None:
+    assert spliced_result(raw, 7) is None
+
+
+def test_raw_values_are_written_out_as_they_are() -> None:
+    message = jsonrpc.result_response("a", RawJson(b'{"z":1,"a":"\\u00e9"}'))
+    assert jsonrpc.dumps(message) == b'{"jsonrpc":"2.0","id":"a","result":{"z":1,"a":"\\u00e9"}}'
+
+
+def test_raw_values_survive_the_standard_library_fallback() -> None:
+    # orjson refuses integers beyond 64 bits (an agent may use one as its id); the fallback keeps the raw value.
+    message = jsonrpc.result_response(10**30, RawJson(b'{"a":[1]}'))
+    assert json.loads(jsonrpc.dumps(message)) == {"jsonrpc": "2.0", "id": 10**30, "result": {"a": [1]}}
