@@ -5,7 +5,9 @@ Every target serves the same fast upstream (benchmarks/upstream.py, its own proc
   have (mcpx's own HTTP/1.1 client); the targets are measured against it;
 - `direct-aiohttp`: the same with aiohttp's client, the cost of a typical fast Python agent talking directly;
 - `mcpx`: an agent spawning `mcpx-shim` (stdio) → mcpxd → upstream;
-- `mcp-remote`: an agent spawning `mcp-remote` (stdio → streamable HTTP), installed from the npm registry.
+- `mcp-remote`: an agent spawning `mcp-remote` (stdio → streamable HTTP), installed from the npm registry;
+- `null-relay`: the `direct` client through a relay that only copies bytes (benchmarks/relay.py): what one
+  more process hop costs on this machine, which no out-of-process proxy can avoid.
 The agents are minimal raw JSON-RPC clients (orjson), so the client's own cost does not hide the proxies'.
 Targets are interleaved round by round; each figure is the median of the rounds with the min–max beside it.
 Loopback only, every loop bounded; a full run takes a few minutes on 2 cores.
@@ -195,21 +197,29 @@ class Bench:
         self.root = root
         self.quick = quick
         self.upstream_urls: dict[str, str] = {}
+        self.relay_urls: dict[str, str] = {}
         self.processes: list[subprocess.Popen[bytes]] = []
         self.mcpx_env: dict[str, str] = {}
         self.mcp_remote: list[str] | None = None
 
     def start_upstream(self, mode: str) -> str:
+        command = [sys.executable, str(HERE / "upstream.py")] + (["--sse"] if mode == "sse" else [])
+        return f"http://127.0.0.1:{self._serve_on_new_port(command)}/mcp"
+
+    def start_relay(self, upstream_url: str) -> str:
+        """A null relay in front of `upstream_url`; returns the URL that reaches the upstream through it."""
+        origin = upstream_url.split("/")[2]
+        command = [sys.executable, str(HERE / "relay.py"), "--upstream", origin]
+        return f"http://127.0.0.1:{self._serve_on_new_port(command)}/mcp"
+
+    def _serve_on_new_port(self, command: list[str]) -> int:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(1024)
-        command = [sys.executable, str(HERE / "upstream.py"), "--fd", str(sock.fileno())]
-        if mode == "sse":
-            command.append("--sse")
-        self.processes.append(subprocess.Popen(command, pass_fds=[sock.fileno()]))
-        port = sock.getsockname()[1]
+        self.processes.append(subprocess.Popen([*command, "--fd", str(sock.fileno())], pass_fds=[sock.fileno()]))
+        port: int = sock.getsockname()[1]
         sock.close()
-        return f"http://127.0.0.1:{port}/mcp"
+        return port
 
     def mcpx_environment(self, name: str, upstreams: dict[str, str]) -> dict[str, str]:
         home = self.root / name
@@ -252,6 +262,8 @@ class Bench:
     async def agent(self, target: str, mode: str) -> Agent:
         if target == "direct":
             agent: Agent = RawHttpAgent(self.upstream_urls[mode])
+        elif target == "null-relay":
+            agent = RawHttpAgent(self.relay_urls[mode])
         elif target == "direct-aiohttp":
             agent = await HttpAgent.open(self.upstream_urls[mode])
         elif target == "mcpx":
@@ -389,7 +401,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 async def run(bench: Bench, rounds: int) -> dict[str, Any]:
-    targets = ["direct", "direct-aiohttp", "mcpx"] + (["mcp-remote"] if bench.mcp_remote else [])
+    targets = ["direct", "direct-aiohttp", "null-relay", "mcpx"] + (["mcp-remote"] if bench.mcp_remote else [])
     modes = ["json", "sse"]
     calls = 300 if bench.quick else 2000
     results: dict[str, Any] = {"latency": {}, "throughput": {}, "start_ms": {}, "big_result_ms": {}, "memory": {}}
@@ -526,9 +538,15 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         - results["latency"][mode]["direct-aiohttp"]["p50_us"]["median"]
         for mode in ("json", "sse")
     }
+    hop = {
+        mode: results["latency"][mode]["null-relay"]["p50_us"]["median"]
+        - results["latency"][mode]["direct"]["p50_us"]["median"]
+        for mode in ("json", "sse")
+    }
     lines += [
         "",
         f"mcpx added latency p50: {added['json']:.0f} µs (json), {added['sse']:.0f} µs (sse)",
+        f"  (a null relay, one process hop copying bytes, adds {hop['json']:.0f} µs (json), {hop['sse']:.0f} µs (sse))",
         f"  (against the aiohttp floor: {added_aiohttp['json']:.0f} µs (json), {added_aiohttp['sse']:.0f} µs (sse))",
     ]
     for shape in ("1x64", "20x8"):
@@ -545,6 +563,7 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         bench.mcp_remote = None if args.no_mcp_remote else bench.install_mcp_remote()
         bench.upstream_urls = {"json": bench.start_upstream("json"), "sse": bench.start_upstream("sse")}
+        bench.relay_urls = {mode: bench.start_relay(url) for mode, url in bench.upstream_urls.items()}
         bench.mcpx_env = bench.mcpx_environment("main", bench.upstream_urls)
         await bench.start_daemon(bench.mcpx_env)
         for url in bench.upstream_urls.values():

@@ -92,13 +92,17 @@ def spliced_result(raw: bytes, request_id: int) -> RawJson | None:
 
 
 _validator = simdjson.Parser()
+# A parser keeps buffers sized for the largest document it has seen: large ones get a parser of their own,
+# so one big result does not hold twice its size in the daemon for good.
+_REUSED_PARSER_LIMIT: Final = 1 << 20
 
 
 def _is_one_json_value(data: bytes) -> bool:
     # simdjson validates at several GB/s without building Python objects (orjson.loads of an 8 MiB text costs
     # about three times as much); the parsed document is dropped at once so the parser can be reused.
+    parser = _validator if len(data) <= _REUSED_PARSER_LIMIT else simdjson.Parser()
     try:
-        _validator.parse(data)
+        parser.parse(data)
     except (ValueError, RuntimeError):  # not JSON, or beyond simdjson (integers over 64 bits): the slow path decides
         return False
     return True
