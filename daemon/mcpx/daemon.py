@@ -1,7 +1,8 @@
 """`mcpxd`: load the config, bind the socket, run the router and serve agents until SIGTERM/SIGINT.
 
 Runs in the foreground (systemd, launchd and `mcpx-shim` start it). SIGHUP reloads the config. Readiness is
-reported with sd_notify (READY=1) once the socket is served, which is also how tests wait for it.
+reported with sd_notify (READY=1) once the socket is served, which is also how tests wait for it; reloads,
+the watchdog and socket activation are in `notify.py` and `downstream/listener.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,10 +23,18 @@ import sdnotify
 from mcpx import __version__, paths
 from mcpx.auth.oauth.credential import LoginError, OAuthCredential
 from mcpx.config import Config, load_config
-from mcpx.downstream.listener import AlreadyRunning, SocketLock, StartupError, bind_socket, ensure_private_dir
+from mcpx.downstream.listener import (
+    AlreadyRunning,
+    SocketLock,
+    StartupError,
+    activated_socket,
+    bind_socket,
+    ensure_private_dir,
+)
 from mcpx.downstream.server import AgentConnection, AgentListener
 from mcpx.errors import ConfigError, InvalidParams, LoginFailed
 from mcpx.log import configure_logging, get_logger
+from mcpx.notify import reloading, watchdog, watchdog_interval
 from mcpx.router.router import Router
 from mcpx.upstream.supervisor import ManagedUpstream
 
@@ -36,7 +46,14 @@ EXIT_ALREADY_RUNNING = 4
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: Path, socket_path: Path, state_dir: Path) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path,
+        socket_path: Path,
+        state_dir: Path,
+        inherited: socket.socket | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.socket_path = socket_path
@@ -47,11 +64,13 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._notifier = sdnotify.SystemdNotifier()
+        self._inherited = inherited  # the socket unit's listening socket (socket activation)
 
     async def run(self, lock: SocketLock) -> int:
         loop = asyncio.get_running_loop()
-        sock = bind_socket(self.socket_path)
-        bound = os.stat(self.socket_path)
+        sock = bind_socket(self.socket_path) if self._inherited is None else self._inherited
+        # At exit the socket file is removed only if this daemon bound it (a socket unit keeps its own).
+        bound = os.stat(self.socket_path) if self._inherited is None else None
         await self.router.start()
         max_bytes = self.config.daemon.max_message_bytes
         listener = AgentListener(
@@ -66,12 +85,14 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_from_signal()))
         _log.info("mcpxd serving", socket=str(self.socket_path), config=str(self.config_path), pid=os.getpid())
         self._notifier.notify(f"READY=1\nSTATUS={self._summary()}\nMAINPID={os.getpid()}")
+        pinging = loop.create_task(watchdog(self._notifier, watchdog_interval()))
         try:
             await self._stop.wait()
         finally:
             self._notifier.notify("STOPPING=1")
             _log.info("mcpxd stopping")
             serving.cancel()
+            pinging.cancel()
             listener.close()
             for connection in list(self.connections):
                 connection.close()
@@ -79,7 +100,7 @@ class Daemon:
             # Remove the socket file only if it is still ours (a newer daemon may have replaced it).
             with contextlib.suppress(OSError):
                 current = os.stat(self.socket_path)
-                if (current.st_dev, current.st_ino) == (bound.st_dev, bound.st_ino):
+                if bound is not None and (current.st_dev, current.st_ino) == (bound.st_dev, bound.st_ino):
                     self.socket_path.unlink()
             lock.release()
         return 0
@@ -108,7 +129,7 @@ class Daemon:
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply it. Raises `ConfigError` (and keeps the running config) if invalid."""
-        async with self._reload_lock:
+        async with self._reload_lock, reloading(self._notifier, self._summary):
             config = await asyncio.to_thread(load_config, self.config_path)
             notes = []
             if config.daemon.socket != self.config.daemon.socket or config.daemon.state_dir != (
@@ -118,7 +139,6 @@ class Daemon:
             changes = await self.router.apply(config)
             self.config = config
             _log.info("configuration reloaded", **changes)
-            self._notifier.notify(f"STATUS={self._summary()}")
             return {**changes, "notes": notes}
 
     async def _reload_from_signal(self) -> None:
@@ -205,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     socket_path = args.socket or paths.socket_path(config.daemon.socket)
     state_dir = paths.state_dir(config.daemon.state_dir)
     try:
+        inherited, socket_path = activated_socket(socket_path)  # systemd socket activation, if any
         ensure_private_dir(state_dir)
         ensure_private_dir(socket_path.parent)
         lock = SocketLock(socket_path)
@@ -213,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcpxd: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING if isinstance(exc, AlreadyRunning) else EXIT_STARTUP
     configure_logging(args.log_level or config.daemon.log_level, log_file=state_dir / "mcpxd.log")
-    daemon = Daemon(config, config_path, socket_path, state_dir)
+    daemon = Daemon(config, config_path, socket_path, state_dir, inherited)
     try:
         return _run(daemon.run(lock))
     except StartupError as exc:
