@@ -31,7 +31,7 @@ def _tool(name: str, **fields: Any) -> dict[str, Any]:
 
 
 def _names(catalog: Catalog) -> list[str]:
-    return [tool["name"] for tool in catalog.tools]
+    return [tool["name"] for tool in catalog.items]
 
 
 def test_tools_are_exposed_as_upstream_double_underscore_tool() -> None:
@@ -113,7 +113,7 @@ def test_include_and_exclude_filter_the_catalog_on_the_tools_own_names() -> None
 
 def test_filters_do_not_match_the_namespaced_name() -> None:
     catalog = build_catalog([(_upstream("jira", include=("jira__*",)), [_tool("get")])])
-    assert catalog.tools == ()
+    assert catalog.items == ()
 
 
 def test_a_name_two_namespace_free_upstreams_expose_is_withheld_and_reported() -> None:
@@ -142,7 +142,7 @@ def test_a_namespaced_name_colliding_with_a_namespace_free_tool_is_withheld_from
 
 def test_a_collision_among_three_upstreams_names_all_of_them_in_config_order() -> None:
     catalog = build_catalog([(_upstream(name, namespace=False), [_tool("x")]) for name in ("c", "a", "b")])
-    assert catalog.tools == ()
+    assert catalog.items == ()
     assert catalog.routes == {}
     assert catalog.collisions == {"x": ("c", "a", "b")}
 
@@ -172,7 +172,7 @@ def test_every_tool_field_other_than_name_passes_through_unchanged() -> None:
     }
     original = copy.deepcopy(tool)
     catalog = build_catalog([(_upstream("jira"), [tool])])
-    (exposed,) = catalog.tools
+    (exposed,) = catalog.items
     assert exposed == {**original, "name": "jira__get_issue"}
     assert list(exposed) == list(original)  # same keys, same order
 
@@ -187,7 +187,7 @@ def test_the_upstreams_tool_dicts_are_not_mutated() -> None:
 def test_a_namespace_free_tool_is_exposed_exactly_as_received() -> None:
     tool = _tool("read", annotations={"readOnlyHint": True}, _meta={"a": 1})
     catalog = build_catalog([(_upstream("fs", namespace=False), [tool])])
-    assert catalog.tools == (tool,)
+    assert catalog.items == (tool,)
 
 
 def test_tools_json_is_the_serialized_tool_list() -> None:
@@ -197,15 +197,15 @@ def test_tools_json_is_the_serialized_tool_list() -> None:
             (_upstream("b", namespace=False), [_tool("z")]),
         ]
     )
-    assert catalog.tools_json == jsonrpc.dumps(list(catalog.tools))
-    assert jsonrpc.loads(catalog.tools_json) == list(catalog.tools)
-    assert b"\n" not in catalog.tools_json
+    assert catalog.items_json == jsonrpc.dumps(list(catalog.items))
+    assert jsonrpc.loads(catalog.items_json) == list(catalog.items)
+    assert b"\n" not in catalog.items_json
 
 
 def test_an_empty_catalog_serializes_to_an_empty_list() -> None:
-    assert build_catalog([]).tools_json == b"[]"
-    assert build_catalog([(_upstream("a"), [])]).tools_json == b"[]"
-    assert Catalog().tools_json == b"[]"
+    assert build_catalog([]).items_json == b"[]"
+    assert build_catalog([(_upstream("a"), [])]).items_json == b"[]"
+    assert Catalog().items_json == b"[]"
 
 
 def test_counts_reports_exposed_tools_per_upstream_without_collided_or_filtered_ones() -> None:
@@ -218,3 +218,19 @@ def test_counts_reports_exposed_tools_per_upstream_without_collided_or_filtered_
     )
     assert catalog.counts() == {"a": 1, "b": 1}
     assert Catalog().counts() == {}
+
+
+def test_prompts_are_namespaced_unfiltered_and_withheld_on_collision() -> None:
+    prompts: list[dict[str, Any]] = [{"name": "review", "arguments": [{"name": "topic"}]}, {"name": "summary"}]
+    catalog = build_catalog(
+        [
+            (_upstream("jira", include=("nothing*",)), prompts),
+            (_upstream("a", namespace=False), [{"name": "summary"}]),
+            (_upstream("b", namespace=False), [{"name": "summary"}]),
+        ],
+        tools=False,
+    )
+    assert _names(catalog) == ["jira__review", "jira__summary"]
+    assert catalog.routes["jira__review"] == ToolRoute("jira", "review")
+    assert catalog.collisions == {"summary": ("a", "b")}
+    assert catalog.items[0]["arguments"] == [{"name": "topic"}]

@@ -29,12 +29,14 @@ from mcpx.errors import (
 from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
 from mcpx.redact import scrub
-from mcpx.router.router import Router, tools_list_response
+from mcpx.router.router import Router, list_response
 from mcpx.upstream.http import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION
 
 _log = get_logger("mcpx.agent")
 
-_TOOLS_LIST_CHANGED: Final = jsonrpc.dumps(jsonrpc.notification("notifications/tools/list_changed"))
+_LIST_CHANGED: Final = {
+    kind: jsonrpc.dumps(jsonrpc.notification(f"notifications/{kind}/list_changed")) for kind in ("tools", "prompts")
+}
 
 
 class Control(Protocol):
@@ -99,11 +101,20 @@ class AgentSession:
         try:
             if method == "tools/call":
                 self._spawn(request_id, self._call_tool(request_id, params))
-            elif method == "tools/list":
+            elif method in ("tools/list", "prompts/list"):
+                kind = method.partition("/")[0]
                 if self._router.settled:
-                    self._send(tools_list_response(request_id, self._router.catalog))
+                    self._send(list_response(request_id, kind, self._router))
                 else:
-                    self._spawn(request_id, self._tools_list_when_settled(request_id))
+                    self._spawn(request_id, self._list_when_settled(request_id, kind))
+            elif method == "prompts/get":
+                self._spawn(request_id, self._forward(request_id, self._router.get_prompt(params)))
+            elif method == "completion/complete":
+                self._spawn(request_id, self._forward(request_id, self._router.complete(params)))
+            elif method == "logging/setLevel":
+                if not isinstance(params.get("level"), str):
+                    raise InvalidParams('logging/setLevel needs a string "level"')
+                self._spawn(request_id, self._forward(request_id, self._router.set_log_level(params)))
             elif method == "ping":
                 self._reply(request_id, {})
             elif method == "initialize":
@@ -148,13 +159,22 @@ class AgentSession:
             _log.info("agent connected", client=self.client_info.get("name"), pid=self.peer.pid)
         return {
             "protocolVersion": self.protocol_version,
-            "capabilities": {"tools": {"listChanged": True}},
+            "capabilities": self._router.capabilities(),
             "serverInfo": {"name": "mcpx", "version": __version__},
         }
 
-    async def _tools_list_when_settled(self, request_id: RequestId) -> None:
+    async def _list_when_settled(self, request_id: RequestId, kind: str) -> None:
         await self._router.wait_settled(self._router.config.daemon.connect_timeout)
-        self._send(tools_list_response(request_id, self._router.catalog))
+        self._send(list_response(request_id, kind, self._router))
+
+    async def _forward(self, request_id: RequestId, call: Awaitable[Any]) -> None:
+        """Answer with the upstream's result, or with its JSON-RPC error, or with mcpx's own error."""
+        try:
+            result = await call
+        except McpxError as exc:
+            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+        else:
+            self._reply(request_id, {} if result is None else result)
 
     async def _call_tool(self, request_id: RequestId, params: dict[str, Any]) -> None:
         try:
@@ -200,9 +220,9 @@ class AgentSession:
         elif method != "notifications/initialized":
             _log.debug("agent notification ignored", method=method)
 
-    def _on_catalog_changed(self) -> None:
+    def _on_catalog_changed(self, kind: str) -> None:
         if not self._closed:
-            self._send(_TOOLS_LIST_CHANGED)
+            self._send(_LIST_CHANGED[kind])
 
     # --- output --------------------------------------------------------------------------------------------------
 

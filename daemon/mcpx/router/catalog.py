@@ -1,8 +1,9 @@
-"""The aggregated tool catalog (pure): which tools agents see, under which names, owned by which upstream.
+"""The aggregated catalogs (pure): which tools and prompts agents see, under which names, owned by which upstream.
 
-Names are `<upstream>__<tool>`, or the tool's own name for an upstream with `namespace = false`. A name that
+Names are `<upstream>__<name>`, or the upstream's own name for an upstream with `namespace = false`. A name that
 two upstreams would both expose is withheld from the catalog (never routed to either) and reported. Every
-tool field other than `name` is passed through unchanged, and the serialized list is built once per change.
+field other than `name` is passed through unchanged, and the serialized list is built once per change.
+Tool filters (`include_tools`, `exclude_tools`) apply to tools only.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ class ToolRoute:
 
 @dataclass(frozen=True)
 class Catalog:
-    tools: tuple[dict[str, Any], ...] = ()
+    """One kind of named item (tools or prompts) across all upstreams."""
+
+    items: tuple[dict[str, Any], ...] = ()
     routes: dict[str, ToolRoute] = field(default_factory=dict)
     # exposed name → the upstreams that all wanted it
     collisions: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    tools_json: bytes = b"[]"
+    items_json: bytes = b"[]"
 
     def counts(self) -> dict[str, int]:
-        """Exposed tools per upstream."""
+        """Exposed items per upstream."""
         counts: dict[str, int] = {}
         for route in self.routes.values():
             counts[route.upstream] = counts.get(route.upstream, 0) + 1
@@ -53,25 +56,28 @@ def exposed_name(config: UpstreamConfig, tool: str) -> str:
     return f"{config.name}{SEPARATOR}{tool}" if config.namespace else tool
 
 
-def build_catalog(upstreams: Iterable[tuple[UpstreamConfig, Sequence[dict[str, Any]]]]) -> Catalog:
-    """Build the catalog from each upstream's config and raw tool list, in config order."""
+def build_catalog(
+    upstreams: Iterable[tuple[UpstreamConfig, Sequence[dict[str, Any]]]], *, tools: bool = True
+) -> Catalog:
+    """Build a catalog from each upstream's config and raw item list (tools, or prompts when `tools` is
+    false), in config order."""
     candidates: dict[str, list[tuple[ToolRoute, dict[str, Any]]]] = {}
-    for config, tools in upstreams:
-        for tool in tools:
-            original = tool["name"]
-            if not tool_allowed(original, config.include_tools, config.exclude_tools):
+    for config, items in upstreams:
+        for item in items:
+            original = item["name"]
+            if tools and not tool_allowed(original, config.include_tools, config.exclude_tools):
                 continue
             name = exposed_name(config, original)
-            exposed = tool if name == original else {**tool, "name": name}
+            exposed = item if name == original else {**item, "name": name}
             candidates.setdefault(name, []).append((ToolRoute(config.name, original), exposed))
     routes: dict[str, ToolRoute] = {}
-    exposed_tools: list[dict[str, Any]] = []
+    exposed_items: list[dict[str, Any]] = []
     collisions: dict[str, tuple[str, ...]] = {}
     for name, owners in candidates.items():
         if len(owners) > 1:
             collisions[name] = tuple(route.upstream for route, _ in owners)
             continue
-        route, tool = owners[0]
+        route, item = owners[0]
         routes[name] = route
-        exposed_tools.append(tool)
-    return Catalog(tuple(exposed_tools), routes, collisions, scrub(jsonrpc.dumps(exposed_tools)))
+        exposed_items.append(item)
+    return Catalog(tuple(exposed_items), routes, collisions, scrub(jsonrpc.dumps(exposed_items)))

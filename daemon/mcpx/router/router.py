@@ -18,14 +18,15 @@ from mcpx.config.model import Config, UpstreamConfig
 from mcpx.errors import InvalidParams
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
-from mcpx.router.catalog import SEPARATOR, Catalog, build_catalog
+from mcpx.router.catalog import SEPARATOR, Catalog, ToolRoute, build_catalog
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import NotificationHandler
-from mcpx.upstream.supervisor import ManagedUpstream, UpstreamState
+from mcpx.upstream.supervisor import PROMPTS, TOOLS, ManagedUpstream, UpstreamState
 
 _log = get_logger("mcpx.router")
 
-CatalogListener = Callable[[], None]
+# Called with "tools" or "prompts" when that catalog changed.
+CatalogListener = Callable[[str], None]
 
 
 class Router:
@@ -33,6 +34,7 @@ class Router:
         self.config = config
         self.oauth = OAuthContext(state_dir, config.daemon.token_store)
         self.catalog = Catalog()
+        self.prompts = Catalog()
         self.upstreams: dict[str, ManagedUpstream] = {}
         self._listeners: set[CatalogListener] = set()
         self._progress_tokens = itertools.count(1)
@@ -110,16 +112,22 @@ class Router:
         self._listeners.discard(listener)
 
     def _rebuild_catalog(self) -> None:
-        catalog = build_catalog((upstream.config, upstream.tools) for upstream in self.upstreams.values())
-        for name, owners in catalog.collisions.items():
-            if name not in self.catalog.collisions:
-                _log.warning("tool name collision: withheld from the catalog", tool=name, upstreams=list(owners))
-        if catalog.tools_json == self.catalog.tools_json:
-            self.catalog = catalog
-            return
-        self.catalog = catalog
-        for listener in list(self._listeners):
-            listener()
+        upstreams = list(self.upstreams.values())
+        catalog = build_catalog((upstream.config, upstream.tools) for upstream in upstreams)
+        prompts = build_catalog(((upstream.config, upstream.prompts) for upstream in upstreams), tools=False)
+        for kind, new, old in (("tool", catalog, self.catalog), ("prompt", prompts, self.prompts)):
+            for name, owners in new.collisions.items():
+                if name not in old.collisions:
+                    _log.warning(f"{kind} name collision: withheld from the catalog", name=name, upstreams=list(owners))
+        changed = [
+            kind
+            for kind, new, old in ((TOOLS, catalog, self.catalog), (PROMPTS, prompts, self.prompts))
+            if new.items_json != old.items_json
+        ]
+        self.catalog, self.prompts = catalog, prompts
+        for kind in changed:
+            for listener in list(self._listeners):
+                listener(kind)
 
     # --- calls ---------------------------------------------------------------------------------------------------
 
@@ -130,25 +138,73 @@ class Router:
             InvalidParams: no such tool in the catalog (MCP: unknown tool is a protocol error, -32602).
             UpstreamError: the upstream could not run it (the session turns this into a tool error).
         """
-        name = params.get("name")
+        route = await self._route(TOOLS, params.get("name"))
+        forwarded = {**params, "name": route.tool}
+        on_related = self._relay_related(forwarded, send_to_agent)
+        return await self.upstreams[route.upstream].request("tools/call", forwarded, on_related, forward_raw=True)
+
+    async def get_prompt(self, params: dict[str, Any]) -> Any:
+        """Route `prompts/get` like a tool call; the result comes back as the upstream wrote it."""
+        route = await self._route(PROMPTS, params.get("name"))
+        forwarded = {**params, "name": route.tool}
+        return await self.upstreams[route.upstream].request("prompts/get", forwarded, None, forward_raw=True)
+
+    async def complete(self, params: dict[str, Any]) -> Any:
+        """Route `completion/complete` for a prompt argument to the prompt's upstream."""
+        ref = params.get("ref")
+        if not isinstance(ref, dict) or ref.get("type") != "ref/prompt":
+            raise InvalidParams("completion/complete: mcpx completes prompt arguments (ref/prompt) only")
+        route = await self._route(PROMPTS, ref.get("name"))
+        forwarded = {**params, "ref": {**ref, "name": route.tool}}
+        return await self.upstreams[route.upstream].request("completion/complete", forwarded, None, forward_raw=True)
+
+    async def set_log_level(self, params: dict[str, Any]) -> None:
+        """Fan `logging/setLevel` out to every ready upstream that offers logging (shared upstreams share it)."""
+        targets = [
+            upstream
+            for upstream in self.upstreams.values()
+            if upstream.state is UpstreamState.READY and "logging" in upstream.session.capabilities
+        ]
+        outcomes = await asyncio.gather(
+            *(upstream.request("logging/setLevel", params, None) for upstream in targets), return_exceptions=True
+        )
+        for upstream, outcome in zip(targets, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                _log.debug("logging/setLevel failed upstream", upstream=upstream.name, error=str(outcome))
+
+    def capabilities(self) -> dict[str, Any]:
+        """What agents are offered: tools always, the rest when an upstream offers it."""
+        offered: set[str] = set()
+        for upstream in self.upstreams.values():
+            offered.update(upstream.session.capabilities)
+        capabilities: dict[str, Any] = {"tools": {"listChanged": True}}
+        if "prompts" in offered:
+            capabilities["prompts"] = {"listChanged": True}
+        if "prompts" in offered and "completions" in offered:
+            capabilities["completions"] = {}
+        if "logging" in offered:
+            capabilities["logging"] = {}
+        return capabilities
+
+    async def _route(self, kind: str, name: object) -> ToolRoute:
+        """The upstream and original name behind an exposed tool or prompt name."""
         if not isinstance(name, str):
-            raise InvalidParams('tools/call needs a string "name"')
+            raise InvalidParams(f'a string "name" is needed to find the {kind[:-1]}')
         if not self.settled:
             await self.wait_settled(self.config.daemon.connect_timeout)
-        route = self.catalog.routes.get(name)
+        catalog = self.catalog if kind == TOOLS else self.prompts
+        route = catalog.routes.get(name)
         if route is None:
-            # A namespaced tool of an upstream that is not up: say why (or bring it up), not "unknown tool".
+            # A namespaced name of an upstream that is not up: say why (or bring it up), not "unknown".
             prefix, separator, _ = name.partition(SEPARATOR)
             pending = self.upstreams.get(prefix) if separator else None
             if pending is not None and pending.config.namespace and pending.state is not UpstreamState.READY:
                 await pending.ensure_ready()
-                route = self.catalog.routes.get(name)
+                catalog = self.catalog if kind == TOOLS else self.prompts
+                route = catalog.routes.get(name)
             if route is None:
-                raise InvalidParams(f"unknown tool: {name}")
-        upstream = self.upstreams[route.upstream]
-        forwarded = {**params, "name": route.tool}
-        on_related = self._relay_related(forwarded, send_to_agent)
-        return await upstream.request("tools/call", forwarded, on_related, forward_raw=True)
+                raise InvalidParams(f"unknown {kind[:-1]}: {name}")
+        return route
 
     def _relay_related(
         self, forwarded: dict[str, Any], send_to_agent: Callable[[Message], None]
@@ -174,7 +230,7 @@ class Router:
     # --- status --------------------------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
-        counts = self.catalog.counts()
+        counts, prompt_counts = self.catalog.counts(), self.prompts.counts()
         withheld: dict[str, list[str]] = {}
         for tool, owners in self.catalog.collisions.items():
             for owner in owners:
@@ -185,6 +241,7 @@ class Router:
                 "url": upstream.config.url,
                 "state": upstream.state.value,
                 "tools": counts.get(upstream.name, 0),
+                "prompts": prompt_counts.get(upstream.name, 0),
                 "withheld_tools": sorted(withheld.get(upstream.name, [])),
                 "last_error": upstream.last_error,
                 "auth": upstream.credentials.describe(),
@@ -200,6 +257,7 @@ class Router:
         ]
 
 
-def tools_list_response(request_id: jsonrpc.RequestId, catalog: Catalog) -> bytes:
-    """The full `tools/list` response, spliced from the pre-serialized catalog."""
-    return b'{"jsonrpc":"2.0","id":%b,"result":{"tools":%b}}' % (jsonrpc.dumps(request_id), catalog.tools_json)
+def list_response(request_id: jsonrpc.RequestId, kind: str, router: Router) -> bytes:
+    """The full `tools/list` or `prompts/list` response, spliced from the pre-serialized catalog."""
+    items = (router.catalog if kind == TOOLS else router.prompts).items_json
+    return b'{"jsonrpc":"2.0","id":%b,"result":{"%b":%b}}' % (jsonrpc.dumps(request_id), kind.encode(), items)

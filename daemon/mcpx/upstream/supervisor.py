@@ -1,8 +1,10 @@
-"""Keeps one upstream connected: connect, list its tools, watch for failure, reconnect with capped backoff.
+"""Keeps one upstream connected: connect, list its tools and prompts, watch for failure, reconnect with capped
+backoff.
 
 A `ManagedUpstream` is what the router talks to. Calls made while the upstream is down fail at once with an
-error naming it and why; nothing waits for a reconnect. The last known tool list is kept while it is down, so
-agents do not see tools flicker; a fresh list replaces it when the upstream comes back.
+error naming it and why; nothing waits for a reconnect. The last known lists are kept while it is down, so
+agents do not see tools flicker; fresh lists replace them when the upstream comes back, and a
+`notifications/{tools,prompts}/list_changed` from the upstream refreshes the list it names.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import enum
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from mcpx.auth.credentials import CredentialProvider, credentials_for
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
@@ -26,7 +28,11 @@ from mcpx.upstream.http import HttpSession, NotificationHandler
 _log = get_logger("mcpx.upstream")
 
 # A hostile or broken upstream must not make mcpx page forever.
-_MAX_TOOL_PAGES = 100
+_MAX_LIST_PAGES = 100
+
+# What mcpx aggregates: list method → the result's array key. Prompts only from upstreams that announce them.
+TOOLS: Final = "tools"
+PROMPTS: Final = "prompts"
 
 
 class UpstreamState(enum.StrEnum):
@@ -47,12 +53,12 @@ class ManagedUpstream:
         daemon: DaemonConfig,
         http: HttpClient,
         oauth: OAuthContext,
-        on_tools_changed: Callable[[], None],
+        on_lists_changed: Callable[[], None],
     ) -> None:
         self.config = config
         self.name = config.name
         self._daemon = daemon
-        self._on_tools_changed = on_tools_changed
+        self._on_lists_changed = on_lists_changed
         self.credentials: CredentialProvider = credentials_for(config, oauth)
         if isinstance(self.credentials, OAuthCredential):
             self.credentials.on_login.append(self.wake)
@@ -67,6 +73,7 @@ class ManagedUpstream:
         self.last_error: str | None = None
         self.retry_at: float | None = None
         self.tools: tuple[dict[str, Any], ...] = ()
+        self.prompts: tuple[dict[str, Any], ...] = ()
         self._broken = asyncio.Event()
         self._wake = asyncio.Event()
         self._attempts_started = 0
@@ -78,7 +85,7 @@ class ManagedUpstream:
         self.first_attempt_done = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self._refresh: asyncio.Task[None] | None = None
-        self._refresh_again = False
+        self._stale: set[str] = set()
         self._login_needed: NeedsLogin | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
@@ -105,7 +112,7 @@ class ManagedUpstream:
             try:
                 async with asyncio.timeout(self._daemon.connect_timeout + self.config.timeout):
                     await self.session.connect()
-                    tools = await self._list_tools()
+                    lists = {kind: await self._list(kind) for kind in self._kinds()}
             except NeedsLogin as exc:
                 self._needs_login(exc)
                 await self._attempt_ended(attempt)
@@ -127,9 +134,13 @@ class ManagedUpstream:
                 self.retry_at = None
                 delay = self._daemon.reconnect_initial
                 _log.info(
-                    "upstream ready", upstream=self.name, tools=len(tools), protocol=self.session.protocol_version
+                    "upstream ready",
+                    upstream=self.name,
+                    tools=len(lists[TOOLS]),
+                    prompts=len(lists.get(PROMPTS, ())),
+                    protocol=self.session.protocol_version,
                 )
-                self._set_tools(tools)
+                self._set_lists(lists)
                 await self._attempt_ended(attempt)
                 await self._broken.wait()
                 continue
@@ -236,51 +247,59 @@ class ManagedUpstream:
             self._fail(exc)
             self._broken.set()
 
-    # --- tools ---------------------------------------------------------------------------------------------------
+    # --- lists ---------------------------------------------------------------------------------------------------
 
-    async def _list_tools(self) -> tuple[dict[str, Any], ...]:
-        tools: list[dict[str, Any]] = []
+    def _kinds(self) -> list[str]:
+        return [TOOLS, PROMPTS] if "prompts" in self.session.capabilities else [TOOLS]
+
+    async def _list(self, kind: str) -> tuple[dict[str, Any], ...]:
+        """All pages of `<kind>/list`: the items that have a non-empty string name."""
+        items: list[dict[str, Any]] = []
         cursor: str | None = None
-        for _ in range(_MAX_TOOL_PAGES):
+        for _ in range(_MAX_LIST_PAGES):
             params = {"cursor": cursor} if cursor is not None else None
-            result = await self.session.request("tools/list", params, timeout=self.config.timeout)
-            page = result.get("tools") if isinstance(result, dict) else None
+            result = await self.session.request(f"{kind}/list", params, timeout=self.config.timeout)
+            page = result.get(kind) if isinstance(result, dict) else None
             if not isinstance(page, list):
-                raise UpstreamProtocolError(self.name, "tools/list result has no tools array")
-            for tool in page:
-                if isinstance(tool, dict) and isinstance(tool.get("name"), str) and tool["name"]:
-                    tools.append(tool)
+                raise UpstreamProtocolError(self.name, f"{kind}/list result has no {kind} array")
+            for item in page:
+                if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]:
+                    items.append(item)
                 else:
-                    _log.warning("ignoring malformed tool", upstream=self.name)
+                    _log.warning("ignoring a malformed list entry", upstream=self.name, kind=kind)
             next_cursor = result.get("nextCursor")
             if not isinstance(next_cursor, str):
-                return tuple(tools)
+                return tuple(items)
             cursor = next_cursor
-        raise UpstreamProtocolError(self.name, f"tools/list did not end after {_MAX_TOOL_PAGES} pages")
+        raise UpstreamProtocolError(self.name, f"{kind}/list did not end after {_MAX_LIST_PAGES} pages")
 
-    def _set_tools(self, tools: tuple[dict[str, Any], ...]) -> None:
-        if tools != self.tools:
-            self.tools = tools
-            self._on_tools_changed()
+    def _set_lists(self, lists: dict[str, tuple[dict[str, Any], ...]]) -> None:
+        changed = False
+        for kind, items in lists.items():
+            if items != getattr(self, kind):
+                setattr(self, kind, items)
+                changed = True
+        if changed:
+            self._on_lists_changed()
 
     def _on_notification(self, message: Message) -> None:
-        if message.get("method") == "notifications/tools/list_changed":
-            self._schedule_refresh()
+        method = message.get("method")
+        kind = method.removeprefix("notifications/").removesuffix("/list_changed") if isinstance(method, str) else ""
+        if kind in (TOOLS, PROMPTS) and method == f"notifications/{kind}/list_changed":
+            self._schedule_refresh(kind)
         else:
-            _log.debug("upstream notification dropped", upstream=self.name, method=message.get("method"))
+            _log.debug("upstream notification dropped", upstream=self.name, method=method)
 
-    def _schedule_refresh(self) -> None:
-        if self._refresh is not None and not self._refresh.done():
-            self._refresh_again = True
-            return
-        self._refresh = asyncio.get_running_loop().create_task(self._refresh_tools())
+    def _schedule_refresh(self, kind: str) -> None:
+        self._stale.add(kind)
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_lists())
 
-    async def _refresh_tools(self) -> None:
-        while True:
-            self._refresh_again = False
+    async def _refresh_lists(self) -> None:
+        # Notifications that arrive during a refresh are folded into one more pass.
+        while self._stale:
+            kinds, self._stale = self._stale, set()
             try:
-                self._set_tools(await self._list_tools())
+                self._set_lists({kind: await self._list(kind) for kind in sorted(kinds)})
             except UpstreamError as exc:
-                _log.warning("tool list refresh failed", upstream=self.name, error=exc.reason)
-            if not self._refresh_again:
-                return
+                _log.warning("list refresh failed", upstream=self.name, error=exc.reason)
