@@ -1,5 +1,7 @@
 """`mcpxctl`: ask the running daemon for its status, to reload its config, to log in to an upstream or to forget
-a login."""
+a login; install it as a user service; show its tools and its log; check a setup; import agents' MCP configs.
+
+Standard library only, so it starts fast; each command's module is imported when that command runs."""
 
 from __future__ import annotations
 
@@ -16,20 +18,25 @@ from mcpx.cli.opener import open_url
 from mcpx.control.client import ControlError, DaemonNotRunning, call
 
 
-def _socket_from_config(config: Path) -> Path | None:
+def _daemon_setting(config: Path, key: str) -> Path | None:
+    """A path from the config's `[daemon]` table, read leniently: the daemon and `doctor` report config problems."""
     try:
         document = tomllib.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None  # the daemon reports config problems; here only the socket path matters
+        return None
     daemon = document.get("daemon")
-    configured = daemon.get("socket") if isinstance(daemon, dict) else None
+    configured = daemon.get(key) if isinstance(daemon, dict) else None
     return Path(configured) if isinstance(configured, str) else None
 
 
 def resolve_socket(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return Path(args.socket)
-    return paths.socket_path(_socket_from_config(paths.config_path(args.config)))
+    return paths.socket_path(_daemon_setting(paths.config_path(args.config), "socket"))
+
+
+def resolve_state_dir(args: argparse.Namespace) -> Path:
+    return paths.state_dir(_daemon_setting(paths.config_path(args.config), "state_dir"))
 
 
 def _duration(seconds: float) -> str:
@@ -99,6 +106,53 @@ def _login(socket_path: Path, name: str, *, no_browser: bool, timeout: float) ->
     return 0
 
 
+def _service_target(args: argparse.Namespace) -> Any:
+    from mcpx.cli import service
+
+    return service.Target(
+        bin_dir=Path(sys.executable).parent,
+        socket=resolve_socket(args),
+        state_dir=resolve_state_dir(args),
+        config=paths.config_path(args.config).absolute(),
+        config_explicit=paths.config_is_explicit(args.config),
+    )
+
+
+def _install(args: argparse.Namespace) -> int:
+    from mcpx.cli import service
+
+    target = _service_target(args)
+    manager = args.manager or service.default_manager()
+    try:
+        missing = [name for name in ("mcpxd", "mcpxctl") if not (target.bin_dir / name).is_file()]
+        if missing:
+            raise service.Refused(
+                f"{missing[0]} is not beside this Python ({target.bin_dir}): run the mcpxctl of the installation "
+                "that should become the service"
+            )
+        if args.command == "install":
+            plan = service.plan_install(target, manager, force=args.force, sandbox=not args.no_sandbox)
+        else:
+            plan = service.plan_uninstall(manager, force=args.force)
+        service.show(plan, dry_run=args.dry_run)
+        if args.dry_run or not (plan.write or plan.remove):
+            return 0
+        if args.command == "uninstall":
+            service.carry_out_uninstall(plan)
+            print("mcpx is no longer a user service (agents' shims start mcpxd themselves when needed)")
+            return 0
+        service.carry_out_install(plan, target)
+    except service.Refused as exc:
+        print(f"mcpxctl: {exc}", file=sys.stderr)
+        return 1
+    print(f"mcpx runs as a user service ({manager}); agents reach it on {target.socket}")
+    if manager == "systemd":
+        print(f"variables for bearer_env / ${{VAR}} credentials go in {target.config.parent / 'env'} (NAME=value)")
+    else:
+        print("a LaunchAgent does not see your shell's variables: prefer bearer_file credentials")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mcpxctl", description="Control the running mcpx daemon.")
     parser.add_argument("--config", type=Path, help="config file (default: $MCPX_CONFIG, else XDG config)")
@@ -116,7 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     login.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser (default 300)")
     logout = commands.add_parser("logout", help="forget what is stored for an upstream")
     logout.add_argument("name")
+    for name, what in (("install", "run mcpxd as a user service"), ("uninstall", "remove the user service")):
+        command = commands.add_parser(name, help=f"{what} (systemd user units, or a LaunchAgent on macOS)")
+        command.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+        command.add_argument("--force", action="store_true", help="also overwrite/remove files mcpxctl did not write")
+        command.add_argument(
+            "--manager", choices=["systemd", "launchd"], help="default: launchd on macOS, else systemd"
+        )
+        if name == "install":
+            command.add_argument("--no-sandbox", action="store_true", help="systemd: leave out the sandbox settings")
     args = parser.parse_args(argv)
+    if args.command in ("install", "uninstall"):
+        return _install(args)
 
     socket_path = resolve_socket(args)
     try:
