@@ -235,7 +235,10 @@ async def token_request(
 
 
 def _client_assertion(client_id: str, server: ServerMetadata, key_pem: bytes, algorithm: str) -> str:
-    """A private_key_jwt client assertion (RFC 7523 §2.2), valid for five minutes."""
+    """A private_key_jwt client assertion (RFC 7523 §2.2), valid for five minutes. Its audience is the
+    authorization server's issuer identifier, as its only value (RFC 7523bis: with the token endpoint taken from
+    metadata as audience, a malicious server could name another server's endpoint and get an assertion valid
+    there)."""
     # Imported here: only machine-credential upstreams with a private key need it.
     from joserfc import jwt
     from joserfc.jwk import ECKey, RSAKey
@@ -245,7 +248,7 @@ def _client_assertion(client_id: str, server: ServerMetadata, key_pem: bytes, al
     claims = {
         "iss": client_id,
         "sub": client_id,
-        "aud": server.token_endpoint,
+        "aud": server.issuer,
         "iat": now,
         "exp": now + 300,
         "jti": str(uuid.uuid4()),
