@@ -21,10 +21,12 @@ BROWSER = f"{sys.executable} {Path(__file__).parent / 'support' / 'browser.py'}"
 
 
 @asynccontextmanager
-async def protected(**auth_options: object) -> AsyncIterator[tuple[AuthServer, ProtectedUpstream]]:
+async def protected(
+    upstream_options: dict[str, Any] | None = None, **auth_options: object
+) -> AsyncIterator[tuple[AuthServer, ProtectedUpstream]]:
     auth = AuthServer(**auth_options)  # type: ignore[arg-type]
     await auth.start()
-    upstream = ProtectedUpstream(auth)
+    upstream = ProtectedUpstream(auth, **(upstream_options or {}))
     await upstream.start()
     try:
         yield auth, upstream
@@ -189,6 +191,19 @@ async def test_step_up_asks_for_the_union_of_scopes(sandbox: Sandbox) -> None:
             assert (await login(sandbox))[0] == 0
             assert auth.authorization_requests[-1]["scope"].split() == ["mcp:read", "mcp:admin"]
             assert text_of(await client.call_tool("protected__admin_reset", {})) == "protected:reset"
+
+
+async def test_root_metadata_naming_the_origin(sandbox: Sandbox) -> None:
+    """Protected resource metadata at the root well-known URL may name the server's origin (RFC 9728 §3.3); that
+    is then the `resource` of the authorization and token requests, and what the tokens are bound to."""
+    async with protected({"prm_location": "root", "challenge_header": False}) as (auth, upstream):
+        upstream.prm_resource_override = upstream.url.removesuffix("/mcp")
+        oauth_config(sandbox, upstream)
+        async with running_daemon(sandbox), agent(sandbox) as client:
+            code, _, stderr = await login(sandbox)
+            assert code == 0, stderr
+            assert auth.authorization_requests[-1]["resource"] == upstream.prm_resource_override
+            assert text_of(await client.call_tool("protected__echo", {"text": "o"})) == "protected:o"
 
 
 async def test_logout_revokes_and_forgets(sandbox: Sandbox) -> None:

@@ -59,3 +59,25 @@ async def test_hostile_authorization_endpoints_never_become_a_url(http: aiohttp.
             start_authorization(
                 server, client_id="c", redirect_uri="http://127.0.0.1:1/callback", resource="r", scopes=()
             )
+
+
+@pytest.mark.parametrize(
+    ("prm_location", "challenge_header", "accepted"),
+    [("root", False, True), ("root", True, True), ("path", False, False), ("path", True, False)],
+)
+async def test_only_the_root_metadata_may_name_the_origin(
+    http: aiohttp.ClientSession, prm_location: str, challenge_header: bool, accepted: bool
+) -> None:
+    """RFC 9728 §3.3: the `resource` must be the identifier the metadata URL was built from; the root well-known URL
+    is built from the origin, the path-inserted one from the server's URL."""
+    async with AuthServer() as auth:
+        upstream = ProtectedUpstream(auth, prm_location=prm_location, challenge_header=challenge_header)  # type: ignore[arg-type]
+        upstream.prm_resource_override = upstream.url.removesuffix("/mcp")  # its origin
+        async with upstream:
+            challenge = await endpoints.probe_challenge(http, upstream.url)
+            if not accepted:
+                with pytest.raises(DiscoveryError, match="is for"):
+                    await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), challenge)
+                return
+            resource, _ = await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), challenge)
+            assert resource is not None and resource.resource == upstream.prm_resource_override

@@ -797,8 +797,9 @@ PRM_PATHS = {"path": "/.well-known/oauth-protected-resource/mcp", "root": "/.wel
 class ProtectedUpstream(Upstream):
     """A real SDK MCPServer (tools echo, add, ..., whoami, admin_reset) requiring bearer tokens from `auth`.
 
-    Every request to /mcp needs a live token from `auth` whose `resource` is exactly `self.url` and which carries
-    `required_scope`; otherwise 401 (no/bad token) or 403 (missing scope), with a `WWW-Authenticate` challenge.
+    Every request to /mcp needs a live token from `auth` whose `resource` is exactly `self.resource` (what its
+    metadata names: `self.url` unless overridden) and which carries `required_scope`; otherwise 401 (no/bad token)
+    or 403 (missing scope), with a `WWW-Authenticate` challenge.
     `tools/call` of `admin_reset` additionally needs `mcp:admin` (403 `insufficient_scope` otherwise).
     """
 
@@ -839,9 +840,13 @@ class ProtectedUpstream(Upstream):
     ) -> None:
         await self.stop()
 
+    @property
+    def resource(self) -> str:
+        return self.prm_resource_override or self.url
+
     def prm(self) -> dict[str, Any]:
         return {
-            "resource": self.prm_resource_override or self.url,
+            "resource": self.resource,
             "authorization_servers": [self.auth.issuer],
             "scopes_supported": self.prm_scopes,
             "bearer_methods_supported": ["header"],
@@ -917,7 +922,7 @@ class ProtectedUpstream(Upstream):
             if token:
                 self.bearer_requests += 1
             info = self.auth.verify(token) if token else None
-            if info is None or info.resource != self.url:
+            if info is None or info.resource != self.resource:
                 self.rejected_401 += 1
                 error = "invalid_token" if token else None
                 challenge = self._challenge(error=error)

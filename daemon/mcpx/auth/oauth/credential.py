@@ -103,7 +103,10 @@ class OAuthCredential:
         self._auth = auth
         self._context = context
         self._server_url = upstream.url
+        # What the login is stored under, and what the protected resource metadata must name.
         self.resource = auth.resource or canonical_resource(upstream.url)
+        # The server's own name for itself from that metadata, when it may differ (see `resource_indicator`).
+        self._named_resource: str | None = None
         self._record: dict[str, Any] = {}
         self._loaded = False
         self._refreshing: asyncio.Task[bool] | None = None
@@ -120,6 +123,13 @@ class OAuthCredential:
     @property
     def machine(self) -> bool:
         return isinstance(self._auth, OAuthClientCredentialsAuth)
+
+    @property
+    def resource_indicator(self) -> str:
+        """The RFC 8707 `resource` of authorization and token requests: the configured `resource`, else the
+        `resource` of the server's protected resource metadata (checked to name this server or, at the root
+        well-known URL, its origin), else the canonical URI of the server."""
+        return self._named_resource or self.resource
 
     def login_command(self) -> str:
         return f"mcpxctl login {self.name}"
@@ -269,7 +279,7 @@ class OAuthCredential:
             raise NeedsLogin(self.name, self.login_command())
         tokens = self._tokens() or {}
         if self.machine:
-            form = {"grant_type": "client_credentials", "resource": self.resource}
+            form = {"grant_type": "client_credentials", "resource": self.resource_indicator}
             scopes = self._requested_scopes(None)
             if scopes:
                 form["scope"] = " ".join(scopes)
@@ -277,7 +287,7 @@ class OAuthCredential:
             refresh = tokens.get("refresh_token")
             if not isinstance(refresh, str):
                 raise NeedsLogin(self.name, self.login_command())
-            form = {"grant_type": "refresh_token", "refresh_token": refresh, "resource": self.resource}
+            form = {"grant_type": "refresh_token", "refresh_token": refresh, "resource": self.resource_indicator}
         try:
             answer = await endpoints.token_request(
                 self._context.http(),
@@ -358,6 +368,8 @@ class OAuthCredential:
             _log.warning("the upstream's authorization server changed; registering again", upstream=self.name)
             self._record = {"resource": self.resource}
         self._record["issuer"] = server.issuer
+        if self._auth.resource is None:
+            self._named_resource = resource.resource if resource is not None else None
         return resource, server
 
     def _configured_client(self, server: ServerMetadata) -> Client | None:
@@ -421,7 +433,7 @@ class OAuthCredential:
                 server,
                 client_id=client.client_id,
                 redirect_uri=listener.redirect_uri,
-                resource=self.resource,
+                resource=self.resource_indicator,
                 scopes=self._requested_scopes(resource),
             )
         except (DiscoveryError, EndpointUnreachable, TokenEndpointError) as exc:

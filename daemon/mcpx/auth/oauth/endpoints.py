@@ -130,11 +130,12 @@ async def discover(
     """
     candidates = [check_url(challenge.resource_metadata, "resource_metadata")] if challenge.resource_metadata else []
     candidates += protected_resource_urls(server_url)
+    root = candidates[-1]
     resource_metadata: ResourceMetadata | None = None
     for url in candidates:
         document = await _get_json(http, url)
         if document is not None:
-            resource_metadata = validate_resource_metadata(document, resource, source=url)
+            resource_metadata = validate_resource_metadata(document, resource, source=url, at_root=url == root)
             break
     if resource_metadata is None:
         return None, await _legacy_server_metadata(http, server_url)

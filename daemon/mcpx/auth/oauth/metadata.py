@@ -2,7 +2,8 @@
 and the checks every fetched document must pass before it is used.
 
 - Protected resource metadata (RFC 9728): from the 401's `resource_metadata`, else the path-inserted then the
-  root well-known URL; its `resource` must be the MCP server's canonical URI.
+  root well-known URL; its `resource` must be the MCP server's canonical URI, or, for the document at the root
+  well-known URL, the server's origin (RFC 9728 §3.3: the identifier the well-known URL was built from).
 - Authorization server metadata: RFC 8414 then OpenID discovery, in the spec's order; its `issuer` must equal
   the issuer the URL was built from; PKCE `S256` must be advertised (the spec: clients MUST refuse otherwise).
 - Every URL taken from a document is https, or http to a loopback address (SEC-7, SEC-12).
@@ -59,6 +60,12 @@ def canonical_resource(url: str) -> str:
     parts = urlsplit(url)
     path = parts.path.rstrip("/")
     return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, ""))
+
+
+def origin_of(url: str) -> str:
+    """`scheme://host[:port]` of a URL, lower-cased: the resource identifier the root well-known URL stands for."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), "", "", ""))
 
 
 def is_loopback(host: str | None) -> bool:
@@ -121,11 +128,18 @@ class ResourceMetadata:
     scopes_supported: tuple[str, ...]
 
 
-def validate_resource_metadata(document: Any, expected_resource: str, *, source: str) -> ResourceMetadata:
+def validate_resource_metadata(
+    document: Any, expected_resource: str, *, source: str, at_root: bool = False
+) -> ResourceMetadata:
+    """The checked document. Its `resource` must name the MCP server (`expected_resource`); a document found at the
+    root well-known URL (`at_root`) may name the server's origin instead, which is what that URL stands for."""
     if not isinstance(document, Mapping):
         raise DiscoveryError(f"the protected resource metadata at {source} is not a JSON object")
     resource = document.get("resource")
-    if not isinstance(resource, str) or canonical_resource(resource) != canonical_resource(expected_resource):
+    accepted = {canonical_resource(expected_resource)}
+    if at_root:
+        accepted.add(origin_of(expected_resource))
+    if not isinstance(resource, str) or canonical_resource(resource) not in accepted:
         raise DiscoveryError(
             f"the protected resource metadata at {source} is for {resource!r}, not for {expected_resource!r}"
         )
