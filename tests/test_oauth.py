@@ -35,10 +35,11 @@ async def protected(
         await auth.stop()
 
 
-def oauth_config(sandbox: Sandbox, upstream: ProtectedUpstream, **auth: object) -> None:
+def oauth_config(sandbox: Sandbox, upstream: ProtectedUpstream, daemon: str = "", **auth: object) -> None:
     sandbox.env["BROWSER"] = BROWSER
     sandbox.write_config(
-        '[daemon]\ntoken_store = "file"\n\n' + upstream_toml("protected", upstream.url, auth={"type": "oauth", **auth})
+        f'[daemon]\ntoken_store = "file"\n{daemon}\n'
+        + upstream_toml("protected", upstream.url, auth={"type": "oauth", **auth})
     )
 
 
@@ -190,6 +191,22 @@ async def test_step_up_asks_for_the_union_of_scopes(sandbox: Sandbox) -> None:
             assert text_of(await client.call_tool("protected__echo", {"text": "c"})) == "protected:c"
             assert (await login(sandbox))[0] == 0
             assert auth.authorization_requests[-1]["scope"].split() == ["mcp:read", "mcp:admin"]
+            assert text_of(await client.call_tool("protected__admin_reset", {})) == "protected:reset"
+
+
+async def test_login_returns_as_soon_as_the_upstream_is_usable(sandbox: Sandbox) -> None:
+    """The login wakes the upstream once and returns when that connection attempt has ended, and a step-up login
+    of a connected upstream returns at once: neither waits out `connect_timeout`."""
+    async with protected() as (_auth, upstream):
+        oauth_config(sandbox, upstream, daemon="connect_timeout = 120")
+        async with running_daemon(sandbox), agent(sandbox) as client:
+            async with asyncio.timeout(20):
+                code, stdout, stderr = await login(sandbox)
+            assert code == 0 and "logged in to protected: ready" in stdout, stderr
+            assert (await client.call_tool("protected__admin_reset", {})).is_error
+            async with asyncio.timeout(20):
+                code, stdout, stderr = await login(sandbox)
+            assert code == 0 and "logged in to protected: ready" in stdout, stderr
             assert text_of(await client.call_tool("protected__admin_reset", {})) == "protected:reset"
 
 

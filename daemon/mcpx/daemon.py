@@ -36,7 +36,7 @@ from mcpx.errors import ConfigError, InvalidParams, LoginFailed
 from mcpx.log import configure_logging, get_logger
 from mcpx.notify import reloading, watchdog, watchdog_interval
 from mcpx.router.router import Router
-from mcpx.upstream.supervisor import ManagedUpstream
+from mcpx.upstream.supervisor import ManagedUpstream, UpstreamState
 
 _log = get_logger("mcpx.daemon")
 
@@ -174,7 +174,7 @@ class Daemon:
                 if flow_now is None:
                     raise LoginError("no login is in progress; start one with `mcpxctl login NAME`")
                 await credentials.wait_login(flow_now)
-                await managed.reconnect_now()
+                await _reconnect_after_credential_change(managed)  # this caller's job: see `wait_login`
                 return {
                     "upstream": upstream,
                     "state": managed.state.value,
@@ -192,7 +192,7 @@ class Daemon:
                 forgotten = await credentials.logout()
             except LoginError as exc:
                 raise LoginFailed(upstream, str(exc)) from None
-            await managed.reconnect_now()
+            await _reconnect_after_credential_change(managed)
             message = f"forgot the login for '{upstream}'" if forgotten else f"nothing was stored for '{upstream}'"
             return {"upstream": upstream, "forgotten": forgotten, "message": message}
         kind = managed.config.auth.type
@@ -201,6 +201,14 @@ class Daemon:
             "forgotten": False,
             "message": f"upstream '{upstream}' uses {kind} credentials: mcpx stores nothing for it",
         }
+
+
+async def _reconnect_after_credential_change(managed: ManagedUpstream) -> None:
+    """Connect again with the new credential and wait (bounded) for the outcome. A ready upstream keeps its
+    session: its next request carries the new credential (and fails at once with the login command after a
+    logout); `reconnect_now` would only wait out its bound, as the supervisor does not restart ready sessions."""
+    if managed.state is not UpstreamState.READY:
+        await managed.reconnect_now()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -93,6 +93,12 @@ class LoginFlow:
     listener: CallbackListener | None
     answer: asyncio.Future[str]
     result: asyncio.Task[None] | None = None
+    # Callers of `wait_login` waiting now: they take over what `on_login` would do (see `wait_login`).
+    waiters: int = 0
+
+
+def _succeeded(task: asyncio.Task[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 class OAuthCredential:
@@ -114,7 +120,8 @@ class OAuthCredential:
         self._login: LoginFlow | None = None
         self._challenge = Challenge()
         self._step_ups: dict[tuple[str, ...], int] = {}
-        self.on_login: list[Callable[[], None]] = []  # run after a successful login (the supervisor reconnects)
+        # Run after a successful login that nobody waits for (the supervisor reconnects); see `wait_login`.
+        self.on_login: list[Callable[[], None]] = []
 
     @property
     def logged_in(self) -> bool:
@@ -482,13 +489,27 @@ class OAuthCredential:
         flow.answer.set_result(pasted)
 
     async def wait_login(self, flow: LoginFlow, timeout: float = LOGIN_TIMEOUT) -> None:
+        """Return when the login has succeeded; raise `LoginError` otherwise.
+
+        A caller that returns from here takes over the `on_login` callbacks' job: it reconnects the upstream itself
+        (the daemon's login does, and then reports the upstream's state), so the upstream is not woken twice, once
+        by the login and once by the caller. A caller cancelled after the login succeeded runs them instead."""
         assert flow.result is not None
+        flow.waiters += 1
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(flow.result)
         except TimeoutError:
+            if _succeeded(flow.result):
+                return  # it succeeded as the time ran out
             await self._end_login(flow)
             raise LoginError(f"no answer from the browser within {timeout:g} s; run the login again") from None
+        except asyncio.CancelledError:
+            if _succeeded(flow.result):
+                self._logged_in()
+            raise
+        finally:
+            flow.waiters -= 1
 
     async def _complete(self, flow: LoginFlow) -> None:
         try:
@@ -517,6 +538,10 @@ class OAuthCredential:
             raise LoginError(str(exc)) from None
         finally:
             await self._end_login(flow, keep_result=True)
+        if not flow.waiters:
+            self._logged_in()
+
+    def _logged_in(self) -> None:
         for callback in self.on_login:
             callback()
 
