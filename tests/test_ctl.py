@@ -10,7 +10,7 @@ import pytest
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.upstream import Upstream, reserve_port, running
 
-COMMANDS = [["status"], ["status", "--json"], ["reload"], ["logout", "alpha"]]
+COMMANDS = [["status"], ["status", "--json"], ["reload"], ["logout", "alpha"], ["tools"], ["tools", "--json"]]
 
 
 @pytest.mark.parametrize("stale_socket", [False, True], ids=["no socket", "stale socket"])

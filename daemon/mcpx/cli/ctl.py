@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     login.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser (default 300)")
     logout = commands.add_parser("logout", help="forget what is stored for an upstream")
     logout.add_argument("name")
+    tools = commands.add_parser("tools", help="the tools agents see, per upstream")
+    tools.add_argument("--json", action="store_true", help="machine-readable output (each tool as agents see it)")
     for name, what in (("install", "run mcpxd as a user service"), ("uninstall", "remove the user service")):
         command = commands.add_parser(name, help=f"{what} (systemd user units, or a LaunchAgent on macOS)")
         command.add_argument("--dry-run", action="store_true", help="print what would be written and run")
@@ -196,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {note}")
         elif args.command == "login":
             return _login(socket_path, args.name, no_browser=args.no_browser, timeout=args.timeout)
+        elif args.command == "tools":
+            from mcpx.cli import tools as catalog
+
+            result = catalog.catalog(socket_path)
+            width = shutil.get_terminal_size((120, 24)).columns
+            print(json.dumps(result, indent=2) if args.json else catalog.render(result, width))
         elif args.command == "logout":
             result = call(socket_path, "mcpx/logout", {"upstream": args.name})
             print(result["message"])
