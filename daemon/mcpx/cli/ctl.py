@@ -119,6 +119,15 @@ def _service_target(args: argparse.Namespace) -> Any:
     )
 
 
+def _log_path(args: argparse.Namespace) -> Path:
+    """The running daemon's log file (it knows best), else the one its config and environment point at."""
+    try:
+        status = call(resolve_socket(args), "mcpx/status", timeout=5.0)
+    except (DaemonNotRunning, ControlError, OSError, ValueError):
+        return resolve_state_dir(args) / "mcpxd.log"
+    return Path(status["log_file"])
+
+
 def _install(args: argparse.Namespace) -> int:
     from mcpx.cli import service
 
@@ -173,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     logout.add_argument("name")
     tools = commands.add_parser("tools", help="the tools agents see, per upstream")
     tools.add_argument("--json", action="store_true", help="machine-readable output (each tool as agents see it)")
+    logs = commands.add_parser("logs", help="print the daemon's log (<state_dir>/mcpxd.log)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing lines as they are written")
+    logs.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="print the last N lines (default 50)")
+    logs.add_argument("--json", action="store_true", help="print the JSON lines as they are")
     for name, what in (("install", "run mcpxd as a user service"), ("uninstall", "remove the user service")):
         command = commands.add_parser(name, help=f"{what} (systemd user units, or a LaunchAgent on macOS)")
         command.add_argument("--dry-run", action="store_true", help="print what would be written and run")
@@ -185,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("install", "uninstall"):
         return _install(args)
+    if args.command == "logs":
+        from mcpx.cli import logs as log_file
+
+        return log_file.show(_log_path(args), count=args.lines, follow_on=args.follow, raw=args.json)
 
     socket_path = resolve_socket(args)
     try:
