@@ -128,6 +128,21 @@ def _log_path(args: argparse.Namespace) -> Path:
     return Path(status["log_file"])
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from mcpx.cli import doctor, service
+
+    findings = doctor.Doctor(
+        config_path=paths.config_path(args.config).absolute(),
+        config_explicit=paths.config_is_explicit(args.config),
+        socket_override=args.socket,
+        bin_dir=Path(sys.executable).parent,
+        manager=args.manager or service.default_manager(),
+        target=_service_target(args),
+    ).run()
+    print(doctor.render(findings))
+    return 1 if any(finding.level == doctor.FAIL for finding in findings) else 0
+
+
 def _install(args: argparse.Namespace) -> int:
     from mcpx.cli import service
 
@@ -186,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing lines as they are written")
     logs.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="print the last N lines (default 50)")
     logs.add_argument("--json", action="store_true", help="print the JSON lines as they are")
+    doctor = commands.add_parser("doctor", help="check the whole setup; prints the fix for each problem")
+    doctor.add_argument("--manager", choices=["systemd", "launchd"], help="default: launchd on macOS, else systemd")
     for name, what in (("install", "run mcpxd as a user service"), ("uninstall", "remove the user service")):
         command = commands.add_parser(name, help=f"{what} (systemd user units, or a LaunchAgent on macOS)")
         command.add_argument("--dry-run", action="store_true", help="print what would be written and run")
@@ -198,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("install", "uninstall"):
         return _install(args)
+    if args.command == "doctor":
+        return _doctor(args)
     if args.command == "logs":
         from mcpx.cli import logs as log_file
 
