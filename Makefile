@@ -37,4 +37,4 @@ format: venv
 	$(BIN)/ruff check --fix daemon shim tests demo benchmarks
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .cache

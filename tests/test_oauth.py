@@ -7,17 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import stat
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
+from tests.support import browser
 from tests.support.daemon import MCPXCTL, Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.oauth_server import AuthServer, ProtectedUpstream, follow_authorization
 from tests.support.results import text_of
-
-BROWSER = f"{sys.executable} {Path(__file__).parent / 'support' / 'browser.py'}"
 
 
 @asynccontextmanager
@@ -36,7 +33,7 @@ async def protected(
 
 
 def oauth_config(sandbox: Sandbox, upstream: ProtectedUpstream, daemon: str = "", **auth: object) -> None:
-    sandbox.env["BROWSER"] = BROWSER
+    sandbox.env["BROWSER"] = browser.COMMAND
     sandbox.write_config(
         f'[daemon]\ntoken_store = "file"\n{daemon}\n'
         + upstream_toml("protected", upstream.url, auth={"type": "oauth", **auth})

@@ -7,10 +7,14 @@ ends on, like a user who approves at once. Standard library only. Writes what it
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import urllib.error
 import urllib.request
 from urllib.parse import urljoin
+
+# What tests put in `$BROWSER` (mcpx's opener splits it like a shell word list and runs it without a shell).
+COMMAND = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
