@@ -203,6 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     logs.add_argument("--json", action="store_true", help="print the JSON lines as they are")
     doctor = commands.add_parser("doctor", help="check the whole setup; prints the fix for each problem")
     doctor.add_argument("--manager", choices=["systemd", "launchd"], help="default: launchd on macOS, else systemd")
+    importing = commands.add_parser(
+        "import", help="turn the remote MCP servers in agents' configs into mcpx upstreams (prints TOML)"
+    )
+    importing.add_argument(
+        "--from",
+        dest="source",
+        metavar="CLIENT|FILE",
+        help="claude-desktop, claude-code, cursor, vscode, codex, or a config file (default: every client found)",
+    )
+    importing.add_argument("--write", action="store_true", help="append to the config file (validated first)")
     for name, what in (("install", "run mcpxd as a user service"), ("uninstall", "remove the user service")):
         command = commands.add_parser(name, help=f"{what} (systemd user units, or a LaunchAgent on macOS)")
         command.add_argument("--dry-run", action="store_true", help="print what would be written and run")
@@ -217,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         return _install(args)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "import":
+        from mcpx.cli import importer
+
+        return importer.run(args.source, paths.config_path(args.config), write_it=args.write)
     if args.command == "logs":
         from mcpx.cli import logs as log_file
 
