@@ -104,3 +104,22 @@ async def test_logout_of_an_unknown_upstream_exits_non_zero_with_a_message(sandb
     assert code != 0
     assert stdout == ""
     assert stderr.splitlines() == ["mcpxctl: no upstream named 'nope'"]
+
+
+def test_mcpxctl_and_its_command_modules_import_only_the_standard_library() -> None:
+    """mcpxctl starts fast: no third-party package and no pydantic config models at import time (doctor and
+    import load the config loader inside the command)."""
+    import subprocess
+    import sys
+
+    modules = ["mcpx.cli.ctl", "mcpx.cli.tools", "mcpx.cli.logs", "mcpx.cli.service", "mcpx.cli.doctor"]
+    modules.append("mcpx.cli.importer")
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        f"for name in {modules!r}: __import__(name)\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in sys.stdlib_module_names"
+        " and m.split('.')[0] != 'mcpx' or m.startswith('mcpx.config')))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
