@@ -107,6 +107,7 @@ def test_install_writes_marked_units_with_this_installation_and_enables_the_sock
     assert f"ExecReload={BIN}/mcpxctl --socket %t/mcpx/mcpx.sock reload\n" in service_text
     assert "Restart=on-failure\n" in service_text
     assert "ProtectSystem=strict\n" in service_text
+    assert "PrivateTmp=yes\n" in service_text
     assert "ReadWritePaths=%t/mcpx %h/.local/state/mcpx\n" in service_text
     assert "EnvironmentFile=-%h/.config/mcpx/env\n" in service_text
     # The state directory exists (0700) before the sandbox needs it writable.
@@ -135,6 +136,9 @@ def test_a_named_config_and_state_dir_reach_the_daemon_and_odd_paths_are_quoted(
     assert f'ExecStart={BIN}/mcpxd --config "{str(config).replace("%", "%%")}"\n' in text
     assert f"Environment=MCPX_STATE_DIR={home.root / 'state'}\n" in text
     assert f"ReadWritePaths=%t/mcpx {home.root / 'state'}\n" in text
+    # A private /tmp would hide that state directory (it is under /tmp here) from the daemon.
+    assert "PrivateTmp=yes" not in text
+    assert "# PrivateTmp is off: the socket or state directory is under /tmp\n" in text
     _verify(home, home.units / "mcpx.socket", home.units / "mcpx.service")
 
 
@@ -206,9 +210,10 @@ def test_a_failing_service_manager_makes_install_fail_with_its_message(
     code, _, err = _ctl(capsys, "install", "--manager", "systemd")
 
     assert code == 1
-    assert err.strip() == (
-        "mcpxctl: `systemctl --user daemon-reload` failed (exit 1): Failed to connect to bus: No medium found"
-    )
+    assert err.splitlines() == [
+        "mcpxctl: `systemctl --user daemon-reload` failed (exit 1): Failed to connect to bus: No medium found",
+        "the files are written: once the cause is fixed, run `mcpxctl install --force` (or `mcpxctl uninstall`)",
+    ]
 
 
 def test_uninstall_disables_and_removes_only_what_install_wrote(home: Home, capsys: pytest.CaptureFixture[str]) -> None:

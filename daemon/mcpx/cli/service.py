@@ -94,7 +94,13 @@ WantedBy=sockets.target
     )
     sandbox = ""
     if layout.sandbox:
-        writable = " ".join(_unit_word(path) for path in (str(Path(layout.socket).parent), layout.state_dir))
+        writable_paths = (str(Path(layout.socket).parent), layout.state_dir)
+        writable = " ".join(_unit_word(path) for path in writable_paths)
+        # A private /tmp would hide a socket or state directory that lives under /tmp from the daemon.
+        under_tmp = any(path == "/tmp" or path.startswith("/tmp/") for path in writable_paths)
+        private_tmp = (
+            "# PrivateTmp is off: the socket or state directory is under /tmp\n" if under_tmp else "PrivateTmp=yes\n"
+        )
         sandbox = f"""
 # Sandbox. A user manager can set up the namespaces below only with PrivateUsers=yes (your uid keeps its
 # identity inside; other users appear as nobody, and mcpxd refuses them anyway). The OS keyring still works: it
@@ -102,8 +108,7 @@ WantedBy=sockets.target
 # fails with status 218 or 226 (no unprivileged user namespaces), run `mcpxctl install --force --no-sandbox`.
 NoNewPrivileges=yes
 PrivateUsers=yes
-PrivateTmp=yes
-ProtectSystem=strict
+{private_tmp}ProtectSystem=strict
 ReadWritePaths={writable}
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
@@ -467,10 +472,16 @@ def carry_out_install(plan: Plan, target: Target) -> None:
     for path, text in plan.write.items():
         _atomic_write(path, text)
         print(f"wrote {path}")
-    for command in plan.commands:
-        if command.starts:
-            _stop_foreign_daemon(target.socket)
-        _run(command)
+    try:
+        for command in plan.commands:
+            if command.starts:
+                _stop_foreign_daemon(target.socket)
+            _run(command)
+    except Refused as exc:
+        raise Refused(
+            f"{exc}\nthe files are written: once the cause is fixed, run `mcpxctl install --force` "
+            "(or `mcpxctl uninstall`)"
+        ) from None
 
 
 def carry_out_uninstall(plan: Plan) -> None:
