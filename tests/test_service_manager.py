@@ -93,6 +93,8 @@ async def test_start_reload_refused_reload_and_stop_are_reported_to_the_service_
         ready = await daemon.expect("READY")
         assert ready["MAINPID"] == str(daemon.process.pid)
         assert ready["STATUS"].endswith("upstreams ready, 0 agents")
+        code, _, stderr = await mcpxctl(sandbox, "tools")  # tools/list waits for the upstream's first attempt
+        assert code == 0, stderr
 
         code, _, stderr = await mcpxctl(sandbox, "reload")
         assert code == 0, stderr
