@@ -343,3 +343,10 @@ def test_the_repository_units_pass_systemd_analyze_verify(home: Home) -> None:
     for name in ("mcpxd", "mcpxctl"):
         (target / name).symlink_to(BIN / name)
     _verify(home, REPO / "systemd" / "mcpx.socket", REPO / "systemd" / "mcpx.service")
+
+
+def test_paths_are_spelled_with_specifiers_and_percent_signs_doubled(home: Home) -> None:
+    assert service.systemd_path(home.runtime / "mcpx" / "mcpx.sock") == "%t/mcpx/mcpx.sock"
+    assert service.systemd_path(home.home / "a 100%" / "x") == "%h/a 100%%/x"
+    assert service.systemd_path(home.home) == "%h"
+    assert service.systemd_path(Path("/opt/50%")) == "/opt/50%%"

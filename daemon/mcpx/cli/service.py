@@ -207,7 +207,8 @@ def _under(path: Path, base: Path | None, specifier: str) -> str | None:
         relative = path.relative_to(base)
     except ValueError:
         return None
-    return f"{specifier}/{relative}" if str(relative) != "." else specifier
+    escaped = str(relative).replace("%", "%%")
+    return f"{specifier}/{escaped}" if escaped != "." else specifier
 
 
 def systemd_path(path: Path) -> str:
@@ -277,9 +278,9 @@ def default_manager() -> str:
     return "launchd" if sys.platform == "darwin" else "systemd"
 
 
-def _environment(target: Target) -> dict[str, str]:
-    """Variables the daemon must get because the user's own setup relies on them (a service manager does not
-    pass the shell's environment on)."""
+def _environment() -> dict[str, str]:
+    """mcpx's variables the daemon must get because this setup relies on them (a service manager does not pass
+    the shell's environment on)."""
     names = ("MCPX_STATE_DIR", "MCPX_SOCKET")
     return {name: str(Path(os.environ[name]).expanduser()) for name in names if os.environ.get(name)}
 
@@ -294,9 +295,9 @@ def layout_for(target: Target, manager: str, *, sandbox: bool) -> Layout:
             state_dir=str(target.state_dir),
             env_file=str(env_file),
             config=config,
-            environment=_environment(target),
+            environment=_environment(),
         )
-    environment = {name: systemd_path(Path(value)) for name, value in _environment(target).items()}
+    environment = {name: systemd_path(Path(value)) for name, value in _environment().items()}
     environment.pop("MCPX_SOCKET", None)  # the socket unit decides where mcpxd listens
     return Layout(
         bin_dir=systemd_path(target.bin_dir),
