@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -228,6 +229,10 @@ async def test_logout_revokes_and_forgets(sandbox: Sandbox) -> None:
             code, stdout, _ = await mcpxctl(sandbox, "logout", "protected")
             assert code == 0 and "forgot the login" in stdout
             assert auth.revocation_requests
+            # The ready upstream was reconnected without the login: status says so before any call fails.
+            _, status_json, _ = await mcpxctl(sandbox, "status", "--json")
+            (state,) = [u["state"] for u in json.loads(status_json)["upstreams"] if u["name"] == "protected"]
+            assert state == "needs_login"
             after = await client.call_tool("protected__echo", {"text": "d"})
             assert after.is_error and "mcpxctl login protected" in text_of(after)
             code, status_out, _ = await mcpxctl(sandbox, "status")

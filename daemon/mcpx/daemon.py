@@ -36,7 +36,7 @@ from mcpx.errors import ConfigError, InvalidParams, LoginFailed
 from mcpx.log import configure_logging, get_logger
 from mcpx.notify import reloading, watchdog, watchdog_interval
 from mcpx.router.router import Router
-from mcpx.upstream.supervisor import ManagedUpstream, UpstreamState
+from mcpx.upstream.supervisor import ManagedUpstream
 
 _log = get_logger("mcpx.daemon")
 
@@ -204,11 +204,9 @@ class Daemon:
 
 
 async def _reconnect_after_credential_change(managed: ManagedUpstream) -> None:
-    """Connect again with the new credential and wait (bounded) for the outcome. A ready upstream keeps its
-    session: its next request carries the new credential (and fails at once with the login command after a
-    logout); `reconnect_now` would only wait out its bound, as the supervisor does not restart ready sessions."""
-    if managed.state is not UpstreamState.READY:
-        await managed.reconnect_now()
+    """Connect again with the new credential (or without the forgotten one) and wait, bounded, for the outcome,
+    so that the state `mcpxctl` prints is the one agents will meet and the tool list is the new credential's."""
+    await managed.reconnect_now()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

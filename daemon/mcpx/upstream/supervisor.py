@@ -109,6 +109,8 @@ class ManagedUpstream:
         while True:
             self._attempts_started += 1
             attempt = self._attempts_started
+            # A wake-up from here on asks for one more attempt after this one (a login may finish meanwhile).
+            self._wake.clear()
             try:
                 async with asyncio.timeout(self._daemon.connect_timeout + self.config.timeout):
                     await self.session.connect()
@@ -117,7 +119,6 @@ class ManagedUpstream:
                 self._needs_login(exc)
                 await self._attempt_ended(attempt)
                 # Nothing to retry until someone logs in (the login wakes this loop).
-                self._wake.clear()
                 await self._wake.wait()
                 continue
             except (UpstreamError, TimeoutError) as exc:
@@ -142,11 +143,11 @@ class ManagedUpstream:
                 )
                 self._set_lists(lists)
                 await self._attempt_ended(attempt)
-                await self._broken.wait()
+                # Connect again when a call finds the session broken, or when asked to (a new credential).
+                await _first_of(self._broken, self._wake)
                 continue
             await self._attempt_ended(attempt)
             self.retry_at = time.time() + delay
-            self._wake.clear()
             try:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
@@ -303,3 +304,13 @@ class ManagedUpstream:
                 self._set_lists({kind: await self._list(kind) for kind in sorted(kinds)})
             except UpstreamError as exc:
                 _log.warning("list refresh failed", upstream=self.name, error=exc.reason)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Return as soon as any of `events` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
