@@ -3,7 +3,8 @@
 Transport-free: the socket layer feeds it lines and gives it a `send` function. Every agent request that goes
 upstream runs as a task owned by this session, keyed by the agent's own request id, so a response carries
 exactly the id the agent sent and `notifications/cancelled` can stop it. Control requests from `mcpxctl`
-(`mcpx/status`, `mcpx/reload`, `mcpx/logout`) arrive on the same socket and are answered here too.
+(`mcpx/status`, `mcpx/tools`, `mcpx/reload`, `mcpx/login`, `mcpx/logout`) arrive on the same socket and are
+answered here too.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ class AgentSession:
                 raise MethodNotFound("server/discover: this server speaks the initialize handshake (2025-11-25)")
             elif method == "mcpx/status":
                 self._reply(request_id, {**self._control.status()})
+            elif method == "mcpx/tools":
+                routes = self._router.catalog.routes.items()
+                self._reply(request_id, {"routes": {n: {"upstream": r.upstream, "tool": r.tool} for n, r in routes}})
             elif method == "mcpx/reload":
                 self._spawn(request_id, self._control_call(request_id, self._control.reload()))
             elif method == "mcpx/logout":
