@@ -100,10 +100,11 @@ async def test_handshake_versions_discover_fallback_and_unknown_methods(sandbox:
         assert reply["result"]["serverInfo"]["name"] == "mcpx"
         await peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
-        for method in ("resources/list", "no/such/method"):
+        for method in ("resources/subscribe", "no/such/method"):
             assert (await peer.request(method, method, {}))["error"]["code"] == -32601
-        # No upstream offers prompts: the list is empty (and the capability is not announced).
+        # No upstream offers prompts or resources: the lists are empty (and the capabilities are not announced).
         assert (await peer.request("p", "prompts/list", {}))["result"] == {"prompts": []}
+        assert (await peer.request("r", "resources/list", {}))["result"] == {"resources": []}
         unknown = await peer.request("t", "tools/call", {"name": "nope__tool", "arguments": {}})
         assert unknown["error"]["code"] == -32602
         assert (await peer.request("l", "tools/list", {})) == {"jsonrpc": "2.0", "id": "l", "result": {"tools": []}}

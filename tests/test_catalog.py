@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from mcpx import jsonrpc
 from mcpx.config import UpstreamConfig
-from mcpx.router.catalog import SEPARATOR, Catalog, ToolRoute, build_catalog, exposed_name, tool_allowed
+from mcpx.router.catalog import (
+    SEPARATOR,
+    Catalog,
+    ToolRoute,
+    build_catalog,
+    build_resource_catalog,
+    exposed_name,
+    tool_allowed,
+)
 
 
 def _upstream(
@@ -234,3 +243,27 @@ def test_prompts_are_namespaced_unfiltered_and_withheld_on_collision() -> None:
     assert catalog.routes["jira__review"] == ToolRoute("jira", "review")
     assert catalog.collisions == {"summary": ("a", "b")}
     assert catalog.items[0]["arguments"] == [{"name": "topic"}]
+
+
+def test_resources_are_namespaced_by_uri_and_route_back() -> None:
+    notes = {"uri": "file:///notes.txt", "name": "notes"}
+    template = {"uriTemplate": "note://{key}", "name": "note"}
+    catalog = build_resource_catalog(
+        [
+            (_upstream("alpha"), [notes], [template]),
+            (_upstream("p", namespace=False), [notes, {"uri": "only://p"}], [template]),
+            (_upstream("q", namespace=False), [notes], []),
+        ]
+    )
+    assert [r["uri"] for r in json.loads(catalog.resources_json)] == ["mcpx://alpha/file:///notes.txt", "only://p"]
+    assert [t["uriTemplate"] for t in json.loads(catalog.templates_json)] == [
+        "mcpx://alpha/note://{key}",
+        "note://{key}",
+    ]
+    assert catalog.collisions == {"file:///notes.txt": ("p", "q")}
+    namespaced = ["alpha"]
+    assert catalog.route("mcpx://alpha/note://k", namespaced) == ToolRoute("alpha", "note://k")
+    assert catalog.route("mcpx://p/only://p", namespaced) is None  # p keeps its own URIs
+    assert catalog.route("only://p", namespaced) == ToolRoute("p", "only://p")
+    assert catalog.route("file:///notes.txt", namespaced) is None  # withheld: two plain upstreams list it
+    assert catalog.route("note://k", namespaced) is None  # two plain upstreams could own it

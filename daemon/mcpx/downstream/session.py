@@ -30,13 +30,14 @@ from mcpx.errors import (
 from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
 from mcpx.redact import scrub
-from mcpx.router.router import Router, list_response
+from mcpx.router.router import LIST_KEYS, Router, list_response
 from mcpx.upstream.http import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION
 
 _log = get_logger("mcpx.agent")
 
 _LIST_CHANGED: Final = {
-    kind: jsonrpc.dumps(jsonrpc.notification(f"notifications/{kind}/list_changed")) for kind in ("tools", "prompts")
+    kind: jsonrpc.dumps(jsonrpc.notification(f"notifications/{kind}/list_changed"))
+    for kind in ("tools", "prompts", "resources")
 }
 
 
@@ -102,12 +103,13 @@ class AgentSession:
         try:
             if method == "tools/call":
                 self._spawn(request_id, self._call_tool(request_id, params))
-            elif method in ("tools/list", "prompts/list"):
-                kind = method.partition("/")[0]
+            elif method in LIST_KEYS:
                 if self._router.settled:
-                    self._send(list_response(request_id, kind, self._router))
+                    self._send(list_response(request_id, method, self._router))
                 else:
-                    self._spawn(request_id, self._list_when_settled(request_id, kind))
+                    self._spawn(request_id, self._list_when_settled(request_id, method))
+            elif method == "resources/read":
+                self._spawn(request_id, self._forward(request_id, self._router.read_resource(params)))
             elif method == "prompts/get":
                 self._spawn(request_id, self._forward(request_id, self._router.get_prompt(params)))
             elif method == "completion/complete":
@@ -167,9 +169,9 @@ class AgentSession:
             "serverInfo": {"name": "mcpx", "version": __version__},
         }
 
-    async def _list_when_settled(self, request_id: RequestId, kind: str) -> None:
+    async def _list_when_settled(self, request_id: RequestId, method: str) -> None:
         await self._router.wait_settled(self._router.config.daemon.connect_timeout)
-        self._send(list_response(request_id, kind, self._router))
+        self._send(list_response(request_id, method, self._router))
 
     async def _forward(self, request_id: RequestId, call: Awaitable[Any]) -> None:
         """Answer with the upstream's result, or with its JSON-RPC error, or with mcpx's own error."""

@@ -81,3 +81,71 @@ def build_catalog(
         routes[name] = route
         exposed_items.append(item)
     return Catalog(tuple(exposed_items), routes, collisions, scrub(jsonrpc.dumps(exposed_items)))
+
+
+# --- resources ---------------------------------------------------------------------------------------------------
+# A namespaced upstream's resource URIs and URI templates are exposed as `mcpx://<upstream>/<its own URI>`: the
+# prefix is plain text, so an agent that expands an exposed template gets a URI whose rest is the upstream's own
+# expansion, and any URI the agent lists or builds reads back from exactly the upstream that offered it.
+# Upstreams with `namespace = false` keep their URIs; the same URI listed by two of them is withheld.
+
+RESOURCE_SCHEME = "mcpx://"
+
+
+def exposed_uri(config: UpstreamConfig, uri: str) -> str:
+    return f"{RESOURCE_SCHEME}{config.name}/{uri}" if config.namespace else uri
+
+
+@dataclass(frozen=True)
+class ResourceCatalog:
+    resources_json: bytes = b"[]"
+    templates_json: bytes = b"[]"
+    # upstreams with `namespace = false` that offer resources, in config order
+    plain_upstreams: tuple[str, ...] = ()
+    # URI listed by one such upstream → that upstream
+    plain_owners: dict[str, str] = field(default_factory=dict)
+    collisions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def route(self, uri: str, namespaced: Iterable[str]) -> ToolRoute | None:
+        """The upstream and its own URI behind a URI an agent asks for; None when no upstream can be told."""
+        if uri.startswith(RESOURCE_SCHEME):
+            upstream, separator, original = uri[len(RESOURCE_SCHEME) :].partition("/")
+            return ToolRoute(upstream, original) if separator and upstream in namespaced else None
+        owner = self.plain_owners.get(uri)
+        if owner is None and len(self.plain_upstreams) == 1 and uri not in self.collisions:
+            owner = self.plain_upstreams[0]  # e.g. a URI built from that upstream's template
+        return ToolRoute(owner, uri) if owner is not None else None
+
+
+def build_resource_catalog(
+    upstreams: Iterable[tuple[UpstreamConfig, Sequence[dict[str, Any]], Sequence[dict[str, Any]]]],
+) -> ResourceCatalog:
+    """From each upstream's config, resources and resource templates, in config order."""
+    entries: list[tuple[str | None, dict[str, Any]]] = []  # (the URI of a plain upstream's resource, resource)
+    templates: list[dict[str, Any]] = []
+    plain_upstreams: list[str] = []
+    claims: dict[str, list[str]] = {}
+    for config, listed, listed_templates in upstreams:
+        if config.namespace:
+            entries.extend((None, {**resource, "uri": exposed_uri(config, resource["uri"])}) for resource in listed)
+            templates.extend(
+                {**template, "uriTemplate": exposed_uri(config, template["uriTemplate"])}
+                for template in listed_templates
+            )
+            continue
+        if listed or listed_templates:
+            plain_upstreams.append(config.name)
+        for resource in listed:
+            if resource["uri"] not in claims:
+                entries.append((resource["uri"], resource))
+            claims.setdefault(resource["uri"], []).append(config.name)
+        templates.extend(listed_templates)
+    collisions = {uri: tuple(names) for uri, names in claims.items() if len(names) > 1}
+    resources = [resource for uri, resource in entries if uri is None or uri not in collisions]
+    return ResourceCatalog(
+        scrub(jsonrpc.dumps(resources)),
+        scrub(jsonrpc.dumps(templates)),
+        tuple(plain_upstreams),
+        {uri: names[0] for uri, names in claims.items() if len(names) == 1},
+        collisions,
+    )

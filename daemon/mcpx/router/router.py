@@ -18,10 +18,18 @@ from mcpx.config.model import Config, UpstreamConfig
 from mcpx.errors import InvalidParams
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
-from mcpx.router.catalog import SEPARATOR, Catalog, ToolRoute, build_catalog
+from mcpx.router.catalog import (
+    SEPARATOR,
+    Catalog,
+    ResourceCatalog,
+    ToolRoute,
+    build_catalog,
+    build_resource_catalog,
+    exposed_uri,
+)
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import NotificationHandler
-from mcpx.upstream.supervisor import PROMPTS, TOOLS, ManagedUpstream, UpstreamState
+from mcpx.upstream.supervisor import PROMPTS, RESOURCES, TOOLS, ManagedUpstream, UpstreamState
 
 _log = get_logger("mcpx.router")
 
@@ -35,6 +43,7 @@ class Router:
         self.oauth = OAuthContext(state_dir, config.daemon.token_store)
         self.catalog = Catalog()
         self.prompts = Catalog()
+        self.resources = ResourceCatalog()
         self.upstreams: dict[str, ManagedUpstream] = {}
         self._listeners: set[CatalogListener] = set()
         self._progress_tokens = itertools.count(1)
@@ -124,7 +133,18 @@ class Router:
             for kind, new, old in ((TOOLS, catalog, self.catalog), (PROMPTS, prompts, self.prompts))
             if new.items_json != old.items_json
         ]
-        self.catalog, self.prompts = catalog, prompts
+        resources = build_resource_catalog(
+            (upstream.config, upstream.resources, upstream.templates) for upstream in upstreams
+        )
+        for uri, owners in resources.collisions.items():
+            if uri not in self.resources.collisions:
+                _log.warning("resource URI collision: withheld from the catalog", uri=uri, upstreams=list(owners))
+        if (resources.resources_json, resources.templates_json) != (
+            self.resources.resources_json,
+            self.resources.templates_json,
+        ):
+            changed.append(RESOURCES)
+        self.catalog, self.prompts, self.resources = catalog, prompts, resources
         for kind in changed:
             for listener in list(self._listeners):
                 listener(kind)
@@ -158,6 +178,35 @@ class Router:
         forwarded = {**params, "ref": {**ref, "name": route.tool}}
         return await self.upstreams[route.upstream].request("completion/complete", forwarded, None, forward_raw=True)
 
+    async def read_resource(self, params: dict[str, Any]) -> Any:
+        """Route `resources/read` by URI (see `catalog.ResourceCatalog.route`); the contents name the URI the agent
+        asked for."""
+        uri = params.get("uri")
+        if not isinstance(uri, str):
+            raise InvalidParams('resources/read needs a string "uri"')
+        if not self.settled:
+            await self.wait_settled(self.config.daemon.connect_timeout)
+        namespaced = [name for name, upstream in self.upstreams.items() if upstream.config.namespace]
+        route = self.resources.route(uri, namespaced)
+        if route is None:
+            raise InvalidParams(f"unknown resource: {uri} (use a URI from resources/list or a template)")
+        upstream = self.upstreams[route.upstream]
+        if not upstream.config.namespace:
+            return await upstream.request("resources/read", params, None, forward_raw=True)
+        result = await upstream.request("resources/read", {**params, "uri": route.tool}, None)
+        contents = result.get("contents") if isinstance(result, dict) else None
+        if isinstance(contents, list):
+            result = {
+                **result,
+                "contents": [
+                    {**item, "uri": exposed_uri(upstream.config, item["uri"])}
+                    if isinstance(item, dict) and isinstance(item.get("uri"), str)
+                    else item
+                    for item in contents
+                ],
+            }
+        return result
+
     async def set_log_level(self, params: dict[str, Any]) -> None:
         """Fan `logging/setLevel` out to every ready upstream that offers logging (shared upstreams share it)."""
         targets = [
@@ -184,6 +233,8 @@ class Router:
             capabilities["completions"] = {}
         if "logging" in offered:
             capabilities["logging"] = {}
+        if "resources" in offered:
+            capabilities["resources"] = {"listChanged": True}
         return capabilities
 
     async def _route(self, kind: str, name: object) -> ToolRoute:
@@ -257,7 +308,22 @@ class Router:
         ]
 
 
-def list_response(request_id: jsonrpc.RequestId, kind: str, router: Router) -> bytes:
-    """The full `tools/list` or `prompts/list` response, spliced from the pre-serialized catalog."""
-    items = (router.catalog if kind == TOOLS else router.prompts).items_json
-    return b'{"jsonrpc":"2.0","id":%b,"result":{"%b":%b}}' % (jsonrpc.dumps(request_id), kind.encode(), items)
+# Aggregated list method → the result's array key.
+LIST_KEYS = {
+    "tools/list": "tools",
+    "prompts/list": "prompts",
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+}
+
+
+def list_response(request_id: jsonrpc.RequestId, method: str, router: Router) -> bytes:
+    """The full response to one of the `LIST_KEYS` methods, spliced from the pre-serialized catalog."""
+    items = {
+        "tools/list": router.catalog.items_json,
+        "prompts/list": router.prompts.items_json,
+        "resources/list": router.resources.resources_json,
+        "resources/templates/list": router.resources.templates_json,
+    }[method]
+    key = LIST_KEYS[method].encode()
+    return b'{"jsonrpc":"2.0","id":%b,"result":{"%b":%b}}' % (jsonrpc.dumps(request_id), key, items)

@@ -14,6 +14,7 @@ import contextlib
 import enum
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from mcpx.auth.credentials import CredentialProvider, credentials_for
@@ -30,9 +31,33 @@ _log = get_logger("mcpx.upstream")
 # A hostile or broken upstream must not make mcpx page forever.
 _MAX_LIST_PAGES = 100
 
-# What mcpx aggregates: list method → the result's array key. Prompts only from upstreams that announce them.
+# What mcpx aggregates, by the attribute that holds it; each from upstreams that announce the capability.
 TOOLS: Final = "tools"
 PROMPTS: Final = "prompts"
+RESOURCES: Final = "resources"
+TEMPLATES: Final = "templates"
+
+
+@dataclass(frozen=True)
+class _ListKind:
+    capability: str
+    method: str
+    key: str  # the result's array
+    identity: str  # the field every entry must have as a non-empty string
+
+
+_LISTS: Final = {
+    TOOLS: _ListKind("tools", "tools/list", "tools", "name"),
+    PROMPTS: _ListKind("prompts", "prompts/list", "prompts", "name"),
+    RESOURCES: _ListKind("resources", "resources/list", "resources", "uri"),
+    TEMPLATES: _ListKind("resources", "resources/templates/list", "resourceTemplates", "uriTemplate"),
+}
+# An upstream's list_changed notification → the lists it makes stale.
+_STALE_AFTER: Final = {
+    "notifications/tools/list_changed": (TOOLS,),
+    "notifications/prompts/list_changed": (PROMPTS,),
+    "notifications/resources/list_changed": (RESOURCES, TEMPLATES),
+}
 
 
 class UpstreamState(enum.StrEnum):
@@ -74,6 +99,8 @@ class ManagedUpstream:
         self.retry_at: float | None = None
         self.tools: tuple[dict[str, Any], ...] = ()
         self.prompts: tuple[dict[str, Any], ...] = ()
+        self.resources: tuple[dict[str, Any], ...] = ()
+        self.templates: tuple[dict[str, Any], ...] = ()
         self._broken = asyncio.Event()
         self._wake = asyncio.Event()
         self._attempts_started = 0
@@ -139,6 +166,7 @@ class ManagedUpstream:
                     upstream=self.name,
                     tools=len(lists[TOOLS]),
                     prompts=len(lists.get(PROMPTS, ())),
+                    resources=len(lists.get(RESOURCES, ())),
                     protocol=self.session.protocol_version,
                 )
                 self._set_lists(lists)
@@ -251,28 +279,30 @@ class ManagedUpstream:
     # --- lists ---------------------------------------------------------------------------------------------------
 
     def _kinds(self) -> list[str]:
-        return [TOOLS, PROMPTS] if "prompts" in self.session.capabilities else [TOOLS]
+        capabilities = self.session.capabilities
+        return [kind for kind, spec in _LISTS.items() if kind == TOOLS or spec.capability in capabilities]
 
     async def _list(self, kind: str) -> tuple[dict[str, Any], ...]:
-        """All pages of `<kind>/list`: the items that have a non-empty string name."""
+        """All pages of one list: the entries whose identifying field is a non-empty string."""
+        spec = _LISTS[kind]
         items: list[dict[str, Any]] = []
         cursor: str | None = None
         for _ in range(_MAX_LIST_PAGES):
             params = {"cursor": cursor} if cursor is not None else None
-            result = await self.session.request(f"{kind}/list", params, timeout=self.config.timeout)
-            page = result.get(kind) if isinstance(result, dict) else None
+            result = await self.session.request(spec.method, params, timeout=self.config.timeout)
+            page = result.get(spec.key) if isinstance(result, dict) else None
             if not isinstance(page, list):
-                raise UpstreamProtocolError(self.name, f"{kind}/list result has no {kind} array")
+                raise UpstreamProtocolError(self.name, f"{spec.method} result has no {spec.key} array")
             for item in page:
-                if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]:
+                if isinstance(item, dict) and isinstance(item.get(spec.identity), str) and item[spec.identity]:
                     items.append(item)
                 else:
-                    _log.warning("ignoring a malformed list entry", upstream=self.name, kind=kind)
+                    _log.warning("ignoring a malformed list entry", upstream=self.name, method=spec.method)
             next_cursor = result.get("nextCursor")
             if not isinstance(next_cursor, str):
                 return tuple(items)
             cursor = next_cursor
-        raise UpstreamProtocolError(self.name, f"{kind}/list did not end after {_MAX_LIST_PAGES} pages")
+        raise UpstreamProtocolError(self.name, f"{spec.method} did not end after {_MAX_LIST_PAGES} pages")
 
     def _set_lists(self, lists: dict[str, tuple[dict[str, Any], ...]]) -> None:
         changed = False
@@ -285,14 +315,14 @@ class ManagedUpstream:
 
     def _on_notification(self, message: Message) -> None:
         method = message.get("method")
-        kind = method.removeprefix("notifications/").removesuffix("/list_changed") if isinstance(method, str) else ""
-        if kind in (TOOLS, PROMPTS) and method == f"notifications/{kind}/list_changed":
-            self._schedule_refresh(kind)
+        stale = _STALE_AFTER.get(method) if isinstance(method, str) else None
+        if stale is not None:
+            self._schedule_refresh(stale)
         else:
             _log.debug("upstream notification dropped", upstream=self.name, method=method)
 
-    def _schedule_refresh(self, kind: str) -> None:
-        self._stale.add(kind)
+    def _schedule_refresh(self, kinds: tuple[str, ...]) -> None:
+        self._stale.update(kinds)
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_lists())
 
