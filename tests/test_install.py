@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mcpx.cli import ctl, service
-from mcpx.downstream.listener import daemon_answers
+from mcpx.control.client import daemon_answers
 from tests.support.daemon import Sandbox, mcpxctl, running_daemon
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcpx import __version__
+from mcpx.control.client import daemon_answers
 
 MARKER = "Written by mcpxctl install"
 LABEL = "io.github.mcpx.mcpxd"
@@ -431,21 +431,8 @@ def _stop_foreign_daemon(socket_path: Path) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + _STOP_TIMEOUT
-    while time.monotonic() < deadline and _answers(socket_path):
+    while time.monotonic() < deadline and daemon_answers(socket_path):
         time.sleep(0.05)
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError:
-        return False
-    else:
-        return True
-    finally:
-        probe.close()
 
 
 def show(plan: Plan, *, dry_run: bool) -> None:

@@ -8,6 +8,20 @@ from pathlib import Path
 from typing import Any
 
 
+def daemon_answers(path: Path) -> bool:
+    """True when something accepts connections on the Unix socket at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()
+
+
 class DaemonNotRunning(Exception):
     """Nothing answers on the socket."""
 

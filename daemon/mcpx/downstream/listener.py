@@ -16,6 +16,7 @@ import stat
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from mcpx.control.client import daemon_answers
 from mcpx.errors import McpxError
 
 # sockaddr_un.sun_path is 108 bytes on Linux and 104 on macOS, including the terminating NUL.
@@ -65,20 +66,6 @@ class SocketLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def daemon_answers(path: Path) -> bool:
-    """True when something accepts connections on the Unix socket at `path`."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError:
-        return False
-    else:
-        return True
-    finally:
-        probe.close()
 
 
 def bind_socket(path: Path) -> socket.socket:
