@@ -83,6 +83,8 @@ def render_status(status: dict[str, Any]) -> str:
                 lines.append(f"\n{upstream['name']}: logged in (OAuth, {oauth['storage'] or 'store'}{when})")
             else:
                 lines.append(f"\n{upstream['name']}: not logged in: run `mcpxctl login {upstream['name']}`")
+            if oauth.get("storage_note"):
+                lines.append(f"  tokens are kept in a private file, not the OS keyring: {oauth['storage_note']}")
         if upstream["withheld_tools"]:
             withheld = ", ".join(upstream["withheld_tools"])
             lines.append(f"\n{upstream['name']}: withheld (name collision): {withheld}")

@@ -75,6 +75,11 @@ class OAuthContext:
     def backend(self) -> str | None:
         return self._store.backend if self._store is not None else None
 
+    @property
+    def storage_note(self) -> str | None:
+        """Why tokens are kept where they are, when that is not what `token_store` asked for (the keyring)."""
+        return self._store.note if self._store is not None else None
+
     def http(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(trust_env=False)
@@ -199,6 +204,7 @@ class OAuthCredential:
         return {
             "logged_in": tokens is not None,
             "storage": self._context.backend,
+            "storage_note": self._context.storage_note,
             "issuer": self._record.get("issuer"),
             "expires_at": expires_at,
             "expires_in": round(expires_at - time.time()) if isinstance(expires_at, (int, float)) else None,
