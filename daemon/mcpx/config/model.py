@@ -220,6 +220,11 @@ class DaemonConfig(_Strict):
     reconnect_max: Annotated[float, Field(gt=0, le=86400)] = 60.0
     # Where OAuth logins are kept: the OS keyring when one answers ("auto"), or always the private state file.
     token_store: Literal["auto", "keyring", "file"] = "auto"
+    # One JSON line per tool call in <state dir>/audit.jsonl, rotated by size; arguments only when asked for.
+    audit: bool = True
+    audit_arguments: bool = False
+    audit_max_bytes: Annotated[int, Field(ge=4096)] = 10 * 1024 * 1024
+    audit_backups: Annotated[int, Field(ge=0, le=100)] = 3
 
 
 class DuplicateUpstreamName(ValueError):

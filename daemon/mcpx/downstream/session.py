@@ -10,6 +10,8 @@ answered here too.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
@@ -183,16 +185,46 @@ class AgentSession:
             self._reply(request_id, {} if result is None else result)
 
     async def _call_tool(self, request_id: RequestId, params: dict[str, Any]) -> None:
+        started = time.monotonic()
+        outcome = "cancelled"
         try:
             result = await self._router.call_tool(params, self._send_message)
         except UpstreamRpcError as exc:
+            outcome = "upstream_rpc_error"
             self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
-        except (UpstreamError, NeedsLogin) as exc:
+        except NeedsLogin as exc:
+            outcome = "needs_login"
+            self._reply(request_id, tool_error_result(exc))
+        except UpstreamError as exc:
+            outcome = "upstream_error"
             self._reply(request_id, tool_error_result(exc))
         except AgentError as exc:
+            outcome = "agent_error"
             self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
         else:
+            outcome = "tool_error" if _is_tool_error(result) else "ok"
             self._reply(request_id, result)
+        finally:
+            self._audit(params, outcome, time.monotonic() - started)
+
+    def _audit(self, params: dict[str, Any], outcome: str, seconds: float) -> None:
+        audit = self._router.audit
+        if audit is None:
+            return
+        name = params.get("name")
+        route = self._router.catalog.routes.get(name) if isinstance(name, str) else None
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "agent": self.client_info.get("name"),
+            "pid": self.peer.pid,
+            "upstream": route.upstream if route is not None else None,
+            "tool": name,
+            "ms": round(seconds * 1000, 1),
+            "outcome": outcome,
+        }
+        if self._router.config.daemon.audit_arguments:
+            entry["arguments"] = params.get("arguments")
+        audit.record(entry)
 
     async def _control_call(self, request_id: RequestId, call: Awaitable[dict[str, Any]]) -> None:
         try:
@@ -238,3 +270,9 @@ class AgentSession:
     def _send_message(self, message: Message) -> None:
         if not self._closed:
             self._send(scrub(jsonrpc.dumps(message)))
+
+
+def _is_tool_error(result: Any) -> bool:
+    if isinstance(result, jsonrpc.RawJson):
+        return b'"isError":true' in result.data
+    return isinstance(result, dict) and result.get("isError") is True

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mcpx import jsonrpc
+from mcpx.audit import AuditLog
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.config.model import Config, UpstreamConfig
 from mcpx.errors import InvalidParams
@@ -33,7 +34,9 @@ from mcpx.upstream.supervisor import PROMPTS, RESOURCES, TOOLS, ManagedUpstream,
 
 _log = get_logger("mcpx.router")
 
-# Called with "tools" or "prompts" when that catalog changed.
+_AUDIT_SETTINGS = {"audit", "audit_arguments", "audit_max_bytes", "audit_backups"}
+
+# Called with "tools", "prompts" or "resources" when that catalog changed.
 CatalogListener = Callable[[str], None]
 
 
@@ -49,11 +52,24 @@ class Router:
         self._progress_tokens = itertools.count(1)
         self._http: HttpClient | None = None
         self._settled = False
+        self._state_dir = state_dir
+        self.audit: AuditLog | None = None
 
     async def start(self) -> None:
         self._http = HttpClient(connect_timeout=self.config.daemon.connect_timeout)
+        self._open_audit()
         for upstream_config in self.config.upstreams:
             self._add(upstream_config)
+
+    def _open_audit(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+        daemon = self.config.daemon
+        self.audit = (
+            AuditLog(self._state_dir / "audit.jsonl", max_bytes=daemon.audit_max_bytes, backups=daemon.audit_backups)
+            if daemon.audit
+            else None
+        )
 
     async def wait_settled(self, timeout: float) -> None:
         """Wait (bounded) until every upstream's first connection attempt has ended, so that an agent's first
@@ -78,6 +94,8 @@ class Router:
         self.upstreams.clear()
         if self._http is not None:
             await self._http.close()
+        if self.audit is not None:
+            self.audit.close()
         await self.oauth.close()
 
     # --- configuration -------------------------------------------------------------------------------------------
@@ -96,12 +114,18 @@ class Router:
         removed = [name for name in old if name not in new]
         added = [name for name in new if name not in old]
         changed = [name for name in new if name in old and old[name] != new[name]]
-        session_settings = {"socket", "state_dir", "log_level"}  # these do not reach upstream sessions
+        # These do not reach upstream sessions.
+        session_settings = {"socket", "state_dir", "log_level", *_AUDIT_SETTINGS}
         if config.daemon.model_dump(exclude=session_settings) != self.config.daemon.model_dump(
             exclude=session_settings
         ):
             changed = [name for name in new if name in old]  # limits and timeouts live in the sessions
+        audit_changed = config.daemon.model_dump(include=_AUDIT_SETTINGS) != self.config.daemon.model_dump(
+            include=_AUDIT_SETTINGS
+        )
         self.config = config
+        if audit_changed:
+            self._open_audit()
         stopping = [self.upstreams.pop(name) for name in (*removed, *changed)]
         await asyncio.gather(*(upstream.stop() for upstream in stopping))
         for name, upstream_config in new.items():
