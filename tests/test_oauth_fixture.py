@@ -497,6 +497,73 @@ async def test_device_grant_denied(http: aiohttp.ClientSession) -> None:
         assert (status, body["error"]) == (400, "access_denied")
 
 
+async def test_device_grant_verification_uri_slow_down_expiry_and_client_grant_types(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with AuthServer(
+        device_grant=True,
+        device_poll_interval=0.05,
+        device_slow_down=1,
+        device_code_ttl=30,
+        pre_registered={"tv": None},
+    ) as auth:
+        form = {"client_id": "tv", "scope": "mcp:read", "resource": "http://127.0.0.1:9/mcp"}
+        async with http.post(auth.endpoint("device_authorization"), data=form) as response:
+            device = await response.json()
+        assert auth.device_authorization_requests == [form]
+        assert (device["interval"], device["expires_in"]) == (0.05, 30)
+        flow = Flow(http, auth)
+        flow.client_id = "tv"
+        poll = {"grant_type": DEVICE_CODE_GRANT, "device_code": device["device_code"]}
+        # The first poll is told to slow down whatever its timing; then the code is pending.
+        assert (await flow.token(poll))[1]["error"] == "slow_down"
+        assert (await flow.token(poll))[1]["error"] == "authorization_pending"
+        assert len(auth.device_polls) == 2
+        # The verification URI approves the code the complete URI carries, as a browser opening it would.
+        async with http.get(device["verification_uri_complete"]) as response:
+            assert (response.status, await response.text()) == (200, "approved")
+        async with http.get(device["verification_uri_complete"]) as response:
+            assert response.status == 400  # answered already
+        status, body = await flow.token(poll)
+        assert status == 200 and auth.verify(body["access_token"]) is not None
+
+        # The code typed in, and denied.
+        async with http.post(auth.endpoint("device_authorization"), data={"client_id": "tv"}) as response:
+            device = await response.json()
+        entered = {"user_code": device["user_code"].lower(), "decision": "deny"}
+        async with http.post(device["verification_uri"], data=entered) as response:
+            assert (response.status, await response.text()) == (200, "denied")
+        poll = {"grant_type": DEVICE_CODE_GRANT, "device_code": device["device_code"]}
+        assert (await flow.token(poll))[1]["error"] == "slow_down"
+        assert (await flow.token(poll))[1]["error"] == "access_denied"
+
+        # A code past its lifetime.
+        auth.device_code_ttl = 0
+        async with http.post(auth.endpoint("device_authorization"), data={"client_id": "tv"}) as response:
+            device = await response.json()
+        assert device["expires_in"] == 0
+        status, body = await flow.token({"grant_type": DEVICE_CODE_GRANT, "device_code": device["device_code"]})
+        assert (status, body["error"]) == (400, "expired_token")
+
+        # A registration without the device grant may not use it; one with it may.
+        await flow.register()
+        async with http.post(auth.endpoint("device_authorization"), data={"client_id": flow.client_id}) as response:
+            assert (response.status, (await response.json())["error"]) == (400, "unauthorized_client")
+        await flow.register(grant_types=[DEVICE_CODE_GRANT, "refresh_token"], redirect_uris=[], response_types=[])
+        async with http.post(auth.endpoint("device_authorization"), data={"client_id": flow.client_id}) as response:
+            assert response.status == 200
+
+
+async def test_device_grant_verification_uri_override(http: aiohttp.ClientSession) -> None:
+    async with AuthServer(
+        device_grant=True, device_verification_uri="http://evil.example/device", pre_registered={"tv": None}
+    ) as auth:
+        async with http.post(auth.endpoint("device_authorization"), data={"client_id": "tv"}) as response:
+            device = await response.json()
+        assert device["verification_uri"] == "http://evil.example/device"
+        assert "verification_uri_complete" not in device
+
+
 # ---- the protected upstream
 
 

@@ -4,7 +4,8 @@
 OpenID discovery), dynamic client registration (RFC 7591), client ID metadata documents, the authorization code grant
 with PKCE S256 (auto-approved: no UI), resource indicators (RFC 8707), the `iss` authorization response parameter
 (RFC 9207), refresh tokens with strict rotation and family revocation on reuse, client credentials, the device
-authorization grant (RFC 8628) and token revocation (RFC 7009). Knobs make it misbehave on purpose.
+authorization grant (RFC 8628, for clients registered with it; its verification URI approves or denies a user code
+over HTTP, as the user's browser would) and token revocation (RFC 7009). Knobs make it misbehave on purpose.
 
 `ProtectedUpstream` is a real SDK `MCPServer` (via `tests.support.upstream.Upstream`) behind an ASGI wrapper that
 demands an audience-bound bearer token from the `AuthServer` (401 with a `WWW-Authenticate` challenge otherwise),
@@ -131,6 +132,7 @@ class _Device:
     resource: str | None
     expires_at: float
     status: Literal["pending", "approved", "denied", "used"] = "pending"
+    polls: int = 0
 
 
 class OAuthError(Exception):
@@ -208,7 +210,10 @@ class AuthServer(_LoopbackWebApp):
         grantable_scopes: list[str] | None = None,
         access_token_ttl: int = 3600,
         device_grant: bool = False,
-        device_poll_interval: int = 1,
+        device_poll_interval: float = 1,
+        device_code_ttl: float = DEVICE_CODE_TTL,
+        device_slow_down: int = 0,
+        device_verification_uri: str | None = None,
         client_credentials: bool = True,
         token_endpoint_failure: int | None = None,
     ) -> None:
@@ -227,7 +232,14 @@ class AuthServer(_LoopbackWebApp):
         self.grantable_scopes = set(grantable_scopes or [*self.scopes_supported, "mcp:admin"])
         self.access_token_ttl = access_token_ttl
         self.device_grant = device_grant
+        # Seconds (fractions allowed, so tests poll fast) in the device authorization response's `interval`.
         self.device_poll_interval = device_poll_interval
+        # The device code's lifetime (the response's `expires_in`, also enforced).
+        self.device_code_ttl = device_code_ttl
+        # The first this many polls of each device code are answered `slow_down`, whatever their timing.
+        self.device_slow_down = device_slow_down
+        # Replaces the verification URI (and drops verification_uri_complete), e.g. with one a client must refuse.
+        self.device_verification_uri = device_verification_uri
         self.client_credentials = client_credentials
         # Mutable at any time: while set, the token endpoint answers this HTTP status with a non-JSON body.
         self.token_endpoint_failure = token_endpoint_failure
@@ -263,6 +275,8 @@ class AuthServer(_LoopbackWebApp):
         self.registrations: list[dict[str, Any]] = []  # request body of each registration
         self.cimd_fetches: list[str] = []  # client ID metadata document URLs fetched
         self.device_user_codes: list[str] = []  # user codes issued, in order
+        self.device_authorization_requests: list[dict[str, str]] = []  # form of each (client_secret removed)
+        self.device_polls: list[float] = []  # time.monotonic() of each device_code token request, in order
         self.revocation_requests: list[str | None] = []  # token_type_hint of each revocation request
         self.revoked = RedactedSet()  # every token revoked (endpoint, family revocation or code replay)
 
@@ -296,6 +310,7 @@ class AuthServer(_LoopbackWebApp):
             app.router.add_post(f"{p}/register", self._register)
         if self.device_grant:
             app.router.add_post(f"{p}/device_authorization", self._device_authorization)
+            app.router.add_route("*", f"{p}/device", self._device_verification)
         if self.metadata_style == "openid":
             app.router.add_get(f"{p}/jwks", self._jwks)
         return app
@@ -336,8 +351,9 @@ class AuthServer(_LoopbackWebApp):
         self._device_by_user_code(user_code).status = "denied"
 
     def _device_by_user_code(self, user_code: str) -> _Device:
+        """The pending device authorization with that user code (KeyError: none, or already answered)."""
         for device in self._devices.values():
-            if device.user_code == user_code:
+            if device.user_code == user_code and device.status == "pending":
                 return device
         raise KeyError(user_code)
 
@@ -690,11 +706,15 @@ class AuthServer(_LoopbackWebApp):
 
     async def _grant_device(self, request: web.Request, form: dict[str, str]) -> dict[str, Any]:
         client = await self._authenticate(request, form)
+        self.device_polls.append(time.monotonic())
         device = self._devices.get(form.get("device_code", ""))
         if device is None or device.client_id != client.client_id:
             raise OAuthError("invalid_grant", "unknown device code")
         if device.expires_at <= time.time():
             raise OAuthError("expired_token", "device code expired")
+        device.polls += 1
+        if device.polls <= self.device_slow_down:
+            raise OAuthError("slow_down", "polling too fast")
         if device.status == "pending":
             raise OAuthError("authorization_pending", "the user has not answered yet")
         if device.status == "denied":
@@ -707,29 +727,47 @@ class AuthServer(_LoopbackWebApp):
 
     async def _device_authorization(self, request: web.Request) -> web.Response:
         form = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+        self.device_authorization_requests.append({k: v for k, v in form.items() if k != "client_secret"})
         try:
             client = await self._authenticate(request, form)
+            if DEVICE_CODE_GRANT not in client.grant_types:
+                raise OAuthError("unauthorized_client", "this client may not use the device grant")
             scopes = self._scopes(form.get("scope"), self.scopes_supported)
         except OAuthError as exc:
             return _error_response(exc)
         device_code = new_token()
         user_code = f"{generate_token(4).upper()}-{generate_token(4).upper()}"
         self._devices[device_code] = _Device(
-            device_code, user_code, client.client_id, scopes, form.get("resource"), time.time() + DEVICE_CODE_TTL
+            device_code, user_code, client.client_id, scopes, form.get("resource"), time.time() + self.device_code_ttl
         )
         self.device_user_codes.append(user_code)
         verification = self.endpoint("device")
-        return web.json_response(
-            {
-                "device_code": device_code,
-                "user_code": user_code,
-                "verification_uri": verification,
-                "verification_uri_complete": add_query(verification, {"user_code": user_code}),
-                "expires_in": DEVICE_CODE_TTL,
-                "interval": self.device_poll_interval,
-            },
-            headers={"Cache-Control": "no-store"},
-        )
+        answer: dict[str, Any] = {
+            "device_code": device_code,
+            "user_code": user_code,
+            "verification_uri": verification,
+            "verification_uri_complete": add_query(verification, {"user_code": user_code}),
+            "expires_in": self.device_code_ttl,
+            "interval": self.device_poll_interval,
+        }
+        if self.device_verification_uri is not None:
+            answer["verification_uri"] = self.device_verification_uri
+            del answer["verification_uri_complete"]
+        return web.json_response(answer, headers={"Cache-Control": "no-store"})
+
+    async def _device_verification(self, request: web.Request) -> web.Response:
+        """The verification URI, as the user's browser uses it (no UI): `user_code` (query or form) is approved,
+        or denied with `decision=deny`."""
+        params = dict(request.query)
+        if request.method == "POST":
+            params |= {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+        user_code = params.get("user_code", "").strip().upper()
+        deny = params.get("decision", "approve") == "deny"
+        try:
+            (self.deny_device if deny else self.approve_device)(user_code)
+        except KeyError:
+            return web.Response(status=400, text="unknown or already answered code")
+        return web.Response(text="denied" if deny else "approved", content_type="text/plain")
 
     # ---- revocation (RFC 7009)
 
