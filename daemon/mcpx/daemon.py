@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -154,16 +155,41 @@ class Daemon:
         credentials = managed.credentials
         return managed, credentials if isinstance(credentials, OAuthCredential) else None
 
-    async def login(self, upstream: str, action: str, response: str | None) -> dict[str, Any]:
-        """`mcpxctl login`: `start` gives the authorization URL, `wait` returns when the login is complete and the
-        upstream usable, `paste` hands over where the browser landed (headless machines)."""
+    async def login(self, upstream: str, action: str, response: str | None, timeout: object = None) -> dict[str, Any]:
+        """`mcpxctl login`: `start` gives the authorization URL (and whether the server offers the device grant),
+        `device` starts a device login (RFC 8628) and gives the address to open and the code to enter there,
+        `wait` returns when the login is complete and the upstream usable (or fails after `timeout` seconds;
+        default 300 for a browser login, the code's lifetime for a device login), `paste` hands over where the
+        browser landed (headless machines). Both kinds share `wait`: it waits for the upstream's one login in
+        progress."""
         managed, credentials = self._oauth(upstream)
         if credentials is None:
             raise InvalidParams(f"upstream '{upstream}' uses {managed.config.auth.type} credentials: there is no login")
+        wait_for: float | None = None  # the flow's own bound (see `OAuthCredential.wait_login`)
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
+            wait_for = float(timeout)
+        elif timeout is not None:
+            raise InvalidParams("the login timeout must be a positive number of seconds")
         try:
-            if action == "start":
-                flow = await credentials.begin_login()
-                return {"upstream": upstream, "url": flow.pending.url, "redirect_uri": flow.pending.redirect_uri}
+            if action in ("start", "device"):
+                flow = await credentials.begin_login(device=action == "device")
+                if flow.device is not None:
+                    device = flow.device
+                    return {
+                        "upstream": upstream,
+                        "verification_uri": device.verification_uri,
+                        "verification_uri_complete": device.verification_uri_complete,
+                        "user_code": device.user_code,
+                        "expires_in": max(0, math.ceil(flow.expires_at - time.monotonic())),
+                        "interval": device.interval,
+                    }
+                assert flow.pending is not None
+                return {
+                    "upstream": upstream,
+                    "url": flow.pending.url,
+                    "redirect_uri": flow.pending.redirect_uri,
+                    "device_grant": flow.offers_device_grant,
+                }
             if action == "paste":
                 if response is None:
                     raise InvalidParams("paste needs the response")
@@ -173,7 +199,7 @@ class Daemon:
                 flow_now = credentials.current_login()
                 if flow_now is None:
                     raise LoginError("no login is in progress; start one with `mcpxctl login NAME`")
-                await credentials.wait_login(flow_now)
+                await credentials.wait_login(flow_now, wait_for)
                 await _reconnect_after_credential_change(managed)  # this caller's job: see `wait_login`
                 return {
                     "upstream": upstream,

@@ -18,6 +18,8 @@ from mcpx import __version__, paths
 from mcpx.cli.opener import open_url
 from mcpx.control.client import ControlError, DaemonNotRunning, call
 
+LOGIN_TIMEOUT = 300.0  # the daemon's default wait for a browser login (auth/oauth/credential.py)
+
 
 def _daemon_setting(config: Path, key: str) -> Path | None:
     """A path from the config's `[daemon]` table, read leniently: the daemon and `doctor` report config problems."""
@@ -91,22 +93,67 @@ def render_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _login(socket_path: Path, name: str, *, no_browser: bool, timeout: float) -> int:
-    started = call(socket_path, "mcpx/login", {"upstream": name, "action": "start"})
-    url = started["url"]
-    print(f"To log in to {name}, open this URL in a browser:\n\n  {url}\n", file=sys.stderr)
-    if no_browser:
-        print("Then paste the address the browser ended on (or the code) here:", file=sys.stderr)
-        pasted = sys.stdin.readline().strip()
-        params = {"upstream": name, "action": "paste", "response": pasted}
+def _login(socket_path: Path, name: str, *, no_browser: bool, device: bool, timeout: float | None) -> int:
+    params: dict[str, Any] = {"upstream": name, "action": "wait"}
+    if timeout is not None:
+        params["timeout"] = timeout
+    if device:
+        expires_in = _start_device_login(socket_path, name, timeout)
+        timeout = expires_in if timeout is None else min(timeout, expires_in)
     else:
-        if not open_url(url):
-            print("(could not open a browser; open the URL yourself)", file=sys.stderr)
-        print("Waiting for the browser…", file=sys.stderr)
-        params = {"upstream": name, "action": "wait"}
-    result = call(socket_path, "mcpx/login", params, timeout=timeout + 30)
+        started = call(socket_path, "mcpx/login", {"upstream": name, "action": "start"})
+        url = started["url"]
+        print(f"To log in to {name}, open this URL in a browser:\n\n  {url}\n", file=sys.stderr)
+        if no_browser:
+            if started.get("device_grant"):
+                print(
+                    f"(this server also offers `mcpxctl login {name} --device`: enter a code on any device instead "
+                    "of pasting an address)",
+                    file=sys.stderr,
+                )
+            print("Then paste the address the browser ended on (or the code) here:", file=sys.stderr)
+            params.update(action="paste", response=sys.stdin.readline().strip())
+        else:
+            if not open_url(url):
+                print("(could not open a browser; open the URL yourself)", file=sys.stderr)
+            print("Waiting for the browser…", file=sys.stderr)
+    waited = LOGIN_TIMEOUT if timeout is None else timeout
+    try:
+        # The daemon ends the login after `waited` (and then reconnects the upstream): a margin for that.
+        result = call(socket_path, "mcpx/login", params, timeout=waited + 30)
+    except TimeoutError:
+        print(f"mcpxctl: the login to {name} did not complete within {waited:g} s; run it again", file=sys.stderr)
+        return 1
     print(f"logged in to {name}: {result['state']}, {result['tools']} tools")
     return 0
+
+
+def _start_device_login(socket_path: Path, name: str, timeout: float | None) -> float:
+    """The device authorization grant: the daemon gets a code; the user enters it at the server's address, on this
+    or any other device (nothing is opened here: the browser is usually elsewhere). Returns the code's lifetime."""
+    started = call(socket_path, "mcpx/login", {"upstream": name, "action": "device"})
+    lines = [
+        f"To log in to {name}, open this address on any device:",
+        "",
+        f"  {started['verification_uri']}",
+        "",
+        "and enter the code:",
+        "",
+        f"  {started['user_code']}",
+        "",
+    ]
+    if started.get("verification_uri_complete"):
+        lines += ["or open this address, which carries the code:", "", f"  {started['verification_uri_complete']}", ""]
+    expires_in = float(started["expires_in"])
+    if timeout is not None and timeout < expires_in:
+        lines.append(
+            f"Waiting for the approval for up to {_duration(timeout)} (--timeout; the code expires in "
+            f"{_duration(expires_in)})…"
+        )
+    else:
+        lines.append(f"Waiting for the approval (the code expires in {_duration(expires_in)})…")
+    print("\n".join(lines), file=sys.stderr)
+    return expires_in
 
 
 def _service_target(args: argparse.Namespace) -> Any:
@@ -194,7 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     login.add_argument(
         "--no-browser", action="store_true", help="print the URL and paste back where the browser landed (SSH)"
     )
-    login.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser (default 300)")
+    login.add_argument(
+        "--device",
+        action="store_true",
+        help="log in on any device: print an address and a code to enter there (RFC 8628, where the server offers it)",
+    )
+    login.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds to wait for the browser (default 300) or, with --device, the approval (default: until the "
+        "code expires)",
+    )
     logout = commands.add_parser("logout", help="forget what is stored for an upstream")
     logout.add_argument("name")
     tools = commands.add_parser("tools", help="the tools agents see, per upstream")
@@ -250,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             for note in result.get("notes", []):
                 print(f"note: {note}")
         elif args.command == "login":
-            return _login(socket_path, args.name, no_browser=args.no_browser, timeout=args.timeout)
+            return _login(socket_path, args.name, no_browser=args.no_browser, device=args.device, timeout=args.timeout)
         elif args.command == "tools":
             from mcpx.cli import tools as catalog
 

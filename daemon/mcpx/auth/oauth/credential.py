@@ -29,7 +29,17 @@ import aiohttp
 from mcpx.auth.oauth import endpoints
 from mcpx.auth.oauth.callback import CallbackListener
 from mcpx.auth.oauth.endpoints import Client, EndpointUnreachable, TokenEndpointError
-from mcpx.auth.oauth.flow import AuthorizationFailed, PendingAuthorization, code_from_response, start_authorization
+from mcpx.auth.oauth.flow import (
+    DEVICE_CODE_GRANT,
+    AuthorizationFailed,
+    DeviceAuthorization,
+    PendingAuthorization,
+    code_from_response,
+    device_grant_supported,
+    next_device_interval,
+    parse_device_authorization,
+    start_authorization,
+)
 from mcpx.auth.oauth.metadata import (
     Challenge,
     DiscoveryError,
@@ -48,6 +58,9 @@ from mcpx.redact import fingerprint, register_secret
 _log = get_logger("mcpx.oauth")
 
 LOGIN_TIMEOUT: Final = 300.0
+DEVICE_CODE_EXPIRED: Final = "the code expired before the login was approved"
+# The longest pause between device login polls after network failures (RFC 8628 §3.5: back off exponentially).
+MAX_POLL_BACKOFF: Final = 60.0
 # Step-up re-authorizations allowed for one set of scopes before mcpx stops asking (SEC-14).
 MAX_STEP_UPS: Final = 2
 
@@ -92,14 +105,39 @@ class OAuthContext:
 
 @dataclass
 class LoginFlow:
-    pending: PendingAuthorization
+    """One login of an upstream, in progress or the last one. A browser login (`pending`, `listener`) waits for
+    where the browser lands; a device login (`device`) polls the token endpoint. `answer` is what the user hands
+    over (the redirect, or a pasted code); it is done once the flow no longer waits for the user, and an error set
+    on it ends the flow with that error (see `_abort`)."""
+
     server: ServerMetadata
     client: Client
-    listener: CallbackListener | None
     answer: asyncio.Future[str]
+    pending: PendingAuthorization | None = None
+    listener: CallbackListener | None = None
+    device: DeviceAuthorization | None = None
+    # The client was registered for this login (it replaces the stored registration if the login succeeds).
+    registered: bool = False
     result: asyncio.Task[None] | None = None
     # Callers of `wait_login` waiting now: they take over what `on_login` would do (see `wait_login`).
     waiters: int = 0
+    # Why the flow was ended early (replaced by another login, a waiter's timeout), for its other waiters.
+    ended: str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def kind(self) -> str:
+        return "device" if self.device is not None else "browser"
+
+    @property
+    def expires_at(self) -> float:
+        """When a device login's code expires (`time.monotonic()`); never for a browser login."""
+        return self.started_at + self.device.expires_in if self.device is not None else float("inf")
+
+    @property
+    def offers_device_grant(self) -> bool:
+        """Whether the authorization server offers the device grant (so `mcpxctl` can suggest it)."""
+        return device_grant_supported(self.server)
 
 
 def _succeeded(task: asyncio.Task[None]) -> bool:
@@ -123,6 +161,7 @@ class OAuthCredential:
         self._refreshing: asyncio.Task[bool] | None = None
         self._proactive: asyncio.Task[None] | None = None
         self._login: LoginFlow | None = None
+        self._login_lock = asyncio.Lock()
         self._challenge = Challenge()
         self._step_ups: dict[tuple[str, ...], int] = {}
         # Run after a successful login that nobody waits for (the supervisor reconnects); see `wait_login`.
@@ -422,18 +461,37 @@ class OAuthCredential:
 
     # --- login -------------------------------------------------------------------------------------------------
 
-    async def begin_login(self) -> LoginFlow:
-        """Start (or join) the login flow; the flow's `pending.url` is what the user must open."""
+    async def begin_login(self, *, device: bool = False) -> LoginFlow:
+        """Start (or join) a login: a browser login (the flow's `pending.url` is what the user must open), or with
+        `device` one by the device authorization grant (RFC 8628: the flow's `device` says which address to open
+        on any device and which code to enter there; the daemon polls for the outcome).
+
+        One flow per upstream: a login of the same kind started while one is pending joins it; one of the other
+        kind ends the pending one (its waiters hear why) and takes its place."""
         if self.machine:
             raise LoginError(f"upstream '{self.name}' uses client credentials and needs no login")
-        if self._login is not None and not self._login.answer.done():
-            return self._login
-        if not self._loaded:
-            await self._load()
-        try:
-            resource, server = await self._discover()
-        except (UpstreamUnavailable, CredentialRejected) as exc:
-            raise LoginError(exc.reason) from None
+        async with self._login_lock:
+            current = self._login
+            if current is not None and not current.answer.done():
+                if (current.device is not None) == device:
+                    return current
+                self._abort(current, f"replaced by a {'device' if device else 'browser'} login started since")
+            try:
+                if not self._loaded:
+                    await self._load()
+                flow = await (self._start_device() if device else self._start_browser())
+            except (UpstreamUnavailable, CredentialRejected) as exc:
+                raise LoginError(exc.reason) from None
+            self._login = flow
+            complete = self._poll_device(flow) if device else self._complete(flow)
+            flow.result = asyncio.get_running_loop().create_task(complete)
+            # The outcome is read by `wait_login`; when nobody waits (the terminal went away), it is dropped.
+            flow.result.add_done_callback(lambda task: task.cancelled() or task.exception())
+            _log.info("login started", upstream=self.name, issuer=flow.server.issuer, kind=flow.kind)
+            return flow
+
+    async def _start_browser(self) -> LoginFlow:
+        resource, server = await self._discover()
         listener = CallbackListener(port=self._listen_port())
         try:
             await listener.start()
@@ -441,7 +499,7 @@ class OAuthCredential:
             listener = CallbackListener(port=0)
             await listener.start()
         try:
-            client = await self._client_for_login(server, listener.redirect_uri)
+            client, registered = await self._client_for_login(server, listener.redirect_uri)
             pending = start_authorization(
                 server,
                 client_id=client.client_id,
@@ -452,13 +510,62 @@ class OAuthCredential:
         except (DiscoveryError, EndpointUnreachable, TokenEndpointError) as exc:
             await listener.stop()
             raise LoginError(f"cannot start the login: {exc}") from None
-        flow = LoginFlow(pending, server, client, listener, listener.answer)
-        self._login = flow
-        flow.result = asyncio.get_running_loop().create_task(self._complete(flow))
-        # The outcome is read by `wait_login`; when nobody waits (the terminal went away), it is only logged.
-        flow.result.add_done_callback(lambda task: task.cancelled() or task.exception())
-        _log.info("login started", upstream=self.name, issuer=server.issuer)
-        return flow
+        except BaseException:
+            await listener.stop()
+            raise
+        return LoginFlow(server, client, listener.answer, pending=pending, listener=listener, registered=registered)
+
+    async def _start_device(self) -> LoginFlow:
+        """Ask the authorization server for a device code (with the RFC 8707 resource and the scopes) and check
+        its answer; the client is the configured one, else a registration that includes the device grant."""
+        resource, server = await self._discover()
+        if not device_grant_supported(server):
+            raise LoginError(
+                f"the authorization server {server.issuer} does not offer the device authorization grant; log in "
+                f"with a browser: `{self.login_command()}` (add --no-browser to paste where the browser lands)"
+            )
+        scopes = self._requested_scopes(resource)
+        form = {"resource": self.resource_indicator}
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        try:
+            client, registered = await self._client_for_device(server)
+            answer = await endpoints.device_authorization(self._context.http(), server, client, form)
+            device = parse_device_authorization(
+                answer, issuer=server.issuer, client_id=client.client_id, resource=form["resource"], scopes=scopes
+            )
+        except TokenEndpointError as exc:
+            raise LoginError(f"the authorization server refused to start a device login: {exc}") from None
+        except (DiscoveryError, EndpointUnreachable) as exc:
+            raise LoginError(f"cannot start the device login: {exc}") from None
+        register_secret(device.device_code)
+        return LoginFlow(
+            server, client, asyncio.get_running_loop().create_future(), device=device, registered=registered
+        )
+
+    async def _client_for_device(self, server: ServerMetadata) -> tuple[Client, bool]:
+        """The client of a device login, and whether it was registered just now (see `_adopt_client`)."""
+        configured = self._configured_client(server)
+        if configured is not None:
+            return configured, False  # the server says whether it may use the device grant
+        stored = Client.from_record(self._record.get("client"))
+        if stored is not None and DEVICE_CODE_GRANT in stored.grant_types:
+            return stored, False
+        client = await endpoints.register(
+            self._context.http(),
+            server,
+            redirect_uris=[],
+            scopes=self._requested_scopes(None),
+            grant_types=(DEVICE_CODE_GRANT, "refresh_token"),
+        )
+        if DEVICE_CODE_GRANT not in client.grant_types:
+            raise LoginError(
+                "the authorization server registered mcpx without the device grant; log in with a browser "
+                f"(`{self.login_command()}`), or configure a client_id that may use it"
+            )
+        if client.client_secret is not None:
+            register_secret(client.client_secret)
+        return client, True
 
     def _listen_port(self) -> int:
         if isinstance(self._auth, OAuthAuth) and self._auth.redirect_port is not None:
@@ -466,22 +573,35 @@ class OAuthCredential:
         port = self._record.get("redirect_port")
         return port if isinstance(port, int) else 0
 
-    async def _client_for_login(self, server: ServerMetadata, redirect_uri: str) -> Client:
+    async def _client_for_login(self, server: ServerMetadata, redirect_uri: str) -> tuple[Client, bool]:
+        """The client of a browser login, and whether it was registered just now (see `_adopt_client`)."""
         configured = self._configured_client(server)
         if configured is not None:
-            return configured
+            return configured, False
         stored = Client.from_record(self._record.get("client"))
         if stored is not None and redirect_uri in (self._record.get("redirect_uris") or []):
-            return stored
+            return stored, False
         client = await endpoints.register(
             self._context.http(), server, redirect_uris=[redirect_uri], scopes=self._requested_scopes(None)
         )
-        self._record["client"] = client.to_record()
-        self._record["redirect_uris"] = [redirect_uri]
-        self._record["redirect_port"] = int(redirect_uri.rsplit(":", 1)[1].split("/", 1)[0])
-        self._register_secrets()
-        await self._save()
-        return client
+        if client.client_secret is not None:
+            register_secret(client.client_secret)
+        return client, True
+
+    def _adopt_client(self, flow: LoginFlow) -> None:
+        """A registration made for a login replaces the stored one when that login succeeds, not before: the
+        stored tokens belong to the stored client, and a login abandoned half-way must not leave them orphaned
+        (their refresh would fail and the login be lost)."""
+        if not flow.registered:
+            return
+        self._record["client"] = flow.client.to_record()
+        if flow.pending is not None:
+            redirect_uri = flow.pending.redirect_uri
+            self._record["redirect_uris"] = [redirect_uri]
+            self._record["redirect_port"] = int(redirect_uri.rsplit(":", 1)[1].split("/", 1)[0])
+        else:
+            self._record["redirect_uris"] = []
+            self._record.pop("redirect_port", None)
 
     def current_login(self) -> LoginFlow | None:
         """The login in progress, or the last one (whose outcome `wait_login` then reports)."""
@@ -492,32 +612,51 @@ class OAuthCredential:
         flow = self._login
         if flow is None or flow.answer.done():
             raise LoginError(f"no login is in progress for '{self.name}'")
+        if flow.device is not None:
+            raise LoginError(
+                f"the login in progress for '{self.name}' is a device login: enter the code "
+                f"{flow.device.user_code} at {flow.device.verification_uri}; there is nothing to paste"
+            )
         flow.answer.set_result(pasted)
 
-    async def wait_login(self, flow: LoginFlow, timeout: float = LOGIN_TIMEOUT) -> None:
-        """Return when the login has succeeded; raise `LoginError` otherwise.
+    async def wait_login(self, flow: LoginFlow, timeout: float | None = None) -> None:
+        """Return when the login has succeeded; raise `LoginError` otherwise, at the latest after `timeout` seconds
+        (which then ends the flow). Without one: LOGIN_TIMEOUT for a browser login, the code's lifetime for a
+        device login (whose polling ends then anyway, saying the code expired).
 
         A caller that returns from here takes over the `on_login` callbacks' job: it reconnects the upstream itself
         (the daemon's login does, and then reports the upstream's state), so the upstream is not woken twice, once
         by the login and once by the caller. A caller cancelled after the login succeeded runs them instead."""
         assert flow.result is not None
+        if timeout is None:
+            # A moment past the code's expiry, so that the poller's own "expired" is what the user reads.
+            timeout = LOGIN_TIMEOUT if flow.device is None else flow.expires_at - time.monotonic() + 1.0
         flow.waiters += 1
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(flow.result)
+                await asyncio.wait({flow.result})
         except TimeoutError:
             if _succeeded(flow.result):
                 return  # it succeeded as the time ran out
+            what = "the device login was not approved" if flow.device is not None else "no answer from the browser"
+            reason = f"{what} within {timeout:g} s; run the login again"
+            self._abort(flow, reason)
             await self._end_login(flow)
-            raise LoginError(f"no answer from the browser within {timeout:g} s; run the login again") from None
+            raise LoginError(reason) from None
         except asyncio.CancelledError:
             if _succeeded(flow.result):
                 self._logged_in()
             raise
         finally:
             flow.waiters -= 1
+        if flow.result.cancelled():
+            raise LoginError(flow.ended or "the login was ended before it completed; run it again")
+        error = flow.result.exception()
+        if error is not None:
+            raise error
 
     async def _complete(self, flow: LoginFlow) -> None:
+        assert flow.pending is not None
         try:
             answer = await flow.answer
             code = code_from_response(flow.pending, flow.server, answer)
@@ -532,14 +671,7 @@ class OAuthCredential:
                 tokens = await endpoints.token_request(self._context.http(), flow.server, flow.client, form)
             except (TokenEndpointError, EndpointUnreachable) as exc:
                 raise LoginError(f"the code could not be redeemed: {exc}") from None
-            self._accept_tokens(tokens, None)
-            if "scopes" not in self._record or not isinstance(tokens.get("scope"), str):
-                self._record["scopes"] = " ".join(flow.pending.scopes)
-            self._record["issuer"] = flow.server.issuer
-            self._record.pop("wanted_scopes", None)
-            await self._save()
-            self._schedule_proactive_refresh()
-            _log.info("login complete", upstream=self.name)
+            await self._store_login(flow, tokens, flow.pending.scopes)
         except AuthorizationFailed as exc:
             raise LoginError(str(exc)) from None
         finally:
@@ -547,9 +679,70 @@ class OAuthCredential:
         if not flow.waiters:
             self._logged_in()
 
+    async def _poll_device(self, flow: LoginFlow) -> None:
+        """Poll the token endpoint for the outcome of a device login (RFC 8628 §3.4-3.5): every `interval`
+        seconds, 5 s more after each `slow_down`, twice as long after a network failure; until the code expires,
+        the user denies, or a waiter's login timeout ends the flow."""
+        device = flow.device
+        assert device is not None
+        interval = device.interval
+        form = {"grant_type": DEVICE_CODE_GRANT, "device_code": device.device_code, "resource": device.resource}
+        try:
+            while True:
+                await self._pause(flow, min(interval, flow.expires_at - time.monotonic()))
+                if time.monotonic() >= flow.expires_at:
+                    raise LoginError(f"{DEVICE_CODE_EXPIRED}; run the login again")
+                try:
+                    tokens = await endpoints.token_request(self._context.http(), flow.server, flow.client, form)
+                except EndpointUnreachable as exc:
+                    interval = min(interval * 2, MAX_POLL_BACKOFF)
+                    _log.warning("a device login poll failed; polling more slowly", upstream=self.name, error=str(exc))
+                    continue
+                except TokenEndpointError as exc:
+                    interval = next_device_interval(exc.code, exc.description, interval)
+                    continue
+                break
+            await self._store_login(flow, tokens, device.scopes)
+        except AuthorizationFailed as exc:
+            raise LoginError(f"{exc}; run the login again") from None
+        finally:
+            await self._end_login(flow, keep_result=True)
+        if not flow.waiters:
+            self._logged_in()
+
+    @staticmethod
+    async def _pause(flow: LoginFlow, seconds: float) -> None:
+        """Wait `seconds`, or less if the flow is ended meanwhile (then raise why)."""
+        if seconds > 0 and not flow.answer.done():
+            await asyncio.wait({flow.answer}, timeout=seconds)
+        if flow.answer.done():
+            if flow.answer.cancelled():
+                raise LoginError(flow.ended or "the login was ended before it completed; run it again")
+            error = flow.answer.exception()
+            raise error if error is not None else LoginError("the login was ended before it completed")
+
+    async def _store_login(self, flow: LoginFlow, tokens: Mapping[str, Any], scopes: tuple[str, ...]) -> None:
+        self._adopt_client(flow)
+        self._accept_tokens(tokens, None)
+        if "scopes" not in self._record or not isinstance(tokens.get("scope"), str):
+            self._record["scopes"] = " ".join(scopes)
+        self._record["issuer"] = flow.server.issuer
+        self._record.pop("wanted_scopes", None)
+        await self._save()
+        self._schedule_proactive_refresh()
+        _log.info("login complete", upstream=self.name, kind=flow.kind)
+
     def _logged_in(self) -> None:
         for callback in self.on_login:
             callback()
+
+    @staticmethod
+    def _abort(flow: LoginFlow, reason: str) -> None:
+        """End a pending flow with `reason`: its completion task fails with it, and so its waiters."""
+        flow.ended = reason
+        if not flow.answer.done():
+            flow.answer.set_exception(LoginError(reason))
+            flow.answer.exception()  # retrieved here: the flow's task may be cancelled before it looks
 
     async def _end_login(self, flow: LoginFlow, *, keep_result: bool = False) -> None:
         if not flow.answer.done():
@@ -558,6 +751,7 @@ class OAuthCredential:
             await flow.listener.stop()
         if not keep_result and flow.result is not None and not flow.result.done():
             flow.result.cancel()
+            await asyncio.wait({flow.result})  # ended when this returns: no poll or redemption after it
 
     async def logout(self) -> bool:
         """Forget this upstream's tokens and registration (revoking the tokens where the server can)."""

@@ -39,11 +39,13 @@ _TIMEOUT: Final = 15.0
 
 
 class TokenEndpointError(Exception):
-    """The token endpoint answered with an OAuth error (`code` is e.g. `invalid_grant`)."""
+    """The token endpoint (or the device authorization or registration endpoint) answered with an OAuth error
+    (`code` is e.g. `invalid_grant`; `description` is the server's `error_description`, redacted and cut short)."""
 
     def __init__(self, code: str, description: str = "") -> None:
         super().__init__(f"{code}: {description}".rstrip(": "))
         self.code = code
+        self.description = description
 
 
 class EndpointUnreachable(Exception):
@@ -57,9 +59,18 @@ class Client:
     client_id: str
     client_secret: str | None = None
     auth_method: str = "none"  # none | client_secret_post | client_secret_basic | private_key_jwt
+    # The grant types a dynamic registration was granted (empty: not known, e.g. configured clients).
+    grant_types: tuple[str, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
-        return {"client_id": self.client_id, "client_secret": self.client_secret, "auth_method": self.auth_method}
+        record: dict[str, Any] = {
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+            "auth_method": self.auth_method,
+        }
+        if self.grant_types:
+            record["grant_types"] = list(self.grant_types)
+        return record
 
     @classmethod
     def from_record(cls, record: Any) -> Client | None:
@@ -67,7 +78,13 @@ class Client:
             return None
         secret = record.get("client_secret")
         method = record.get("auth_method")
-        return cls(record["client_id"], secret if isinstance(secret, str) else None, str(method or "none"))
+        grants = record.get("grant_types")
+        return cls(
+            record["client_id"],
+            secret if isinstance(secret, str) else None,
+            str(method or "none"),
+            tuple(grant for grant in grants if isinstance(grant, str)) if isinstance(grants, list) else (),
+        )
 
 
 async def _get_json(http: aiohttp.ClientSession, url: str) -> Any | None:
@@ -168,9 +185,16 @@ async def _legacy_server_metadata(http: aiohttp.ClientSession, server_url: str) 
 
 
 async def register(
-    http: aiohttp.ClientSession, server: ServerMetadata, *, redirect_uris: list[str], scopes: tuple[str, ...]
+    http: aiohttp.ClientSession,
+    server: ServerMetadata,
+    *,
+    redirect_uris: list[str],
+    scopes: tuple[str, ...],
+    grant_types: tuple[str, ...] = ("authorization_code", "refresh_token"),
 ) -> Client:
-    """Dynamic client registration (RFC 7591) as a native public client."""
+    """Dynamic client registration (RFC 7591) as a native public client: for the authorization code flow (with
+    its loopback redirect URIs), or for the device grant (`grant_types` without `authorization_code`, no redirect
+    URIs and no response types)."""
     if server.registration_endpoint is None:
         raise DiscoveryError(
             "the authorization server offers no client registration: set `client_id` for this upstream in the config"
@@ -178,8 +202,8 @@ async def register(
     metadata: dict[str, Any] = {
         "client_name": "mcpx",
         "redirect_uris": redirect_uris,
-        "grant_types": ["authorization_code", "refresh_token"],
-        "response_types": ["code"],
+        "grant_types": list(grant_types),
+        "response_types": ["code"] if "authorization_code" in grant_types else [],
         "token_endpoint_auth_method": "none",
         "application_type": "native",
     }
@@ -191,7 +215,15 @@ async def register(
         raise DiscoveryError("the registration response has no client_id")
     secret = answer.get("client_secret")
     method = answer.get("token_endpoint_auth_method", "none" if not secret else "client_secret_basic")
-    return Client(client_id, secret if isinstance(secret, str) else None, str(method))
+    granted = answer.get("grant_types", list(grant_types))
+    if not isinstance(granted, list):
+        granted = []
+    return Client(
+        client_id,
+        secret if isinstance(secret, str) else None,
+        str(method),
+        tuple(grant for grant in granted if isinstance(grant, str)),
+    )
 
 
 def auth_method_for(server: ServerMetadata, client_secret: str | None) -> str:
@@ -214,6 +246,28 @@ async def token_request(
     signing_algorithm: str = "RS256",
 ) -> dict[str, Any]:
     """POST to the token endpoint with the client's authentication; the parsed token response."""
+    form, headers = _authenticated(server, client, form, signing_key, signing_algorithm)
+    answer = await _post(http, server.token_endpoint, form=form, headers=headers, expect=(200,))
+    if not isinstance(answer.get("access_token"), str) or not answer["access_token"]:
+        raise TokenEndpointError("invalid_response", "the token response has no access_token")
+    return answer
+
+
+async def device_authorization(
+    http: aiohttp.ClientSession, server: ServerMetadata, client: Client, form: dict[str, str]
+) -> dict[str, Any]:
+    """The device authorization request (RFC 8628 §3.1), authenticated as at the token endpoint; the response
+    unchecked (see `flow.parse_device_authorization`)."""
+    if server.device_authorization_endpoint is None:
+        raise DiscoveryError("the authorization server has no device_authorization_endpoint")
+    form, headers = _authenticated(server, client, form, None, "RS256")
+    return await _post(http, server.device_authorization_endpoint, form=form, headers=headers, expect=(200,))
+
+
+def _authenticated(
+    server: ServerMetadata, client: Client, form: dict[str, str], signing_key: Any, signing_algorithm: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The form and headers of a request authenticated as `client` (RFC 6749 §2.3)."""
     form = dict(form)
     headers: dict[str, str] = {}
     if client.auth_method == "client_secret_basic" and client.client_secret is not None:
@@ -229,10 +283,7 @@ async def token_request(
         form["client_assertion"] = _client_assertion(client.client_id, server, signing_key, signing_algorithm)
     else:
         form["client_id"] = client.client_id
-    answer = await _post(http, server.token_endpoint, form=form, headers=headers, expect=(200,))
-    if not isinstance(answer.get("access_token"), str) or not answer["access_token"]:
-        raise TokenEndpointError("invalid_response", "the token response has no access_token")
-    return answer
+    return form, headers
 
 
 def _client_assertion(client_id: str, server: ServerMetadata, key_pem: bytes, algorithm: str) -> str:

@@ -1,5 +1,7 @@
-"""Sans-I/O authorization code flow: the PKCE pair and state, the authorization URL, and the checks on what
-comes back to the redirect URI (state, RFC 9207 `iss`, errors) before any code is redeemed.
+"""Sans-I/O authorization flows. The authorization code flow: the PKCE pair and state, the authorization URL, and
+the checks on what comes back to the redirect URI (state, RFC 9207 `iss`, errors) before any code is redeemed.
+The device authorization grant (RFC 8628): whether a server offers it, the checks on its device authorization
+response (the verification URIs like every authorization URL), and what each polling answer means.
 """
 
 from __future__ import annotations
@@ -7,7 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mcpx.auth.oauth.metadata import DiscoveryError, ServerMetadata, check_url
@@ -87,3 +91,103 @@ def code_from_response(pending: PendingAuthorization, server: ServerMetadata, pa
     if not code:
         raise AuthorizationFailed("the authorization response carries no code")
     return code
+
+
+# --- the device authorization grant (RFC 8628) -------------------------------------------------------------------
+
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# RFC 8628 §3.2: without `interval`, clients poll every 5 s; §3.5: `slow_down` adds 5 s for every later poll.
+DEFAULT_DEVICE_INTERVAL = 5.0
+SLOW_DOWN_STEP = 5.0
+# Polls are never closer than this, whatever the server says; and no device code is waited on for more than an hour.
+MIN_DEVICE_INTERVAL = 0.05
+MAX_DEVICE_WAIT = 3600.0
+_MAX_USER_CODE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAuthorization:
+    """A device authorization response (RFC 8628 §3.2), checked, with what the token requests must repeat."""
+
+    issuer: str
+    client_id: str
+    resource: str
+    scopes: tuple[str, ...]
+    device_code: str = field(repr=False)
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_in: float
+    interval: float
+
+
+def device_grant_supported(server: ServerMetadata) -> bool:
+    """The server has a device authorization endpoint and, if it lists its grant types, lists this one."""
+    return server.device_authorization_endpoint is not None and (
+        server.grant_types is None or DEVICE_CODE_GRANT in server.grant_types
+    )
+
+
+def _verification_url(value: object, what: str) -> str:
+    """A URL mcpxctl prints for the user to open: checked like every authorization URL (https, or http to
+    loopback), and plain ASCII, so a terminal shows exactly what it says."""
+    url = check_url(value, what)
+    if not url.isascii() or not url.isprintable():
+        raise DiscoveryError(f"{what} is not a plain ASCII URL")
+    return url
+
+
+def parse_device_authorization(
+    answer: Mapping[str, Any], *, issuer: str, client_id: str, resource: str, scopes: tuple[str, ...]
+) -> DeviceAuthorization:
+    """The checked device authorization response; raises `DiscoveryError` saying what is wrong with it."""
+    device_code = answer.get("device_code")
+    user_code = answer.get("user_code")
+    if not isinstance(device_code, str) or not device_code:
+        raise DiscoveryError("the device authorization response has no device_code")
+    if not isinstance(user_code, str) or not user_code.strip():
+        raise DiscoveryError("the device authorization response has no user_code")
+    if len(user_code) > _MAX_USER_CODE or not user_code.isprintable() or not user_code.isascii():
+        raise DiscoveryError("the device authorization response has a user_code that is not short printable text")
+    # `verification_url` is the name of a draft some servers still send.
+    uri = answer.get("verification_uri", answer.get("verification_url"))
+    verification_uri = _verification_url(uri, "verification_uri in the device authorization response")
+    complete = answer.get("verification_uri_complete")
+    verification_uri_complete = (
+        None
+        if complete is None
+        else _verification_url(complete, "verification_uri_complete in the device authorization response")
+    )
+    expires_in = answer.get("expires_in")
+    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or expires_in <= 0:
+        raise DiscoveryError("the device authorization response has no valid expires_in")
+    interval = answer.get("interval", DEFAULT_DEVICE_INTERVAL)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+        interval = DEFAULT_DEVICE_INTERVAL
+    return DeviceAuthorization(
+        issuer=issuer,
+        client_id=client_id,
+        resource=resource,
+        scopes=scopes,
+        device_code=device_code,
+        user_code=user_code,
+        verification_uri=verification_uri,
+        verification_uri_complete=verification_uri_complete,
+        expires_in=min(float(expires_in), MAX_DEVICE_WAIT),
+        interval=max(float(interval), MIN_DEVICE_INTERVAL),
+    )
+
+
+def next_device_interval(error: str, description: str, interval: float) -> float:
+    """After a device-code token request answered with an OAuth error: the seconds to wait before the next poll,
+    or `AuthorizationFailed` when polling must stop (RFC 8628 §3.5)."""
+    if error == "authorization_pending":
+        return interval
+    if error == "slow_down":
+        return interval + SLOW_DOWN_STEP
+    if error == "access_denied":
+        raise AuthorizationFailed("the authorization was denied at the authorization server (access_denied)")
+    if error == "expired_token":
+        raise AuthorizationFailed("the code expired before the login was approved (expired_token)")
+    detail = f"{error}: {description}" if description else error
+    raise AuthorizationFailed(f"the authorization server refused the device login: {detail}")

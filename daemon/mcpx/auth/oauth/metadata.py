@@ -165,7 +165,8 @@ class ServerMetadata:
     device_authorization_endpoint: str | None
     scopes_supported: tuple[str, ...]
     token_endpoint_auth_methods: tuple[str, ...]
-    grant_types: tuple[str, ...]
+    # `grant_types_supported`, or None when the document does not say (RFC 8414's default then applies).
+    grant_types: tuple[str, ...] | None
     iss_parameter_supported: bool
     client_id_metadata_documents: bool
     s256: bool
@@ -201,7 +202,7 @@ def validate_server_metadata(document: Any, expected_issuer: str, *, source: str
         device_authorization_endpoint=optional_url("device_authorization_endpoint"),
         scopes_supported=strings("scopes_supported"),
         token_endpoint_auth_methods=strings("token_endpoint_auth_methods_supported", ("client_secret_basic",)),
-        grant_types=strings("grant_types_supported", ("authorization_code", "implicit")),
+        grant_types=strings("grant_types_supported") if "grant_types_supported" in document else None,
         iss_parameter_supported=document.get("authorization_response_iss_parameter_supported") is True,
         client_id_metadata_documents=document.get("client_id_metadata_document_supported") is True,
         s256="S256" in methods,
