@@ -269,3 +269,14 @@ async def test_pre_registered_confidential_client(sandbox: Sandbox) -> None:
         assert not auth.registrations
         assert "app-secret-canary-0193" not in sandbox.log.read_text()
         assert "app-secret-canary-0193" not in (sandbox.state / "oauth-tokens.json").read_text()
+
+
+async def test_the_login_timeout_reaches_the_daemon(sandbox: Sandbox) -> None:
+    async with protected() as (auth, upstream):
+        oauth_config(sandbox, upstream)
+        sandbox.env["BROWSER"] = "true"  # a browser that never comes back
+        async with running_daemon(sandbox):
+            code, _, stderr = await login(sandbox, "--timeout", "1")
+            assert code != 0
+            assert "no answer from the browser within 1 s" in stderr  # the daemon's bound, not mcpxctl's own
+            assert not [grant for grant in auth.token_requests if grant == "authorization_code"]

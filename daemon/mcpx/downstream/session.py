@@ -52,7 +52,9 @@ class Control(Protocol):
 
     async def logout(self, upstream: str) -> dict[str, Any]: ...
 
-    async def login(self, upstream: str, action: str, response: str | None) -> dict[str, Any]: ...
+    async def login(
+        self, upstream: str, action: str, response: str | None, timeout: object = None
+    ) -> dict[str, Any]: ...
 
 
 class AgentSession:
@@ -149,7 +151,7 @@ class AgentSession:
                     raise InvalidParams('mcpx/login needs a string "upstream" and "action"')
                 if response is not None and not isinstance(response, str):
                     raise InvalidParams('mcpx/login "response" must be a string')
-                call = self._control.login(upstream, action, response)
+                call = self._control.login(upstream, action, response, params.get("timeout"))
                 self._spawn(request_id, self._control_call(request_id, call))
             else:
                 raise MethodNotFound(f"method not found: {method}")
