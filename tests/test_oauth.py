@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from tests.support import browser
-from tests.support.daemon import MCPXCTL, Sandbox, agent, mcpxctl, running_daemon, upstream_toml
+from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, start_mcpxctl, upstream_toml
 from tests.support.oauth_server import AuthServer, ProtectedUpstream, follow_authorization
 from tests.support.results import text_of
 
@@ -108,16 +108,7 @@ async def test_headless_login_by_pasting_where_the_browser_landed(sandbox: Sandb
         oauth_config(sandbox, upstream)
         del sandbox.env["BROWSER"]
         async with running_daemon(sandbox):
-            process = await asyncio.create_subprocess_exec(
-                MCPXCTL,
-                "login",
-                "protected",
-                "--no-browser",
-                env=sandbox.env,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            process = await start_mcpxctl(sandbox, "login", "protected", "--no-browser", stdin=True)
             assert process.stderr is not None and process.stdin is not None
             async with asyncio.timeout(20):
                 url = ""

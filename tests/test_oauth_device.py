@@ -29,7 +29,7 @@ from mcpx.auth.oauth.flow import (
 )
 from mcpx.auth.oauth.metadata import Challenge, DiscoveryError, validate_server_metadata
 from mcpx.config.model import OAuthAuth, UpstreamConfig
-from tests.support.daemon import MCPXCTL, Sandbox, agent, mcpxctl, running_daemon
+from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, start_mcpxctl
 from tests.support.oauth_server import AuthServer, ProtectedUpstream, follow_authorization
 from tests.support.results import text_of
 from tests.test_oauth import oauth_config, protected
@@ -57,17 +57,7 @@ class DeviceLogin:
 
 async def start_device_login(sandbox: Sandbox, *extra: str) -> DeviceLogin:
     """`mcpxctl login protected --device`, read until it waits for the approval (or ends)."""
-    process = await asyncio.create_subprocess_exec(
-        MCPXCTL,
-        "login",
-        "protected",
-        "--device",
-        *extra,
-        env=sandbox.env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_mcpxctl(sandbox, "login", "protected", "--device", *extra)
     assert process.stderr is not None
     printed = ""
     async with asyncio.timeout(20):
@@ -191,16 +181,7 @@ async def test_no_browser_login_mentions_the_device_grant_where_offered(sandbox:
         oauth_config(sandbox, upstream)
         del sandbox.env["BROWSER"]
         async with running_daemon(sandbox):
-            process = await asyncio.create_subprocess_exec(
-                MCPXCTL,
-                "login",
-                "protected",
-                "--no-browser",
-                env=sandbox.env,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            process = await start_mcpxctl(sandbox, "login", "protected", "--no-browser", stdin=True)
             assert process.stderr is not None and process.stdin is not None
             printed = ""
             url = ""

@@ -184,6 +184,19 @@ async def mcpxctl(sandbox: Sandbox, *args: str) -> tuple[int, str, str]:
     return await run(MCPXCTL, *args, env=sandbox.env)
 
 
+async def start_mcpxctl(sandbox: Sandbox, *args: str, stdin: bool = False) -> asyncio.subprocess.Process:
+    """`mcpxctl ARGS` running, for tests that talk to it while it runs: stdout and stderr piped, stdin piped
+    when `stdin` (else closed)."""
+    return await asyncio.create_subprocess_exec(
+        MCPXCTL,
+        *args,
+        env=sandbox.env,
+        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 def agent(sandbox: Sandbox, *shim_args: str, **client_options: Any) -> Client:
     """An MCP SDK client whose server is the real mcpx-shim (stdio), i.e. what an agent sees."""
     params = StdioServerParameters(command=SHIM, args=list(shim_args), env=sandbox.env)
