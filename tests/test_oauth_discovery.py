@@ -9,7 +9,8 @@ import pytest
 
 from mcpx.auth.oauth import endpoints
 from mcpx.auth.oauth.flow import start_authorization
-from mcpx.auth.oauth.metadata import Challenge, DiscoveryError, canonical_resource
+from mcpx.auth.oauth.metadata import Challenge, DiscoveryError, ServerMetadata, canonical_resource
+from mcpx.cli.opener import safe_to_open
 from tests.support.oauth_server import AuthServer, ProtectedUpstream
 
 
@@ -48,17 +49,49 @@ async def test_issuer_mismatch_and_wrong_resource_are_refused(http: aiohttp.Clie
             await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), Challenge())
 
 
-@pytest.mark.parametrize(
-    "endpoint",
-    ["javascript:alert(1)", "file:///etc/passwd", "http://evil.example/authorize", "https://a/$(calc)\r\nX: y"],
-)
+REFUSED = "(must be https|is not a plain ASCII URL)"
+HOSTILE_URLS = [
+    "javascript:alert(1)",
+    "file:///etc/passwd",
+    "http://evil.example/authorize",
+    "https://a/$(calc)\r\nX: y",
+    "https://as.example/authorize?\x9b31m",  # a C1 control: CSI in many terminals
+    "https://as.example/\u202egnp.exe",  # a bidi override: the terminal shows another address
+    "https://as.example/authoriz\u0435",  # a Cyrillic e: not the address it looks like
+]
+
+
+@pytest.mark.parametrize("endpoint", HOSTILE_URLS)
 async def test_hostile_authorization_endpoints_never_become_a_url(http: aiohttp.ClientSession, endpoint: str) -> None:
     async with AuthServer(authorization_endpoint_override=endpoint) as auth, ProtectedUpstream(auth) as upstream:
-        with pytest.raises(DiscoveryError):
-            _, server = await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), Challenge())
-            start_authorization(
-                server, client_id="c", redirect_uri="http://127.0.0.1:1/callback", resource="r", scopes=()
-            )
+        with pytest.raises(
+            DiscoveryError, match=rf"^authorization_endpoint in the authorization server metadata {REFUSED}"
+        ):
+            await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), Challenge())
+
+
+@pytest.mark.parametrize("endpoint", HOSTILE_URLS)
+def test_hostile_urls_are_neither_built_nor_opened(endpoint: str) -> None:
+    """Past discovery too: the authorization URL is built from a checked endpoint only, and the opener checks what
+    it is given again before it starts anything."""
+    server = ServerMetadata(
+        issuer="https://as.example",
+        authorization_endpoint=endpoint,
+        token_endpoint="https://as.example/token",
+        registration_endpoint=None,
+        revocation_endpoint=None,
+        device_authorization_endpoint=None,
+        scopes_supported=(),
+        token_endpoint_auth_methods=(),
+        grant_types=None,
+        iss_parameter_supported=False,
+        client_id_metadata_documents=False,
+        s256=True,
+    )
+    with pytest.raises(DiscoveryError, match=rf"^authorization_endpoint {REFUSED}"):
+        start_authorization(server, client_id="c", redirect_uri="http://127.0.0.1:1/callback", resource="r", scopes=())
+    assert not safe_to_open(endpoint)
+    assert safe_to_open("https://as.example/authorize?client_id=c&state=s%E2%80%AE")
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 Honours `$BROWSER` the way Python's `webbrowser` does: a `os.pathsep`-separated list of commands, each split
 like a shell word list but run directly; `%s` in a command is replaced by the URL, otherwise the URL is the last
 argument. Without `$BROWSER`, `webbrowser` picks the platform's opener (it runs no shell either). Only https
-URLs, or http to a loopback address, are ever opened; the caller prints the URL in every case.
+URLs, or http to a loopback address, all plain printable ASCII, are ever opened; the caller prints the URL in every
+case.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from mcpx.auth.oauth.metadata import DiscoveryError, check_url
 
 
 def safe_to_open(url: str) -> bool:
-    """The daemon's rule for endpoint URLs, checked again on this side before anything is spawned."""
+    """The daemon's rule for endpoint URLs (https or loopback http, plain printable ASCII), checked again on this
+    side before anything is spawned."""
     try:
         check_url(url, "the authorization URL")
     except DiscoveryError:

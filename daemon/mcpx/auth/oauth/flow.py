@@ -128,15 +128,6 @@ def device_grant_supported(server: ServerMetadata) -> bool:
     )
 
 
-def _verification_url(value: object, what: str) -> str:
-    """A URL mcpxctl prints for the user to open: checked like every authorization URL (https, or http to
-    loopback), and plain ASCII, so a terminal shows exactly what it says."""
-    url = check_url(value, what)
-    if not url.isascii() or not url.isprintable():
-        raise DiscoveryError(f"{what} is not a plain ASCII URL")
-    return url
-
-
 def parse_device_authorization(
     answer: Mapping[str, Any], *, issuer: str, client_id: str, resource: str, scopes: tuple[str, ...]
 ) -> DeviceAuthorization:
@@ -151,12 +142,12 @@ def parse_device_authorization(
         raise DiscoveryError("the device authorization response has a user_code that is not short printable text")
     # `verification_url` is the name of a draft some servers still send.
     uri = answer.get("verification_uri", answer.get("verification_url"))
-    verification_uri = _verification_url(uri, "verification_uri in the device authorization response")
+    verification_uri = check_url(uri, "verification_uri in the device authorization response")
     complete = answer.get("verification_uri_complete")
     verification_uri_complete = (
         None
         if complete is None
-        else _verification_url(complete, "verification_uri_complete in the device authorization response")
+        else check_url(complete, "verification_uri_complete in the device authorization response")
     )
     expires_in = answer.get("expires_in")
     if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or expires_in <= 0:

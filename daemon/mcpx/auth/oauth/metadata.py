@@ -6,7 +6,8 @@ and the checks every fetched document must pass before it is used.
   well-known URL, the server's origin (RFC 9728 §3.3: the identifier the well-known URL was built from).
 - Authorization server metadata: RFC 8414 then OpenID discovery, in the spec's order; its `issuer` must equal
   the issuer the URL was built from; PKCE `S256` must be advertised (the spec: clients MUST refuse otherwise).
-- Every URL taken from a document is https, or http to a loopback address (SEC-7, SEC-12).
+- Every URL taken from a document is https, or http to a loopback address (SEC-7, SEC-12), and plain printable
+  ASCII: it may be printed for the user or opened in a browser.
 """
 
 from __future__ import annotations
@@ -80,11 +81,13 @@ def is_loopback(host: str | None) -> bool:
 
 
 def check_url(url: object, what: str) -> str:
-    """An endpoint URL from a document: https, or http to loopback only; no credentials, no fragment."""
+    """A URL mcpx takes from a document or a server, and may print or open: https, or http to loopback only; no
+    credentials, no fragment; and plain printable ASCII (RFC 3986 characters only), so that what a terminal shows
+    is exactly the address (no control characters such as C1 `\x9b`, no bidi overrides, no look-alike letters)."""
     if not isinstance(url, str) or not url:
         raise DiscoveryError(f"{what} is missing")
-    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
-        raise DiscoveryError(f"{what} contains spaces or control characters")
+    if not all("!" <= char <= "~" for char in url):
+        raise DiscoveryError(f"{what} is not a plain ASCII URL: it contains spaces, control or non-ASCII characters")
     parts = urlsplit(url)
     if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname)):
         if not parts.hostname:
