@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mcpx.config import BearerEnvAuth, BearerFileAuth, Config, NoAuth, StaticHeaderAuth, load_config
+from mcpx.config.model import OAuthAuth
 from mcpx.errors import ConfigError
 
 SEED_EXAMPLE = """\
@@ -302,3 +303,35 @@ def test_every_problem_in_a_file_is_reported_at_once(tmp_path: Path) -> None:
     assert f"{path}: upstream 'jira': colour: unknown key" in problems
     assert "upstream 'wiki': url:" in joined
     assert f"{path}: upstream #3: name: required field is missing" in problems
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("ftp://example.com/client.json", "must be https (or http to a loopback address)"),
+        ("http://example.com/client.json", "must be https (or http to a loopback address)"),
+        ("https:///client.json", "has no host"),
+        ("https://example.com/my client.json", "is not a plain ASCII URL"),
+        ("https://example.com/client\\u0007.json", "is not a plain ASCII URL"),
+        ("https://example.com/\\u202enosj.json", "is not a plain ASCII URL"),
+        ("https://user@example.com/client.json", "must not carry credentials or a fragment"),
+        ("https://example.com/client.json#x", "must not carry credentials or a fragment"),
+        ("https://example.com/", "must have a path"),
+        ("https://example.com", "must have a path"),
+    ],
+)
+def test_a_client_metadata_url_is_checked_like_every_oauth_url(tmp_path: Path, url: str, why: str) -> None:
+    problem = _only_problem(tmp_path, JIRA + f'auth = {{ type = "oauth", client_metadata_url = "{url}" }}\n')
+    assert "upstream 'jira': auth" in problem and "client_metadata_url" in problem
+    assert why in problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://example.com/client.json", "http://127.0.0.2:8080/client.json", "http://[::1]/c", "http://localhost/c"],
+)
+def test_a_client_metadata_url_may_be_https_or_loopback_http(tmp_path: Path, url: str) -> None:
+    (jira,) = load_config(
+        _write(tmp_path, JIRA + f'auth = {{ type = "oauth", client_metadata_url = "{url}" }}\n')
+    ).upstreams
+    assert isinstance(jira.auth, OAuthAuth) and jira.auth.client_metadata_url == url

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mcpx.auth.oauth.metadata import DiscoveryError, check_url
+
 # Characters valid in MCP tool names (2025-11-25 server/tools "Tool names"): an upstream's name becomes the
 # prefix of its tools' names, so it is held to the same alphabet.
 UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -67,15 +69,13 @@ def _scope_list(value: object) -> object:
 
 
 def _oauth_url(value: str | None, what: str) -> str | None:
+    """A URL mcpx hands to authorization servers: held to the rule of every OAuth URL (`metadata.check_url`)."""
     if value is None:
         return None
-    parts = urlsplit(value)
-    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
-    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
-        raise ValueError(f"{what} must be an https:// URL (http:// only to a loopback address)")
-    if parts.fragment or parts.username or parts.password:
-        raise ValueError(f"{what} must not have a fragment or credentials")
-    return value
+    try:
+        return check_url(value, what)
+    except DiscoveryError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class _OAuthCommon(_Strict):
