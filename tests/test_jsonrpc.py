@@ -21,7 +21,7 @@ from mcpx.jsonrpc import RawJson, spliced_result
     ],
 )
 def test_the_two_compact_shapes_give_the_result_bytes_untouched(raw: bytes, value: bytes) -> None:
-    spliced = spliced_result(raw, 7)
+    spliced = spliced_result(raw, 7, secrets_registered=False)
     assert spliced is not None
     assert spliced.data == value
 
@@ -43,7 +43,7 @@ def test_the_two_compact_shapes_give_the_result_bytes_untouched(raw: bytes, valu
     ],
 )
 def test_anything_else_is_left_to_the_ordinary_parse(raw: bytes) -> None:
-    assert spliced_result(raw, 7) is None
+    assert spliced_result(raw, 7, secrets_registered=False) is None
 
 
 def test_raw_values_are_written_out_as_they_are() -> None:
@@ -55,3 +55,12 @@ def test_raw_values_survive_the_standard_library_fallback() -> None:
     # orjson refuses integers beyond 64 bits (an agent may use one as its id); the fallback keeps the raw value.
     message = jsonrpc.result_response(10**30, RawJson(b'{"a":[1]}'))
     assert json.loads(jsonrpc.dumps(message)) == {"jsonrpc": "2.0", "id": 10**30, "result": {"a": [1]}}
+
+
+@pytest.mark.parametrize("escaped", [b'{"t":"a\\/b"}', b'{"t":"\\u0061"}'])
+def test_escapes_that_could_hide_a_secret_are_left_to_the_ordinary_parse_when_secrets_exist(escaped: bytes) -> None:
+    # Scrubbing matches a secret's plain bytes; re-serializing turns "\/" and "\u0061" back into them.
+    raw = b'{"jsonrpc":"2.0","id":7,"result":' + escaped + b"}"
+    assert spliced_result(raw, 7, secrets_registered=True) is None
+    spliced = spliced_result(raw, 7, secrets_registered=False)
+    assert spliced is not None and spliced.data == escaped

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import TextContent
 
@@ -86,3 +89,29 @@ async def test_canary_secrets_appear_in_no_log_status_error_or_result(sandbox: S
     assert {r.headers.get("authorization") for r in beta.requests if r.method == "POST"} == {f"Bearer {FILE_CANARY}"}
     assert {r.headers.get("x-api-key") for r in gamma.requests if r.method == "POST"} == {HEADER_CANARY}
     assert all("authorization" not in r.headers for r in gamma.requests)
+
+
+async def test_a_secret_echoed_with_json_escapes_is_still_scrubbed(sandbox: Sandbox) -> None:
+    # The upstream escapes "/" (as PHP does), so the secret's plain bytes never appear in its body: mcpx must not
+    # forward those bytes as they are, or the agent would decode them into the secret.
+    canary = "CANARY/slash-7e6d5c4b"
+    alpha = Upstream("alpha", json_response=True)
+    alpha.extra_result_fields = {"echoed": canary}
+    sandbox.env["ALPHA_TOKEN"] = canary
+    sandbox.write_config(upstream_toml("alpha", alpha.url, auth={"type": "bearer_env", "env": "ALPHA_TOKEN"}))
+    async with running(alpha), running_daemon(sandbox):
+        reader, writer = await asyncio.open_unix_connection(str(sandbox.socket))
+        request = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "alpha__echo", "arguments": {"text": "x"}},
+        }
+        writer.write(json.dumps(request).encode() + b"\n")
+        async with asyncio.timeout(10):
+            line = await reader.readline()
+        writer.close()
+    (sent,) = alpha.tool_call_bodies
+    assert b"CANARY\\/slash" in sent  # the escaped form really was on the wire
+    echoed = json.loads(line)["result"]["echoed"]
+    assert echoed.startswith("<secret sha256:") and canary not in line.decode()

@@ -67,12 +67,14 @@ _JSON_WHITESPACE: Final = b" \t\r\n"
 _RESULT_FIRST: Final = b'{"result":'
 
 
-def spliced_result(raw: bytes, request_id: int) -> RawJson | None:
+def spliced_result(raw: bytes, request_id: int, *, secrets_registered: bool) -> RawJson | None:
     """The `result` of `raw`, a response to `request_id`, as its own bytes; None unless `raw` has one of the two
     compact shapes SDK servers write (`{"jsonrpc":"2.0","id":N,"result":V}` or `{"result":V,"jsonrpc":"2.0","id":N}`).
 
     Sound because V is then checked to be exactly one JSON value: nothing can hide a second `id` or end the object
-    early, and the caller falls back to an ordinary parse whenever this says None.
+    early, and the caller falls back to an ordinary parse whenever this says None. With secrets registered, V
+    must also be free of `\\/` and `\\u` escapes: secret scrubbing matches plain bytes, and only re-serializing
+    turns an escaped secret back into them.
     """
     id_bytes = b"%d" % request_id
     end = len(raw)
@@ -86,26 +88,47 @@ def spliced_result(raw: bytes, request_id: int) -> RawJson | None:
         if not (raw.startswith(_RESULT_FIRST) and raw.endswith(tail, 0, end)):
             return None
         value = raw[len(_RESULT_FIRST) : end - len(tail)]
-    if b"\n" in value or not _is_one_json_value(value):
+    if b"\n" in value:
         return None  # whitespace newlines would break the agent's line framing
+    if secrets_registered and (b"\\/" in value or b"\\u" in value):
+        return None
+    if not _is_one_json_value(value):
+        return None
     return RawJson(value)
 
 
-_validator = simdjson.Parser()
+_parser = simdjson.Parser()
 # A parser keeps buffers sized for the largest document it has seen: large ones get a parser of their own,
 # so one big result does not hold twice its size in the daemon for good.
 _REUSED_PARSER_LIMIT: Final = 1 << 20
 
 
+def _parser_for(data: bytes) -> simdjson.Parser:
+    return _parser if len(data) <= _REUSED_PARSER_LIMIT else simdjson.Parser()
+
+
 def _is_one_json_value(data: bytes) -> bool:
     # simdjson validates at several GB/s without building Python objects (orjson.loads of an 8 MiB text costs
     # about three times as much); the parsed document is dropped at once so the parser can be reused.
-    parser = _validator if len(data) <= _REUSED_PARSER_LIMIT else simdjson.Parser()
     try:
-        parser.parse(data)
+        _parser_for(data).parse(data)
     except (ValueError, RuntimeError):  # not JSON, or beyond simdjson (integers over 64 bits): the slow path decides
         return False
     return True
+
+
+def top_level_field(value: Any, key: str) -> Any:
+    """`value[key]` when `value` is an object (parsed, or `RawJson` read without building the rest), else None."""
+    if isinstance(value, RawJson):
+        document = _parser_for(value.data).parse(value.data)
+        try:
+            field = document.get(key) if isinstance(document, simdjson.Object) else None
+            if isinstance(field, simdjson.Object):
+                return field.as_dict()
+            return field.as_list() if isinstance(field, simdjson.Array) else field
+        finally:
+            del document  # the parser can be reused only once its document is gone
+    return value.get(key) if isinstance(value, dict) else None
 
 
 def request(request_id: RequestId, method: str, params: dict[str, Any] | None = None) -> Message:

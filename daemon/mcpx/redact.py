@@ -26,6 +26,10 @@ def register_secret(secret: str) -> None:
         _secrets[secret] = secret.encode()
 
 
+def any_registered() -> bool:
+    return bool(_secrets)
+
+
 def scrub(data: bytes) -> bytes:
     """`data` (serialized JSON on its way to an agent) with every registered secret replaced by its fingerprint.
 

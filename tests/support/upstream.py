@@ -145,7 +145,8 @@ class Upstream:
             reply = json.loads(body) if body.startswith(b"{") else {}
             if isinstance(reply.get("result"), dict) and "content" in reply["result"]:
                 reply["result"].update(self.extra_result_fields)
-                body = json.dumps(reply, separators=(",", ":")).encode()
+                # Escaped slashes, as PHP writes them: valid JSON whose bytes differ from its text.
+                body = json.dumps(reply, separators=(",", ":")).replace("/", "\\/").encode()
                 self.tool_call_bodies.append(body)
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
             await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})

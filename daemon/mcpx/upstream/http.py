@@ -23,6 +23,7 @@ from mcpx.errors import (
     CredentialRejected,
     FrameTooLarge,
     InvalidRequest,
+    McpxError,
     ParseError,
     SessionExpired,
     UpstreamHTTPError,
@@ -34,7 +35,7 @@ from mcpx.errors import (
 from mcpx.framing.sse import SSEDecoder
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
-from mcpx.redact import redact
+from mcpx.redact import any_registered, redact
 from mcpx.upstream.h1 import BodyTooLarge, ConnectError, HttpClient, HttpClientError, Response, Target
 
 LATEST_HANDSHAKE_VERSION: Final = "2025-11-25"
@@ -105,7 +106,7 @@ class HttpSession:
                 headers = self._headers()
                 headers["Mcp-Session-Id"] = session_id
                 (await self._http.request("DELETE", self._target, headers)).release()
-        except (TimeoutError, HttpClientError, CredentialRejected) as exc:
+        except (TimeoutError, HttpClientError, McpxError) as exc:  # e.g. NeedsLogin: no credential left
             _log.debug("session delete failed", upstream=self.name, error=str(exc))
 
     # --- requests ------------------------------------------------------------------------------------------------
@@ -287,11 +288,8 @@ class HttpSession:
 
     def _response_result(self, raw: bytes, request_id: int, forward_raw: bool) -> Any:
         """The result of the response `raw`: as the upstream's own bytes when it is forwarded untouched."""
-        if forward_raw:
-            spliced = jsonrpc.spliced_result(raw, request_id)
-            if spliced is not None:
-                return spliced
-        return self._result_of(self._parse(raw), request_id)
+        spliced = _spliced(raw, request_id) if forward_raw else None
+        return spliced if spliced is not None else self._result_of(self._parse(raw), request_id)
 
     async def _read_stream(
         self, response: Response, request_id: int, on_related: NotificationHandler | None, forward_raw: bool
@@ -303,7 +301,7 @@ class HttpSession:
                     if event.event != "message" or not event.data:
                         continue
                     data = event.data.encode()
-                    if forward_raw and (spliced := jsonrpc.spliced_result(data, request_id)) is not None:
+                    if forward_raw and (spliced := _spliced(data, request_id)) is not None:
                         return spliced
                     message = self._parse(data)
                     if "method" not in message:
@@ -396,18 +394,16 @@ class HttpSession:
             try:
                 async with asyncio.timeout(5.0):
                     await send()
-            except (
-                TimeoutError,
-                HttpClientError,
-                CredentialRejected,
-                UpstreamUnavailable,
-                UpstreamHTTPError,
-            ) as exc:
+            except (TimeoutError, HttpClientError, McpxError) as exc:
                 _log.debug("background send failed", upstream=self.name, error=str(exc))
 
         task = asyncio.get_running_loop().create_task(guarded())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _spliced(raw: bytes, request_id: int) -> jsonrpc.RawJson | None:
+    return jsonrpc.spliced_result(raw, request_id, secrets_registered=any_registered())
 
 
 def _is_related(message: Message) -> bool:
