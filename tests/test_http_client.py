@@ -310,3 +310,9 @@ def test_targets() -> None:
     assert Target.parse("http://[::1]:8080").path == "/"
     with pytest.raises(ValueError, match="not an http"):
         Target.parse("ftp://example.test/")
+
+
+def test_a_header_beyond_latin_1_is_a_client_error_not_a_crash() -> None:
+    target = Target.parse("https://example.test/mcp")
+    with pytest.raises(HttpClientError, match="beyond latin-1"):
+        encode_request("POST", target, {"X-Team": "équipe ✓"}, b"{}")

@@ -86,7 +86,10 @@ def encode_request(method: str, target: Target, headers: Mapping[str, str], body
         lines.append(f"{name}: {value}")
     if body is not None or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body or b'')}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    try:
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise HttpClientError("a header name or value has characters HTTP/1.1 cannot carry (beyond latin-1)") from None
     return head + body if body else head
 
 
