@@ -46,7 +46,7 @@ class _ListKind:
     identity: str  # the field every entry must have as a non-empty string
 
 
-_LISTS: Final = {
+LISTS: Final = {
     TOOLS: _ListKind("tools", "tools/list", "tools", "name"),
     PROMPTS: _ListKind("prompts", "prompts/list", "prompts", "name"),
     RESOURCES: _ListKind("resources", "resources/list", "resources", "uri"),
@@ -229,16 +229,13 @@ class ManagedUpstream:
         forward_raw: bool = False,
     ) -> Any:
         """Forward one request. Raises an `UpstreamError` (never hangs on a down upstream)."""
-        await self.ensure_ready()
+        if self.state is not UpstreamState.READY:
+            await self.ensure_ready()
         try:
-            timeout = self.config.timeout
             return await self.session.request(
-                method, params, timeout=timeout, on_related=on_related, forward_raw=forward_raw
+                method, params, timeout=self.config.timeout, on_related=on_related, forward_raw=forward_raw
             )
-        except UpstreamUnavailable as exc:
-            self._mark_broken(exc)
-            raise
-        except CredentialRejected as exc:
+        except (UpstreamUnavailable, CredentialRejected) as exc:
             self._mark_broken(exc)
             raise
         except NeedsLogin as exc:
@@ -280,11 +277,11 @@ class ManagedUpstream:
 
     def _kinds(self) -> list[str]:
         capabilities = self.session.capabilities
-        return [kind for kind, spec in _LISTS.items() if kind == TOOLS or spec.capability in capabilities]
+        return [kind for kind, spec in LISTS.items() if kind == TOOLS or spec.capability in capabilities]
 
     async def _list(self, kind: str) -> tuple[dict[str, Any], ...]:
         """All pages of one list: the entries whose identifying field is a non-empty string."""
-        spec = _LISTS[kind]
+        spec = LISTS[kind]
         items: list[dict[str, Any]] = []
         cursor: str | None = None
         for _ in range(_MAX_LIST_PAGES):
@@ -332,8 +329,8 @@ class ManagedUpstream:
             kinds, self._stale = self._stale, set()
             try:
                 self._set_lists({kind: await self._list(kind) for kind in sorted(kinds)})
-            except UpstreamError as exc:
-                _log.warning("list refresh failed", upstream=self.name, error=exc.reason)
+            except (UpstreamError, NeedsLogin) as exc:
+                _log.warning("list refresh failed", upstream=self.name, error=str(exc))
 
 
 async def _first_of(*events: asyncio.Event) -> None:
