@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
 from mcpx.audit import AuditLog
@@ -62,3 +63,19 @@ def test_the_log_rotates_by_size_and_keeps_the_configured_backups(tmp_path: Path
     assert newest[-1]["n"] == 39
     assert _lines(tmp_path / "audit.jsonl.1")[-1]["n"] == newest[0]["n"] - 1  # nothing lost between files
     assert all(path.stat().st_size <= 200 for path in tmp_path.iterdir())
+
+
+async def test_a_tool_that_reports_an_error_is_recorded_as_a_tool_error(sandbox: Sandbox) -> None:
+    def failing(server: MCPServer) -> None:
+        @server.tool()
+        def broken() -> str:
+            raise ValueError("it broke")
+
+    alpha = Upstream("alpha", json_response=False, customize=failing)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        assert (await client.call_tool("alpha__broken", {})).is_error
+        assert not (await client.call_tool("alpha__echo", {"text": "fine"})).is_error
+    broken, fine = _lines(sandbox.state / "audit.jsonl")
+    assert (broken["tool"], broken["outcome"]) == ("alpha__broken", "tool_error")
+    assert (fine["tool"], fine["outcome"]) == ("alpha__echo", "ok")

@@ -32,7 +32,7 @@ from mcpx.errors import (
 from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
 from mcpx.redact import scrub
-from mcpx.router.router import LIST_KEYS, Router, list_response
+from mcpx.router.router import LIST_METHODS, Router, list_response
 from mcpx.upstream.http import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION
 
 _log = get_logger("mcpx.agent")
@@ -107,7 +107,7 @@ class AgentSession:
         try:
             if method == "tools/call":
                 self._spawn(request_id, self._call_tool(request_id, params))
-            elif method in LIST_KEYS:
+            elif method in LIST_METHODS:
                 if self._router.settled:
                     self._send(list_response(request_id, method, self._router))
                 else:
@@ -135,12 +135,12 @@ class AgentSession:
                 routes = self._router.catalog.routes.items()
                 self._reply(request_id, {"routes": {n: {"upstream": r.upstream, "tool": r.tool} for n, r in routes}})
             elif method == "mcpx/reload":
-                self._spawn(request_id, self._control_call(request_id, self._control.reload()))
+                self._spawn(request_id, self._forward(request_id, self._control.reload()))
             elif method == "mcpx/logout":
                 upstream = params.get("upstream")
                 if not isinstance(upstream, str):
                     raise InvalidParams('mcpx/logout needs a string "upstream"')
-                self._spawn(request_id, self._control_call(request_id, self._control.logout(upstream)))
+                self._spawn(request_id, self._forward(request_id, self._control.logout(upstream)))
             elif method == "mcpx/login":
                 upstream, action, response = (
                     params.get("upstream"),
@@ -152,7 +152,7 @@ class AgentSession:
                 if response is not None and not isinstance(response, str):
                     raise InvalidParams('mcpx/login "response" must be a string')
                 call = self._control.login(upstream, action, response, params.get("timeout"))
-                self._spawn(request_id, self._control_call(request_id, call))
+                self._spawn(request_id, self._forward(request_id, call))
             else:
                 raise MethodNotFound(f"method not found: {method}")
         except McpxError as exc:
@@ -188,7 +188,7 @@ class AgentSession:
 
     async def _call_tool(self, request_id: RequestId, params: dict[str, Any]) -> None:
         started = time.monotonic()
-        outcome = "cancelled"
+        outcome, result = "cancelled", None
         try:
             result = await self._router.call_tool(params, self._send_message)
         except UpstreamRpcError as exc:
@@ -204,15 +204,17 @@ class AgentSession:
             outcome = "agent_error"
             self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
         else:
-            outcome = "tool_error" if _is_tool_error(result) else "ok"
+            outcome = "ok"
             self._reply(request_id, result)
         finally:
-            self._audit(params, outcome, time.monotonic() - started)
+            self._audit(params, outcome, time.monotonic() - started, result)
 
-    def _audit(self, params: dict[str, Any], outcome: str, seconds: float) -> None:
+    def _audit(self, params: dict[str, Any], outcome: str, seconds: float, result: Any) -> None:
         audit = self._router.audit
         if audit is None:
             return
+        if outcome == "ok" and jsonrpc.top_level_field(result, "isError") is True:
+            outcome = "tool_error"
         name = params.get("name")
         route = self._router.catalog.routes.get(name) if isinstance(name, str) else None
         entry: dict[str, Any] = {
@@ -227,12 +229,6 @@ class AgentSession:
         if self._router.config.daemon.audit_arguments:
             entry["arguments"] = params.get("arguments")
         audit.record(entry)
-
-    async def _control_call(self, request_id: RequestId, call: Awaitable[dict[str, Any]]) -> None:
-        try:
-            self._reply(request_id, await call)
-        except McpxError as exc:
-            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
 
     def _spawn(self, request_id: RequestId, work: Awaitable[None]) -> None:
         async def run() -> None:
@@ -272,9 +268,3 @@ class AgentSession:
     def _send_message(self, message: Message) -> None:
         if not self._closed:
             self._send(scrub(jsonrpc.dumps(message)))
-
-
-def _is_tool_error(result: Any) -> bool:
-    if isinstance(result, jsonrpc.RawJson):
-        return b'"isError":true' in result.data
-    return isinstance(result, dict) and result.get("isError") is True

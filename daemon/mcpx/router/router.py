@@ -10,7 +10,7 @@ import asyncio
 import itertools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from mcpx import jsonrpc
 from mcpx.audit import AuditLog
@@ -30,7 +30,7 @@ from mcpx.router.catalog import (
 )
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import NotificationHandler
-from mcpx.upstream.supervisor import PROMPTS, RESOURCES, TOOLS, ManagedUpstream, UpstreamState
+from mcpx.upstream.supervisor import LISTS, PROMPTS, RESOURCES, TEMPLATES, TOOLS, ManagedUpstream, UpstreamState
 
 _log = get_logger("mcpx.router")
 
@@ -261,13 +261,16 @@ class Router:
             capabilities["resources"] = {"listChanged": True}
         return capabilities
 
+    def _named(self, kind: str) -> Catalog:
+        return self.catalog if kind == TOOLS else self.prompts
+
     async def _route(self, kind: str, name: object) -> ToolRoute:
         """The upstream and original name behind an exposed tool or prompt name."""
         if not isinstance(name, str):
             raise InvalidParams(f'a string "name" is needed to find the {kind[:-1]}')
         if not self.settled:
             await self.wait_settled(self.config.daemon.connect_timeout)
-        catalog = self.catalog if kind == TOOLS else self.prompts
+        catalog = self._named(kind)
         route = catalog.routes.get(name)
         if route is None:
             # A namespaced name of an upstream that is not up: say why (or bring it up), not "unknown".
@@ -275,7 +278,7 @@ class Router:
             pending = self.upstreams.get(prefix) if separator else None
             if pending is not None and pending.config.namespace and pending.state is not UpstreamState.READY:
                 await pending.ensure_ready()
-                catalog = self.catalog if kind == TOOLS else self.prompts
+                catalog = self._named(kind)
                 route = catalog.routes.get(name)
             if route is None:
                 raise InvalidParams(f"unknown {kind[:-1]}: {name}")
@@ -332,22 +335,24 @@ class Router:
         ]
 
 
-# Aggregated list method → the result's array key.
-LIST_KEYS = {
-    "tools/list": "tools",
-    "prompts/list": "prompts",
-    "resources/list": "resources",
-    "resources/templates/list": "resourceTemplates",
+def _serialized_list(kind: str) -> Callable[[Router], bytes]:
+    return {
+        TOOLS: lambda router: router.catalog.items_json,
+        PROMPTS: lambda router: router.prompts.items_json,
+        RESOURCES: lambda router: router.resources.resources_json,
+        TEMPLATES: lambda router: router.resources.templates_json,
+    }[kind]
+
+
+# Each aggregated list method → its response with two holes (the id, the list) and where its list comes from.
+_LIST_RESPONSES: Final = {
+    spec.method: (b'{"jsonrpc":"2.0","id":%%b,"result":{"%b":%%b}}' % spec.key.encode(), _serialized_list(kind))
+    for kind, spec in LISTS.items()
 }
+LIST_METHODS: Final = frozenset(_LIST_RESPONSES)
 
 
 def list_response(request_id: jsonrpc.RequestId, method: str, router: Router) -> bytes:
-    """The full response to one of the `LIST_KEYS` methods, spliced from the pre-serialized catalog."""
-    items = {
-        "tools/list": router.catalog.items_json,
-        "prompts/list": router.prompts.items_json,
-        "resources/list": router.resources.resources_json,
-        "resources/templates/list": router.resources.templates_json,
-    }[method]
-    key = LIST_KEYS[method].encode()
-    return b'{"jsonrpc":"2.0","id":%b,"result":{"%b":%b}}' % (jsonrpc.dumps(request_id), key, items)
+    """The full response to one of the `LIST_METHODS`, spliced from the pre-serialized catalog."""
+    template, serialized = _LIST_RESPONSES[method]
+    return template % (jsonrpc.dumps(request_id), serialized(router))
