@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.support.agents import change_watcher, wait_for_tools
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, running_daemon, upstream_toml
 from tests.support.results import text_of
-from tests.support.upstream import TokenCheck, Upstream, running
+from tests.support.upstream import TOOLS, TokenCheck, Upstream, running
 
 
 async def test_agent_sees_and_calls_tools_of_every_upstream(sandbox: Sandbox) -> None:
@@ -28,16 +29,9 @@ async def test_agent_sees_and_calls_tools_of_every_upstream(sandbox: Sandbox) ->
     async with running(alpha, beta), running_daemon(sandbox), agent(sandbox) as client:
         tools = await client.list_tools()
         names = sorted(tool.name for tool in tools.tools)
-        assert names == [
-            "alpha__add",
-            "alpha__delete_issue",
-            "alpha__echo",
-            "alpha__get_issue",
-            "alpha__search_issues",
-            "beta__echo",
-            "beta__get_issue",
-            "beta__search_issues",
-        ]
+        assert names == sorted(
+            [f"alpha__{tool}" for tool in TOOLS] + ["beta__echo", "beta__get_issue", "beta__search_issues"]
+        )
         by_name = {tool.name: tool for tool in tools.tools}
         assert by_name["beta__echo"].description == "Echo the text back, prefixed with the server's name."
         assert by_name["alpha__add"].input_schema["properties"].keys() == {"a", "b"}
@@ -80,27 +74,18 @@ async def test_upstream_down_at_start_comes_up_and_agents_are_told(sandbox: Sand
     alpha = Upstream("alpha", json_response=True)
     late = Upstream("late", json_response=False)
     sandbox.write_config(FAST_RECONNECT + upstream_toml("alpha", alpha.url) + upstream_toml("late", late.url))
-    changed = asyncio.Event()
-
-    async def on_message(message: object) -> None:
-        if getattr(message, "method", None) == "notifications/tools/list_changed":
-            changed.set()
-
+    changed, on_message = change_watcher()
     async with running(alpha), running_daemon(sandbox), agent(sandbox, message_handler=on_message) as client:
+        # late was never up: only alpha's tools are listed, and a call to late fails at once, naming it.
         names = {tool.name for tool in (await client.list_tools()).tools}
-        if "late__echo" not in names:
-            assert {name for name in names if name.startswith("alpha__")} == names
-            failed = await client.call_tool("late__echo", {"text": "x"})
-            assert failed.is_error
-            assert "late" in text_of(failed)
+        assert names == {f"alpha__{tool}" for tool in TOOLS}
+        failed = await client.call_tool("late__echo", {"text": "x"})
+        assert failed.is_error
+        assert "late" in text_of(failed)
         assert text_of(await client.call_tool("alpha__echo", {"text": "up"})) == "alpha:up"
         await late.start()
         try:
-            async with asyncio.timeout(15):
-                while "late__echo" not in names:  # each round waits for a list_changed notification
-                    await changed.wait()
-                    changed.clear()
-                    names = {tool.name for tool in (await client.list_tools()).tools}
+            await wait_for_tools(client, changed, lambda names: "late__echo" in names)
             assert text_of(await client.call_tool("late__echo", {"text": "back"})) == "late:back"
         finally:
             await late.stop()

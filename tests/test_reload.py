@@ -2,50 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
-from collections.abc import Awaitable, Callable
 
+from tests.support.agents import change_watcher, wait_for_tools
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
-
-
-def _change_watcher() -> tuple[asyncio.Event, Callable[[object], Awaitable[None]]]:
-    changed = asyncio.Event()
-
-    async def on_message(message: object) -> None:
-        if getattr(message, "method", None) == "notifications/tools/list_changed":
-            changed.set()
-
-    return changed, on_message
-
-
-async def _wait_for_tools(client: object, changed: asyncio.Event, predicate: Callable[[set[str]], bool]) -> set[str]:
-    """Wait (bounded) for list_changed notifications until the agent's tool list satisfies `predicate`."""
-    async with asyncio.timeout(15):
-        while True:
-            names = {tool.name for tool in (await client.list_tools()).tools}  # type: ignore[attr-defined]
-            if predicate(names):
-                return names
-            await changed.wait()
-            changed.clear()
 
 
 async def test_reload_adds_changes_and_removes_upstreams_while_an_agent_stays_connected(sandbox: Sandbox) -> None:
     alpha = Upstream("alpha", json_response=True)
     beta = Upstream("beta", json_response=False)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
-    changed, on_message = _change_watcher()
+    changed, on_message = change_watcher()
     async with running(alpha, beta), running_daemon(sandbox), agent(sandbox, message_handler=on_message) as client:
-        await _wait_for_tools(client, changed, lambda names: "alpha__echo" in names)
+        await wait_for_tools(client, changed, lambda names: "alpha__echo" in names)
 
         sandbox.write_config(upstream_toml("alpha", alpha.url) + upstream_toml("beta", beta.url))
         code, out, err = await mcpxctl(sandbox, "reload")
         assert code == 0, err
         assert "added: beta" in out
-        await _wait_for_tools(client, changed, lambda names: "beta__echo" in names)
+        await wait_for_tools(client, changed, lambda names: "beta__echo" in names)
         assert text_of(await client.call_tool("beta__echo", {"text": "new"})) == "beta:new"
 
         sandbox.write_config(
@@ -54,7 +32,7 @@ async def test_reload_adds_changes_and_removes_upstreams_while_an_agent_stays_co
         code, out, err = await mcpxctl(sandbox, "reload")
         assert code == 0, err
         assert "changed: alpha" in out
-        names = await _wait_for_tools(
+        names = await wait_for_tools(
             client, changed, lambda names: "alpha__echo" not in names and "alpha__add" in names
         )
         assert "beta__echo" in names
@@ -63,7 +41,7 @@ async def test_reload_adds_changes_and_removes_upstreams_while_an_agent_stays_co
         code, out, err = await mcpxctl(sandbox, "reload")
         assert code == 0, err
         assert "removed: alpha" in out
-        await _wait_for_tools(client, changed, lambda names: not any(name.startswith("alpha__") for name in names))
+        await wait_for_tools(client, changed, lambda names: not any(name.startswith("alpha__") for name in names))
         # The same agent session kept working throughout.
         assert text_of(await client.call_tool("beta__echo", {"text": "still here"})) == "beta:still here"
 
@@ -93,13 +71,13 @@ async def test_sighup_reloads_the_config(sandbox: Sandbox) -> None:
     alpha = Upstream("alpha", json_response=True)
     beta = Upstream("beta", json_response=True)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
-    changed, on_message = _change_watcher()
+    changed, on_message = change_watcher()
     async with (
         running(alpha, beta),
         running_daemon(sandbox) as daemon,
         agent(sandbox, message_handler=on_message) as client,
     ):
-        await _wait_for_tools(client, changed, lambda names: "alpha__echo" in names)
+        await wait_for_tools(client, changed, lambda names: "alpha__echo" in names)
         sandbox.write_config(upstream_toml("alpha", alpha.url) + upstream_toml("beta", beta.url))
         daemon.signal(signal.SIGHUP)
-        await _wait_for_tools(client, changed, lambda names: "beta__echo" in names)
+        await wait_for_tools(client, changed, lambda names: "beta__echo" in names)

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mcp_types import TextContent
-
 from tests.support.daemon import SHIM, Sandbox, agent, mcpxctl, run, running_daemon, upstream_toml
-from tests.support.upstream import Upstream, running
+from tests.support.results import text_of
+from tests.support.upstream import TOOLS, Upstream, running
 
 SHIM_DIR = Path(__file__).resolve().parent.parent / "shim"
 
@@ -72,16 +71,9 @@ async def test_shim_starts_the_daemon_when_none_runs_and_the_daemon_keeps_runnin
         try:
             async with agent(sandbox) as client:
                 names = sorted(tool.name for tool in (await client.list_tools()).tools)
-                assert names == [
-                    "alpha__add",
-                    "alpha__delete_issue",
-                    "alpha__echo",
-                    "alpha__get_issue",
-                    "alpha__search_issues",
-                ]
+                assert names == sorted(f"alpha__{tool}" for tool in TOOLS)
                 result = await client.call_tool("alpha__echo", {"text": "via shim"})
-                assert isinstance(result.content[0], TextContent)
-                assert result.content[0].text == "alpha:via shim"
+                assert text_of(result) == "alpha:via shim"
 
             code, stdout, stderr = await mcpxctl(sandbox, "status", "--json")
             assert code == 0, stderr

@@ -43,8 +43,12 @@ class TokenCheck:
         return AccessToken(token=token, client_id="mcpx-tests", scopes=[], subject="tester")
 
 
+# The tools every `build_server` server offers (tests compare listings with these names).
+TOOLS = ("add", "delete_issue", "echo", "get_issue", "search_issues")
+
+
 def build_server(name: str, tokens: TokenCheck | None, port: int) -> MCPServer:
-    """An MCP server whose tools say which server ran them, so misrouting is visible in every result."""
+    """An MCP server whose tools (`TOOLS`) say which server ran them, so misrouting is visible in every result."""
     auth = None
     if tokens is not None:
         auth = AuthSettings(

@@ -1,0 +1,31 @@
+"""Watching an agent's tool list: the `notifications/tools/list_changed` mcpx sends, and waiting (bounded) on them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from mcp.client import Client
+
+
+def change_watcher() -> tuple[asyncio.Event, Callable[[object], Awaitable[None]]]:
+    """An event set on each `notifications/tools/list_changed`, and the message handler (for `agent(...,
+    message_handler=...)`) that sets it."""
+    changed = asyncio.Event()
+
+    async def on_message(message: object) -> None:
+        if getattr(message, "method", None) == "notifications/tools/list_changed":
+            changed.set()
+
+    return changed, on_message
+
+
+async def wait_for_tools(client: Client, changed: asyncio.Event, predicate: Callable[[set[str]], bool]) -> set[str]:
+    """Wait (bounded) for list_changed notifications until the agent's tool list satisfies `predicate`."""
+    async with asyncio.timeout(15):
+        while True:
+            names = {tool.name for tool in (await client.list_tools()).tools}
+            if predicate(names):
+                return names
+            await changed.wait()
+            changed.clear()
