@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -96,8 +97,13 @@ async def test_upstream_going_down_fails_calls_at_once_and_comes_back(sandbox: S
         assert text_of(await client.call_tool("beta__echo", {"text": "3"})) == "beta:3"
         assert "alpha__echo" in {tool.name for tool in (await client.list_tools()).tools}
         await alpha.start()
-        status = await _status(sandbox)
-        assert status["alpha"]["state"] in ("down", "ready")
+        async with asyncio.timeout(10):
+            await alpha.initialize_received.wait()  # the supervisor's backoff reached the restarted upstream
+            # The handshake and the tool listing that follow end with the state set: each round is one status call.
+            while (await _status(sandbox))["alpha"]["state"] != "ready":
+                pass
+        assert text_of(await client.call_tool("alpha__echo", {"text": "4"})) == "alpha:4"
+        assert (await _status(sandbox))["alpha"]["state"] == "ready"
 
 
 async def test_daemon_stop_deletes_upstream_sessions_and_sends_configured_headers(sandbox: Sandbox) -> None:

@@ -114,6 +114,8 @@ class Upstream:
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self.server: MCPServer | None = None
         self.requests: list[SeenRequest] = []
+        # Set when an MCP session starts (a POST without `mcp-session-id`: an initialize) after the last start().
+        self.initialize_received = asyncio.Event()
         # Fields no SDK model knows, added to every tools/call result (JSON responses only), and the bodies sent.
         self.extra_result_fields: dict[str, object] = {}
         self.tool_call_bodies: list[bytes] = []
@@ -130,6 +132,8 @@ class Upstream:
             if scope["type"] == "http":
                 headers = {key.decode().lower(): value.decode() for key, value in scope["headers"]}
                 self.requests.append(SeenRequest(scope["method"], headers))
+                if scope["method"] == "POST" and "mcp-session-id" not in headers:
+                    self.initialize_received.set()
             if scope["type"] == "http" and self.json_response and scope["method"] == "POST":
                 await inner(scope, receive, self._rewriting(send))
             else:
@@ -163,6 +167,7 @@ class Upstream:
             self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._sock.bind(("127.0.0.1", self.port))
+        self.initialize_received.clear()
         self._sock.listen(128)
         config = uvicorn.Config(self.app(), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
         self._uvicorn = uvicorn.Server(config)
