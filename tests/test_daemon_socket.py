@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -11,11 +12,14 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from structlog.testing import capture_logs
 
-from mcpx.daemon import EXIT_ALREADY_RUNNING, EXIT_CONFIG, EXIT_STARTUP
+from mcpx.daemon import EXIT_ALREADY_RUNNING, EXIT_CONFIG, EXIT_SERVING_FAILED, EXIT_STARTUP
+from mcpx.downstream import server
+from mcpx.downstream.listener import bind_socket
 from tests.support.daemon import MCPXD, Sandbox, agent, mcpxctl, run, running_daemon, upstream_toml
 
 NOBODY = 65534
@@ -179,3 +183,94 @@ async def test_invalid_config_exits_2_naming_file_upstream_and_field_and_serves_
     assert any("'slow'" in problem and "timeout" in problem for problem in problems), stderr
     assert not sandbox.socket.exists()
     assert not sandbox.socket.parent.exists()
+
+
+# --- the accept loop ---------------------------------------------------------------------------------------------
+
+
+class _Received(asyncio.Protocol):
+    """Stands in for an agent connection: hands over the first bytes it gets."""
+
+    def __init__(self, first: asyncio.Future[bytes]) -> None:
+        self._first = first
+
+    def data_received(self, data: bytes) -> None:
+        if not self._first.done():
+            self._first.set_result(data)
+
+
+async def test_running_out_of_descriptors_pauses_accepting_and_the_queued_agents_are_served_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    accept = loop.sock_accept
+    queued = asyncio.Event()
+
+    def error(number: int) -> OSError:
+        return OSError(number, os.strerror(number))
+
+    # What accept(2) does, call after call, while both agents wait in the backlog: two spells of shortage.
+    script: list[OSError | None] = [error(errno.EMFILE), error(errno.EMFILE), ConnectionAbortedError(), None]
+    script += [error(errno.ENFILE), error(errno.ENOBUFS), error(errno.ENOMEM), None]
+
+    async def scripted_accept(sock: socket.socket) -> tuple[socket.socket, Any]:
+        await queued.wait()
+        failure = script.pop(0) if script else None
+        if failure is not None:
+            raise failure
+        return await accept(sock)
+
+    monkeypatch.setattr(loop, "sock_accept", scripted_accept)
+    monkeypatch.setattr(server, "ACCEPT_RETRY_DELAY", 0.01)
+    firsts: list[asyncio.Future[bytes]] = [loop.create_future(), loop.create_future()]
+    unclaimed = list(firsts)
+    path = tmp_path / "s.sock"
+    listener = server.AgentListener(bind_socket(path), lambda peer, lifeline: cast(Any, _Received(unclaimed.pop(0))))
+    clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in firsts]
+    with capture_logs() as logs:
+        serving = loop.create_task(listener.serve())
+        try:
+            for number, client in enumerate(clients):
+                client.connect(str(path))
+                client.sendall(b'{"jsonrpc":"2.0","id":%d,"method":"ping"}\n' % number)
+            queued.set()
+            async with asyncio.timeout(10):
+                received = await asyncio.gather(*firsts)
+            assert sorted(received) == [b'{"jsonrpc":"2.0","id":%d,"method":"ping"}\n' % n for n in (0, 1)]
+            assert not serving.done()
+        finally:
+            for client in clients:
+                client.close()
+            serving.cancel()
+            listener.close()
+    retrying = ("warning", "cannot accept agent connections: out of resources; retrying")
+    again = ("info", "accepting agent connections again")
+    assert [(event["log_level"], event["event"]) for event in logs] == [retrying, again, retrying, again]
+    errors = [event["error"] for event in logs if "error" in event]
+    assert errors == [os.strerror(errno.EMFILE), os.strerror(errno.ENFILE)]
+
+
+# Runs mcpxd with an accept loop that fails as no retry can mend (here: at once).
+_BROKEN_ACCEPT = """
+import errno, sys
+from mcpx import daemon
+from mcpx.downstream import server
+
+async def serve(self):
+    raise OSError(errno.EBADF, "injected")
+
+server.AgentListener.serve = serve
+sys.exit(daemon.main())
+"""
+
+
+async def test_when_the_accept_loop_fails_the_daemon_stops_unsuccessfully(sandbox: Sandbox) -> None:
+    sandbox.write_config("")
+
+    code, _, stderr = await run(sys.executable, "-c", _BROKEN_ACCEPT, env=sandbox.env, timeout=20)
+
+    assert code == EXIT_SERVING_FAILED, stderr
+    stopping = "the agent socket is no longer served: stopping"
+    failed = [event for event in _log_events(sandbox) if event["event"] == stopping]
+    assert [event["error"] for event in failed] == ["OSError(9, 'injected')"]
+    assert not sandbox.socket.exists()

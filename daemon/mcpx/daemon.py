@@ -44,6 +44,7 @@ _log = get_logger("mcpx.daemon")
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
 EXIT_ALREADY_RUNNING = 4
+EXIT_SERVING_FAILED = 5  # the accept loop failed: a restart may help (systemd: Restart=on-failure)
 
 
 class Daemon:
@@ -66,6 +67,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._notifier = sdnotify.SystemdNotifier()
         self._inherited = inherited  # the socket unit's listening socket (socket activation)
+        self._serving_failed = False
 
     async def run(self, lock: SocketLock) -> int:
         loop = asyncio.get_running_loop()
@@ -81,6 +83,7 @@ class Daemon:
             ),
         )
         serving = loop.create_task(listener.serve())
+        serving.add_done_callback(self._serving_ended)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_from_signal()))
@@ -104,7 +107,17 @@ class Daemon:
                 if bound is not None and (current.st_dev, current.st_ino) == (bound.st_dev, bound.st_ino):
                     self.socket_path.unlink()
             lock.release()
-        return 0
+        return EXIT_SERVING_FAILED if self._serving_failed else 0
+
+    def _serving_ended(self, serving: asyncio.Task[None]) -> None:
+        """The accept loop ends only when cancelled at shutdown; anything else leaves agents unable to connect, so
+        the daemon stops, unsuccessfully (the service manager restarts it; a shim starts a new one)."""
+        if serving.cancelled():
+            return
+        error = serving.exception()
+        _log.error("the agent socket is no longer served: stopping", error=repr(error) if error else "it returned")
+        self._serving_failed = True
+        self._stop.set()
 
     def _summary(self) -> str:
         ready = sum(1 for upstream in self.router.upstreams.values() if upstream.state == "ready")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -32,6 +33,10 @@ _log = get_logger("mcpx.agent")
 
 ATTACH_HELLO = b"MCPX-ATTACH 1\n"
 _FD_SIZE = array.array("i").itemsize
+# accept(2) failing for want of descriptors or memory: the pending connection stays queued, so accept again after
+# a pause (asyncio's own servers wait as long, `asyncio.constants.ACCEPT_RETRY_DELAY`) rather than spin or stop.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY_DELAY = 1.0
 
 
 class AgentConnection(asyncio.Protocol):
@@ -147,9 +152,31 @@ class AgentListener:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
+        """Accept until cancelled. A connection aborted before it was accepted is skipped; running out of
+        descriptors or memory pauses accepting for `ACCEPT_RETRY_DELAY` (one warning per spell). Any other error
+        ends the loop, and the daemon with it (see `Daemon.run`)."""
         loop = asyncio.get_running_loop()
+        starved = False
         while True:
-            conn, _ = await loop.sock_accept(self._sock)
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                if not starved:
+                    _log.warning(
+                        "cannot accept agent connections: out of resources; retrying",
+                        error=exc.strerror,
+                        retry_in_s=ACCEPT_RETRY_DELAY,
+                    )
+                    starved = True
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            if starved:
+                _log.info("accepting agent connections again")
+                starved = False
             self._accepted(conn)
 
     def close(self) -> None:
