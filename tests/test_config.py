@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mcpx.config import BearerEnvAuth, BearerFileAuth, Config, NoAuth, StaticHeaderAuth, load_config
-from mcpx.config.model import OAuthAuth
+from mcpx.config.model import AUTH_TYPES, OAuthAuth
 from mcpx.errors import ConfigError
 
 SEED_EXAMPLE = """\
@@ -255,7 +255,13 @@ def test_an_invalid_header_name_is_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "auth", ['{ type = "bearer_env", env = "T" }', '{ type = "bearer_file", path = "/run/token" }']
+    "auth",
+    [
+        '{ type = "bearer_env", env = "T" }',
+        '{ type = "bearer_file", path = "/run/token" }',
+        '{ type = "oauth" }',
+        '{ type = "oauth_client_credentials", client_id = "c", client_secret = "s" }',
+    ],
 )
 @pytest.mark.parametrize("header", ["Authorization", "authorization", "AUTHORIZATION"])
 def test_an_authorization_header_together_with_bearer_auth_is_rejected(tmp_path: Path, auth: str, header: str) -> None:
@@ -335,3 +341,23 @@ def test_a_client_metadata_url_may_be_https_or_loopback_http(tmp_path: Path, url
         _write(tmp_path, JIRA + f'auth = {{ type = "oauth", client_metadata_url = "{url}" }}\n')
     ).upstreams
     assert isinstance(jira.auth, OAuthAuth) and jira.auth.client_metadata_url == url
+
+
+@pytest.mark.parametrize(
+    ("auth", "expected"),
+    [
+        ('{ type = "oauth", client_metadata_url = "https://example.com/" }', "auth.client_metadata_url: "),
+        ('{ type = "oauth_pkce", redirect_port = 0 }', "auth.redirect_port: "),
+        ('{ type = "oauth", colour = 1 }', "auth.colour: unknown key"),
+        ('{ type = "oauth_client_credentials", client_secret = "s" }', "auth: a client secret needs its `client_id`"),
+        ('{ type = "oauth_client_credentials", client_id = "c", scopes = 1 }', "auth.scopes: "),
+    ],
+)
+def test_problems_in_oauth_auth_are_named_without_the_type_tag(tmp_path: Path, auth: str, expected: str) -> None:
+    problem = _only_problem(tmp_path, JIRA + f"auth = {auth}\n")
+    assert f"upstream 'jira': {expected}" in problem
+
+
+def test_every_auth_type_is_known_to_the_loader() -> None:
+    expected = ["bearer_env", "bearer_file", "none", "oauth", "oauth_client_credentials", "oauth_pkce", "static_header"]
+    assert sorted(AUTH_TYPES) == expected

@@ -8,11 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mcpx.config.model import Config
+from mcpx.config.model import AUTH_TYPES, Config
 from mcpx.config.model import DuplicateUpstreamName as _DuplicateName
 from mcpx.errors import ConfigError
-
-_AUTH_TAGS = frozenset({"none", "bearer_env", "bearer_file", "static_header"})
 
 
 def load_config(path: Path, *, missing_ok: bool = False) -> Config:
@@ -68,7 +66,7 @@ def _describe(path: Path, document: dict[str, Any], error: Any) -> str:
         where = f"upstream {name!r}" if isinstance(name, str) else f"upstream #{index + 1}"
         location = location[3:]
         # Drop the discriminator tag pydantic inserts for tagged unions (e.g. auth.bearer_env.env).
-        if len(location) >= 2 and location[0] == "auth" and location[1] in _AUTH_TAGS:
+        if len(location) >= 2 and location[0] == "auth" and location[1] in AUTH_TYPES:
             location = (location[0], *location[2:])
     field = ".".join(str(part) for part in location)
     message = str(error["msg"]).removeprefix("Value error, ")

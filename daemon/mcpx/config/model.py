@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -155,6 +155,25 @@ AuthConfig = Annotated[
 ]
 
 
+def _auth_types() -> frozenset[str]:
+    union = get_args(AuthConfig)[0]
+    return frozenset(tag for model in get_args(union) for tag in get_args(model.model_fields["type"].annotation))
+
+
+# Every `auth.type` (the tags of the AuthConfig union: pydantic puts them in error locations).
+AUTH_TYPES: Final = _auth_types()
+
+
+def _auth_header(auth: AuthConfig) -> str | None:
+    """The header (lower-case) an upstream's `auth` sets: its own for static_header, Authorization for every other
+    type but none."""
+    if isinstance(auth, NoAuth):
+        return None
+    if isinstance(auth, StaticHeaderAuth):
+        return auth.header.lower()
+    return "authorization"
+
+
 class UpstreamConfig(_Strict):
     """One remote MCP server (`[[proxy.upstream]]`)."""
 
@@ -189,15 +208,8 @@ class UpstreamConfig(_Strict):
 
     @model_validator(mode="after")
     def _auth_header_not_twice(self) -> UpstreamConfig:
-        auth_header = {
-            "bearer_env": "authorization",
-            "bearer_file": "authorization",
-            "oauth": "authorization",
-            "oauth_pkce": "authorization",
-            "oauth_client_credentials": "authorization",
-            "static_header": self.auth.header.lower() if isinstance(self.auth, StaticHeaderAuth) else "",
-        }.get(self.auth.type)
-        if auth_header and any(name.lower() == auth_header for name in self.headers):
+        auth_header = _auth_header(self.auth)
+        if auth_header is not None and any(name.lower() == auth_header for name in self.headers):
             raise ValueError(f"headers: {auth_header!r} is already set by `auth`")
         return self
 
