@@ -12,7 +12,10 @@ import hashlib
 # and such values are not credentials worth the name.
 _MIN_SECRET_LENGTH = 6
 
-_secrets: dict[str, bytes] = {}  # secret → its UTF-8 encoding, for scrubbing serialized messages
+# What is scrubbed: secret → (its UTF-8 encoding, the bytes that replace it). Derived from the two below.
+_secrets: dict[str, tuple[bytes, bytes]] = {}
+_fixed: set[str] = set()  # values that stay secret for the daemon's life (config, environment)
+_slots: dict[str, tuple[str, ...]] = {}  # a rotating credential → its current value and the one before
 
 
 def fingerprint(secret: str) -> str:
@@ -20,10 +23,29 @@ def fingerprint(secret: str) -> str:
     return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()[:8]
 
 
-def register_secret(secret: str) -> None:
-    """Remember `secret` so `redact` can scrub it from any text."""
-    if len(secret) >= _MIN_SECRET_LENGTH and secret not in _secrets:
-        _secrets[secret] = secret.encode()
+def register_secret(secret: str, *, slot: str | None = None) -> None:
+    """Remember `secret` so `redact` and `scrub` replace it everywhere.
+
+    A `slot` names a credential that rotates (an OAuth access token, a re-read token file): it holds the new
+    value and the previous one (a reply in flight may still echo it), so the registry, scanned for every message,
+    does not grow with every refresh.
+    """
+    if len(secret) < _MIN_SECRET_LENGTH:
+        return
+    if slot is None:
+        if secret in _fixed:
+            return
+        _fixed.add(secret)
+    else:
+        held = _slots.get(slot, ())
+        if held[:1] == (secret,):
+            return
+        _slots[slot] = (secret, *held[:1])
+    live = _fixed.union(*_slots.values())
+    for gone in _secrets.keys() - live:
+        del _secrets[gone]
+    for value in live - _secrets.keys():
+        _secrets[value] = (value.encode(), f"<secret {fingerprint(value)}>".encode())
 
 
 def any_registered() -> bool:
@@ -35,15 +57,15 @@ def scrub(data: bytes) -> bytes:
 
     An upstream that echoes our credential back in a result must not hand it to the agent.
     """
-    for secret, encoded in _secrets.items():
+    for encoded, replacement in _secrets.values():
         if encoded in data:
-            data = data.replace(encoded, f"<secret {fingerprint(secret)}>".encode())
+            data = data.replace(encoded, replacement)
     return data
 
 
 def redact(text: str) -> str:
     """`text` with every registered secret replaced by its fingerprint."""
-    for secret in _secrets:
+    for secret, (_, replacement) in _secrets.items():
         if secret in text:
-            text = text.replace(secret, f"<secret {fingerprint(secret)}>")
+            text = text.replace(secret, replacement.decode())
     return text
