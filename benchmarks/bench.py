@@ -101,7 +101,8 @@ class StdioAgent(Agent):
                 else:
                     future.set_result(message["result"])
         for future in self._pending.values():
-            future.set_exception(RuntimeError("the server closed its stdout"))
+            if not future.done():  # a caller may have given up on it already
+                future.set_exception(RuntimeError("the server closed its stdout"))
 
     async def request(self, method: str, params: dict[str, Any]) -> Any:
         request_id = next(self._ids)
@@ -456,8 +457,7 @@ async def memory(bench: Bench, quick: bool) -> dict[str, Any]:
     url = bench.upstream_urls["json"]
     env = bench.mcpx_environment("memory", {f"up{index:02d}": url for index in range(20)})
     daemon = await bench.start_daemon(env)
-    probe = await StdioAgent.spawn([str(BIN / "mcpx-shim")], env)
-    await probe.initialize()
+    probe = await bench.shim_agent(env)
     tools = await probe.request("tools/list", {})  # answered once every upstream's first attempt has ended
     assert len(tools["tools"]) == 400, len(tools["tools"])
     shim_rss = rss_kib(probe.pid or 0)
@@ -466,7 +466,6 @@ async def memory(bench: Bench, quick: bool) -> dict[str, Any]:
     agents = [await bench.shim_agent(env) for _ in range(100)]
     with_agents = rss_kib(daemon.pid)
     # 100 agents at once, each with calls in flight: count errors and misrouted responses.
-    errors = 0
     outcomes = await asyncio.gather(
         *(pipelined(agent, "up00__echo", 20, 4, f"m{i}") for i, agent in enumerate(agents)), return_exceptions=True
     )
