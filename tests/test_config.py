@@ -207,6 +207,13 @@ def test_a_duplicate_upstream_name_is_named(tmp_path: Path) -> None:
     assert _problems(path) == [f"{path}: upstream 'jira': name: used by more than one upstream"]
 
 
+def test_a_duplicate_upstream_name_is_named_with_the_other_problems_each_said_once(tmp_path: Path) -> None:
+    path = _write(tmp_path, JIRA + "timeout = 0\n" + JIRA + "timeout = 0\n")
+    timeout, duplicate = _problems(path)
+    assert timeout.startswith(f"{path}: upstream 'jira': timeout: ")
+    assert duplicate == f"{path}: upstream 'jira': name: used by more than one upstream"
+
+
 @pytest.mark.parametrize("name", ["ji ra", "jira/x", "jira:1", "", "x" * 65, "é"])
 def test_an_upstream_name_with_invalid_characters_is_rejected(tmp_path: Path, name: str) -> None:
     problem = _only_problem(tmp_path, f'[[proxy.upstream]]\nname = "{name}"\nurl = "https://example.com/mcp"\n')

@@ -36,11 +36,18 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
     try:
         return Config.model_validate({**document, "source": path})
     except ValidationError as exc:
-        problems = [_describe(path, document, error) for error in exc.errors()]
+        # Names used twice are reported from the raw document only: pydantic checks them only once every upstream
+        # is valid, and they are to be reported with every other problem.
+        problems = [_describe(path, document, error) for error in exc.errors() if not _duplicate_name(error)]
         problems += [
             f"{path}: upstream {name!r}: name: used by more than one upstream" for name in _duplicates(document)
         ]
+        # Two upstreams of one name may have the same problem: it is said once.
         raise ConfigError(list(dict.fromkeys(problems))) from None
+
+
+def _duplicate_name(error: Any) -> bool:
+    return isinstance(error.get("ctx", {}).get("error"), _DuplicateName)
 
 
 def _duplicates(document: dict[str, Any]) -> list[str]:
@@ -56,9 +63,6 @@ def _duplicates(document: dict[str, Any]) -> list[str]:
 def _describe(path: Path, document: dict[str, Any], error: Any) -> str:
     location: tuple[int | str, ...] = tuple(error["loc"])
     where = ""
-    duplicate = error.get("ctx", {}).get("error")
-    if location == ("proxy",) and isinstance(duplicate, _DuplicateName):
-        return f"{path}: upstream {duplicate.name!r}: name: used by more than one upstream"
     if location[:2] == ("proxy", "upstream") and len(location) >= 3 and isinstance(location[2], int):
         index = location[2]
         upstreams = document.get("proxy", {}).get("upstream", [])
