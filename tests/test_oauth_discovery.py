@@ -11,7 +11,7 @@ from mcpx.auth.oauth import endpoints
 from mcpx.auth.oauth.flow import start_authorization
 from mcpx.auth.oauth.metadata import Challenge, DiscoveryError, ServerMetadata, canonical_resource
 from mcpx.cli.opener import safe_to_open
-from tests.support.oauth_server import AuthServer, ProtectedUpstream
+from tests.support.oauth_server import AuthServer, MetadataDocumentHost, ProtectedUpstream
 
 
 @pytest.fixture
@@ -114,3 +114,27 @@ async def test_only_the_root_metadata_may_name_the_origin(
                 return
             resource, _ = await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), challenge)
             assert resource is not None and resource.resource == upstream.prm_resource_override
+
+
+async def test_servers_without_resource_metadata_use_their_origin(http: aiohttp.ClientSession) -> None:
+    """2025-03-26 servers: the origin is the authorization server, with RFC 8414 metadata or the default endpoints."""
+    async with MetadataDocumentHost() as host:
+        origin = host.origin
+        resource, server = await endpoints.discover(http, f"{origin}/mcp", f"{origin}/mcp", Challenge())
+        assert resource is None
+        assert (server.issuer, server.authorization_endpoint, server.token_endpoint) == (
+            origin,
+            f"{origin}/authorize",
+            f"{origin}/token",
+        )
+        assert server.registration_endpoint == f"{origin}/register" and server.s256
+        host.publish(
+            "/.well-known/oauth-authorization-server",
+            {"issuer": origin, "token_endpoint": f"{origin}/oauth/token", "code_challenge_methods_supported": ["S256"]},
+        )
+        _, server = await endpoints.discover(http, f"{origin}/mcp", f"{origin}/mcp", Challenge())
+        assert (server.issuer, server.token_endpoint, server.registration_endpoint) == (
+            origin,
+            f"{origin}/oauth/token",
+            None,
+        )

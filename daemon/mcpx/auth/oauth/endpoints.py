@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import aiohttp
 
@@ -26,6 +26,7 @@ from mcpx.auth.oauth.metadata import (
     ServerMetadata,
     authorization_server_urls,
     check_url,
+    origin_of,
     parse_bearer_challenge,
     protected_resource_urls,
     validate_resource_metadata,
@@ -36,6 +37,9 @@ from mcpx.redact import redact
 
 _MAX_DOCUMENT: Final = 1024 * 1024
 _TIMEOUT: Final = 15.0
+# The MCP version of the probe and of discovery requests: upstream/http.py's latest handshake version (not
+# imported from there: upstream/ imports auth/, not the other way round).
+_PROTOCOL_VERSION: Final = "2025-11-25"
 
 
 class TokenEndpointError(Exception):
@@ -89,12 +93,11 @@ class Client:
 
 async def _get_json(http: aiohttp.ClientSession, url: str) -> Any | None:
     """A JSON document, or None when the server has none there (4xx). Raises `EndpointUnreachable`."""
+    headers = {"Accept": "application/json", "MCP-Protocol-Version": _PROTOCOL_VERSION}
     try:
         async with (
             asyncio.timeout(_TIMEOUT),
-            http.get(
-                url, allow_redirects=False, headers={"Accept": "application/json", "MCP-Protocol-Version": "2025-11-25"}
-            ) as response,
+            http.get(url, allow_redirects=False, headers=headers) as response,
         ):
             if 400 <= response.status < 500 or 300 <= response.status < 400:
                 return None
@@ -118,7 +121,7 @@ async def probe_challenge(http: aiohttp.ClientSession, url: str) -> Challenge:
             0,
             "initialize",
             {
-                "protocolVersion": "2025-11-25",
+                "protocolVersion": _PROTOCOL_VERSION,
                 "capabilities": {},
                 "clientInfo": {"name": "mcpx", "version": __version__},
             },
@@ -165,8 +168,7 @@ async def discover(
 
 
 async def _legacy_server_metadata(http: aiohttp.ClientSession, server_url: str) -> ServerMetadata:
-    parts = urlsplit(server_url)
-    origin = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+    origin = origin_of(server_url)
     document = await _get_json(http, f"{origin}/.well-known/oauth-authorization-server")
     if document is not None:
         return validate_server_metadata(document, origin, source=f"{origin}/.well-known/oauth-authorization-server")
