@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from mcpx import paths
 from mcpx.cli import ctl, service
-from mcpx.control.client import daemon_answers
-from tests.support.daemon import Sandbox, mcpxctl, running_daemon
+from mcpx.control.client import daemon_answers, lock_is_free
+from tests.support.daemon import MCPXCTL, Sandbox, mcpxctl, running_daemon, upstream_toml
+from tests.support.upstream import Upstream, running
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -261,6 +263,36 @@ async def test_install_stops_a_daemon_that_runs_outside_the_service_manager(sand
     assert (sandbox.root / "record").read_text().splitlines()[-1] == (
         "systemctl --user enable --now mcpx.socket mcpx.service"
     )
+
+
+async def test_install_waits_until_the_stopped_daemon_lets_go_of_its_lock(sandbox: Sandbox) -> None:
+    fake_bin = sandbox.root / "fakebin"
+    fake_bin.mkdir()
+    (fake_bin / "systemctl").write_text(_RECORDER)
+    (fake_bin / "systemctl").chmod(0o755)
+    sandbox.env["PATH"] = f"{fake_bin}{os.pathsep}{sandbox.env['PATH']}"
+    sandbox.env["MCPX_TEST_RECORD"] = str(sandbox.root / "record")
+    alpha = Upstream("alpha", json_response=True)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    lock = paths.socket_lock(sandbox.socket)
+    async with running(alpha), running_daemon(sandbox) as daemon:
+        assert (await mcpxctl(sandbox, "tools"))[0] == 0  # alpha's session is open: mcpxd ends it when it stops
+        assert not lock_is_free(lock)
+        # Run to completion with this event loop blocked: alpha (served by it) does not answer the stopping
+        # daemon's session DELETE, so mcpxd closes its socket at once but holds its lock for the DELETE's bound.
+        completed = subprocess.run(  # noqa: ASYNC221 (blocking on purpose)
+            [MCPXCTL, "install", "--manager", "systemd"],
+            env=sandbox.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert lock_is_free(lock)  # what the service's mcpxd needs, or it exits 4 (another mcpxd serves it)
+        assert daemon.process is not None
+        async with asyncio.timeout(15):
+            assert await daemon.process.wait() == 0
 
 
 def test_uninstall_without_a_service_manager_still_removes_the_files(

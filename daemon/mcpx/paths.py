@@ -45,6 +45,11 @@ def socket_path(configured: Path | None, env: Mapping[str, str] = os.environ) ->
     return Path(f"/tmp/mcpx-{os.getuid()}") / "mcpx.sock"
 
 
+def socket_lock(socket: Path) -> Path:
+    """The lock file beside the socket, held by the daemon that serves it (`<socket>.lock`)."""
+    return socket.with_name(socket.name + ".lock")
+
+
 def state_dir(configured: Path | None, env: Mapping[str, str] = os.environ) -> Path:
     if configured is not None:
         return configured.expanduser()

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcpx import __version__
-from mcpx.control.client import daemon_answers
+from mcpx import __version__, paths
+from mcpx.control.client import ControlError, DaemonNotRunning, call, daemon_answers, lock_is_free
 
 MARKER = "Written by mcpxctl install"
 LABEL = "io.github.mcpx.mcpxd"
@@ -415,9 +415,8 @@ def _run(command: Command) -> None:
 
 def _stop_foreign_daemon(socket_path: Path) -> None:
     """A daemon the service manager did not start (a shim starts one when none answers) would keep serving the
-    socket path and hold its lock, so the service could not start: ask it to stop, and wait (bounded)."""
-    from mcpx.control.client import ControlError, DaemonNotRunning, call
-
+    socket path and hold its lock, so the service could not start: ask it to stop, and wait (bounded) until it
+    has let go of both (it closes the socket first and holds the lock until its upstreams are shut down)."""
     try:
         status = call(socket_path, "mcpx/status", timeout=5.0)
     except (DaemonNotRunning, ControlError, OSError):
@@ -430,8 +429,9 @@ def _stop_foreign_daemon(socket_path: Path) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
+    lock = paths.socket_lock(socket_path)
     deadline = time.monotonic() + _STOP_TIMEOUT
-    while time.monotonic() < deadline and daemon_answers(socket_path):
+    while time.monotonic() < deadline and (daemon_answers(socket_path) or not lock_is_free(lock)):
         time.sleep(0.05)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,26 @@ def daemon_answers(path: Path) -> bool:
         return True
     finally:
         probe.close()
+
+
+def lock_is_free(path: Path) -> bool:
+    """True when no process holds the `flock` on `path` (a daemon's `<socket>.lock`, held until it has shut its
+    upstreams down), or there is no such file. Probes by taking the lock and letting it go at once."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
 
 
 class DaemonNotRunning(Exception):

@@ -16,6 +16,7 @@ import stat
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from mcpx import paths
 from mcpx.control.client import daemon_answers
 from mcpx.errors import McpxError
 
@@ -47,7 +48,8 @@ class SocketLock:
     """An exclusive `flock` on `<socket>.lock`, held for the daemon's lifetime."""
 
     def __init__(self, socket_path: Path) -> None:
-        self.path = socket_path.with_name(socket_path.name + ".lock")
+        self.socket_path = socket_path
+        self.path = paths.socket_lock(socket_path)
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -57,8 +59,7 @@ class SocketLock:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                socket_path = self.path.with_name(self.path.name.removesuffix(".lock"))
-                raise AlreadyRunning(f"mcpxd is already running on {socket_path} (it holds {self.path})") from None
+                raise AlreadyRunning(f"mcpxd is already running on {self.socket_path} (it holds {self.path})") from None
             raise
         self._fd = fd
 
