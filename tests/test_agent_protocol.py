@@ -1,4 +1,5 @@
-"""The agent-facing JSON-RPC surface, driven over a raw socket: bad input gets a clear error, the session goes on."""
+"""The agent-facing JSON-RPC surface, driven over a raw socket where bytes and ids matter: bad input gets a clear
+error, the session goes on."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
 
-from tests.support.daemon import Sandbox, mcpxctl, running_daemon, upstream_toml
+from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.upstream import Upstream, running
 
 
@@ -142,13 +145,14 @@ async def test_tools_without_namespace_and_a_withheld_collision(sandbox: Sandbox
         upstream_toml("alpha", alpha.url, namespace=False, include_tools=["echo", "add"])
         + upstream_toml("beta", beta.url, namespace=False, include_tools=["echo", "get_issue"])
     )
-    async with running(alpha, beta), running_daemon(sandbox), raw_agent(sandbox) as peer:
-        tools = (await peer.request(1, "tools/list", {}))["result"]["tools"]
-        assert sorted(tool["name"] for tool in tools) == ["add", "get_issue"]
-        echo = await peer.request(2, "tools/call", {"name": "echo", "arguments": {"text": "x"}})
-        assert echo["error"]["code"] == -32602
-        added = await peer.request(3, "tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}})
-        assert added["result"]["structuredContent"] == {"result": 3}
+    async with running(alpha, beta), running_daemon(sandbox), agent(sandbox) as client:
+        tools = (await client.list_tools()).tools
+        assert sorted(tool.name for tool in tools) == ["add", "get_issue"]
+        with pytest.raises(MCPError) as raised:
+            await client.call_tool("echo", {"text": "x"})
+        assert raised.value.error.code == -32602
+        added = await client.call_tool("add", {"a": 1, "b": 2})
+        assert added.structured_content == {"result": 3}
         _, out, _ = await mcpxctl(sandbox, "status", "--json")
         upstreams = {u["name"]: u for u in json.loads(out)["upstreams"]}
         assert upstreams["alpha"]["withheld_tools"] == ["echo"]
