@@ -37,6 +37,13 @@ class RawAgent:
         assert isinstance(message, dict)
         return message
 
+    async def next_response(self) -> dict[str, Any]:
+        """The next message with an id (notifications, such as a list_changed at start-up, are skipped)."""
+        while True:
+            message = await self.receive()
+            if "id" in message:
+                return message
+
     async def request(self, request_id: int | str, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
         if params is not None:
@@ -164,14 +171,18 @@ async def test_tools_without_namespace_and_a_withheld_collision(sandbox: Sandbox
 
 async def test_cancelled_call_gets_no_response_and_the_session_goes_on(sandbox: Sandbox) -> None:
     started = asyncio.Event()
-    release = asyncio.Event()
+    cancelled = asyncio.Event()
 
     def slow_tool(server: MCPServer) -> None:
         @server.tool()
         async def slow() -> str:
             started.set()
-            await release.wait()
-            return "done"
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return "never"
 
     alpha = Upstream("alpha", json_response=False, customize=slow_tool)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
@@ -181,12 +192,14 @@ async def test_cancelled_call_gets_no_response_and_the_session_goes_on(sandbox: 
         async with asyncio.timeout(10):
             await started.wait()
         await peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
-        pong = await peer.request(2, "ping")
-        assert pong["result"] == {}
-        release.set()
-        # The next reply on the wire is for request 3, not the cancelled request 1.
-        await peer.send({"jsonrpc": "2.0", "id": 3, "method": "ping"})
-        assert (await peer.receive())["id"] == 3
+        async with asyncio.timeout(10):
+            await cancelled.wait()  # mcpx passed the cancellation on: the upstream's tool was cancelled
+        # The next response on the wire is for request 3, not a late one for the cancelled request 1.
+        echo = {"name": "alpha__echo", "arguments": {"text": "after"}}
+        await peer.send({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": echo})
+        reply = await peer.next_response()
+        assert reply["id"] == 3
+        assert reply["result"]["content"][0]["text"] == "alpha:after"
 
 
 async def test_a_tool_result_reaches_the_agent_byte_for_byte_with_fields_no_sdk_model_knows(sandbox: Sandbox) -> None:
