@@ -4,17 +4,22 @@ real SDK upstreams behind it, over JSON and SSE responses."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from mcp.server import ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp.types import Completion, PromptReference, TextContent
+from mcp.types import Completion, EmptyResult, PromptReference, SetLevelRequestParams, TextContent
 
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
 from tests.support.upstream import Upstream, running
 
 
-def with_prompts(name: str) -> Callable[[MCPServer], None]:
+def with_prompts(name: str, levels: list[str] | None = None) -> Callable[[MCPServer], None]:
+    """A review prompt and its completions; with `levels`, the server also offers logging and records there each
+    level it is set to."""
+
     def customize(server: MCPServer) -> None:
         @server.prompt()
         def review(topic: str) -> str:
@@ -25,12 +30,24 @@ def with_prompts(name: str) -> Callable[[MCPServer], None]:
         async def complete(ref: object, argument: object, context: object) -> Completion:
             return Completion(values=[f"{name}-one", f"{name}-two"])
 
+        if levels is None:
+            return
+
+        async def set_level(ctx: ServerRequestContext[Any], params: SetLevelRequestParams) -> EmptyResult:
+            levels.append(params.level)
+            return EmptyResult()
+
+        # MCPServer has no decorator for logging/setLevel (deprecated in 2026-07-28): its low-level server takes the
+        # handler, and then offers the logging capability.
+        server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+
     return customize
 
 
 async def test_prompts_of_every_upstream_are_listed_got_and_completed_under_namespaced_names(sandbox: Sandbox) -> None:
-    alpha = Upstream("alpha", json_response=True, customize=with_prompts("alpha"))
-    beta = Upstream("beta", json_response=False, customize=with_prompts("beta"))
+    levels: dict[str, list[str]] = {"alpha": [], "beta": []}
+    alpha = Upstream("alpha", json_response=True, customize=with_prompts("alpha", levels["alpha"]))
+    beta = Upstream("beta", json_response=False, customize=with_prompts("beta", levels["beta"]))
     plain = Upstream("plain", json_response=True)  # offers no prompts
     sandbox.write_config(
         upstream_toml("alpha", alpha.url) + upstream_toml("beta", beta.url) + upstream_toml("plain", plain.url)
@@ -40,6 +57,7 @@ async def test_prompts_of_every_upstream_are_listed_got_and_completed_under_name
         assert capabilities is not None
         assert capabilities.prompts is not None and capabilities.prompts.list_changed
         assert capabilities.completions is not None
+        assert capabilities.logging is not None
 
         prompts = {prompt.name: prompt for prompt in (await client.list_prompts()).prompts}
         assert sorted(prompts) == ["alpha__review", "beta__review"]
@@ -58,7 +76,9 @@ async def test_prompts_of_every_upstream_are_listed_got_and_completed_under_name
         completed = await client.complete(PromptReference(name="beta__review"), {"name": "topic", "value": "o"})
         assert completed.completion.values == ["beta-one", "beta-two"]
 
+        # Fanned out to every upstream that offers logging (plain does not), answered once they have all answered.
         await client.set_logging_level("warning")
+        assert levels == {"alpha": ["warning"], "beta": ["warning"]}
 
 
 async def test_unknown_prompts_are_protocol_errors_and_the_session_goes_on(sandbox: Sandbox) -> None:
@@ -70,4 +90,6 @@ async def test_unknown_prompts_are_protocol_errors_and_the_session_goes_on(sandb
                 await client.get_prompt(name, {})
             assert raised.value.error.code == -32602
         got = await client.get_prompt("alpha__review", {"topic": "t"})
-        assert got.messages
+        (message,) = got.messages
+        assert isinstance(message.content, TextContent)
+        assert message.content.text == "alpha reviews t"
