@@ -123,3 +123,12 @@ def test_mcpxctl_and_its_command_modules_import_only_the_standard_library() -> N
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_mcpxctl_does_not_load_the_browser_opener_until_a_login_needs_it() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, mcpx.cli.ctl; print(sorted({'mcpx.cli.opener', 'webbrowser'} & set(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from mcpx import __version__, paths
-from mcpx.cli.opener import open_url
 from mcpx.control.client import ControlError, DaemonNotRunning, call
 
 LOGIN_TIMEOUT = 300.0  # the daemon's default wait for a browser login (auth/oauth/credential.py)
@@ -114,6 +113,8 @@ def _login(socket_path: Path, name: str, *, no_browser: bool, device: bool, time
             print("Then paste the address the browser ended on (or the code) here:", file=sys.stderr)
             params.update(action="paste", response=sys.stdin.readline().strip())
         else:
+            from mcpx.cli.opener import open_url  # webbrowser and friends: only a browser login pays for them
+
             if not open_url(url):
                 print("(could not open a browser; open the URL yourself)", file=sys.stderr)
             print("Waiting for the browser…", file=sys.stderr)
