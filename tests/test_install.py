@@ -243,6 +243,24 @@ def test_uninstall_disables_and_removes_only_what_install_wrote(home: Home, caps
     assert (home.units / "mcpx.socket").exists()
 
 
+def test_uninstall_works_from_a_python_without_mcpxd_beside_it_where_install_refuses(
+    home: Home, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _ctl(capsys, "install", "--manager", "systemd")[0] == 0
+    elsewhere = home.root / "other-venv" / "bin"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(elsewhere / "python3"))
+
+    code, _, err = _ctl(capsys, "install", "--manager", "systemd", "--force")
+    assert code == 1
+    assert err.startswith(f"mcpxctl: mcpxd is not beside this Python ({elsewhere})")
+
+    code, out, err = _ctl(capsys, "uninstall", "--manager", "systemd")
+    assert code == 0, err
+    assert "mcpx is no longer a user service" in out
+    assert list(home.units.iterdir()) == []
+
+
 async def test_install_stops_a_daemon_that_runs_outside_the_service_manager(sandbox: Sandbox) -> None:
     fake_bin = sandbox.root / "fakebin"
     fake_bin.mkdir()

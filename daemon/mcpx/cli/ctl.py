@@ -193,6 +193,22 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if any(finding.level == doctor.FAIL for finding in findings) else 0
 
 
+def _uninstall(args: argparse.Namespace) -> int:
+    from mcpx.cli import service
+
+    try:
+        plan = service.plan_uninstall(args.manager or service.default_manager(), force=args.force)
+        service.show(plan, dry_run=args.dry_run)
+        if args.dry_run or not plan.remove:
+            return 0
+        service.carry_out_uninstall(plan)
+    except service.Refused as exc:
+        print(f"mcpxctl: {exc}", file=sys.stderr)
+        return 1
+    print("mcpx is no longer a user service (agents' shims start mcpxd themselves when needed)")
+    return 0
+
+
 def _install(args: argparse.Namespace) -> int:
     from mcpx.cli import service
 
@@ -205,16 +221,9 @@ def _install(args: argparse.Namespace) -> int:
                 f"{missing[0]} is not beside this Python ({target.bin_dir}): run the mcpxctl of the installation "
                 "that should become the service"
             )
-        if args.command == "install":
-            plan = service.plan_install(target, manager, force=args.force, sandbox=not args.no_sandbox)
-        else:
-            plan = service.plan_uninstall(manager, force=args.force)
+        plan = service.plan_install(target, manager, force=args.force, sandbox=not args.no_sandbox)
         service.show(plan, dry_run=args.dry_run)
-        if args.dry_run or not (plan.write or plan.remove):
-            return 0
-        if args.command == "uninstall":
-            service.carry_out_uninstall(plan)
-            print("mcpx is no longer a user service (agents' shims start mcpxd themselves when needed)")
+        if args.dry_run or not plan.write:
             return 0
         service.carry_out_install(plan, target)
     except service.Refused as exc:
@@ -283,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "install":
             command.add_argument("--no-sandbox", action="store_true", help="systemd: leave out the sandbox settings")
     args = parser.parse_args(argv)
-    if args.command in ("install", "uninstall"):
+    if args.command == "install":
         return _install(args)
+    if args.command == "uninstall":
+        return _uninstall(args)
     if args.command == "doctor":
         return _doctor(args)
     if args.command == "import":
