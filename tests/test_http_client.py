@@ -21,15 +21,17 @@ from mcpx.upstream.h1 import (
     HttpClientError,
     InvalidResponse,
     Target,
+    _Connection,
     encode_request,
 )
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+# How a scripted server serves each connection: the server (to read requests), then the connection's streams.
+Serve = Callable[["ScriptedServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class ScriptedServer:
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
+    def __init__(self, serve: Serve) -> None:
+        self.serve = serve
         self.connections = 0
         self.requests: list[bytes] = []
         self.writers: list[asyncio.StreamWriter] = []
@@ -52,7 +54,7 @@ class ScriptedServer:
         assert task is not None
         self.tasks.add(task)
         try:
-            await self.handler(reader, writer)
+            await self.serve(self, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -60,9 +62,8 @@ class ScriptedServer:
 
 
 @asynccontextmanager
-async def scripted(handler_for: Callable[[ScriptedServer], Handler]) -> AsyncIterator[tuple[ScriptedServer, Target]]:
-    server = ScriptedServer(lambda reader, writer: asyncio.sleep(0))
-    server.handler = handler_for(server)
+async def scripted(serve: Serve) -> AsyncIterator[tuple[ScriptedServer, Target]]:
+    server = ScriptedServer(serve)
     listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
@@ -90,15 +91,12 @@ async def client() -> AsyncIterator[HttpClient]:
 
 
 async def test_keep_alive_connection_is_reused(client: HttpClient) -> None:
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                body = await server.read_request(reader)
-                writer.write(ok(b"echo:" + body))
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            body = await server.read_request(reader)
+            writer.write(ok(b"echo:" + body))
 
-        return serve
-
-    async with scripted(handler) as (server, target):
+    async with scripted(serve) as (server, target):
         for index in range(3):
             response = await client.request("POST", target, {"Content-Type": "application/json"}, b"%d" % index)
             assert response.status == 200
@@ -112,17 +110,14 @@ async def test_keep_alive_connection_is_reused(client: HttpClient) -> None:
 async def test_chunked_body_arrives_as_it_is_sent(client: HttpClient) -> None:
     second_may_go = asyncio.Event()
 
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-            writer.write(b"6\r\nfirst\n\r\n")
-            await second_may_go.wait()
-            writer.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"6\r\nfirst\n\r\n")
+        await second_may_go.wait()
+        writer.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
 
-        return serve
-
-    async with scripted(handler) as (_, target):
+    async with scripted(serve) as (_, target):
         response = await client.request("POST", target, {}, b"{}")
         assert response.content_type == "text/event-stream"
         chunks = response.chunks()
@@ -136,32 +131,26 @@ async def test_chunked_body_arrives_as_it_is_sent(client: HttpClient) -> None:
 
 
 async def test_body_delimited_by_end_of_connection(client: HttpClient) -> None:
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{"a":')
-            await writer.drain()
-            writer.write(b"1}")
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{"a":')
+        await writer.drain()
+        writer.write(b"1}")
 
-        return serve
-
-    async with scripted(handler) as (_, target):
+    async with scripted(serve) as (_, target):
         response = await client.request("POST", target, {}, b"{}")
         assert await response.read(1024) == b'{"a":1}'
         response.release()
 
 
 async def test_pooled_connection_closed_by_the_server_is_replaced(client: HttpClient) -> None:
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(ok(b"one"))
-            await writer.drain()
-            # Then close the idle keep-alive connection, as servers do after their idle timeout.
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(ok(b"one"))
+        await writer.drain()
+        # Then close the idle keep-alive connection, as servers do after their idle timeout.
 
-        return serve
-
-    async with scripted(handler) as (server, target):
+    async with scripted(serve) as (server, target):
         first = await client.request("POST", target, {}, b"{}")
         assert await first.read(100) == b"one"
         first.release()
@@ -174,14 +163,11 @@ async def test_pooled_connection_closed_by_the_server_is_replaced(client: HttpCl
 
 
 async def test_connection_lost_mid_body_is_an_error(client: HttpClient) -> None:
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
 
-        return serve
-
-    async with scripted(handler) as (_, target):
+    async with scripted(serve) as (_, target):
         response = await client.request("POST", target, {}, b"{}")
         with pytest.raises(ConnectionClosed):
             await response.read(1000)
@@ -189,13 +175,10 @@ async def test_connection_lost_mid_body_is_an_error(client: HttpClient) -> None:
 
 
 async def test_connection_lost_before_any_answer_is_not_resent(client: HttpClient) -> None:
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)  # read it, then hang up without answering
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)  # read it, then hang up without answering
 
-        return serve
-
-    async with scripted(handler) as (server, target):
+    async with scripted(serve) as (server, target):
         with pytest.raises(ConnectionClosed):
             await client.request("POST", target, {}, b"{}")
     assert len(server.requests) == 1
@@ -211,35 +194,27 @@ async def test_connection_lost_before_any_answer_is_not_resent(client: HttpClien
     ids=["garbage", "oversized-head", "bad-length"],
 )
 async def test_invalid_responses_are_refused(client: HttpClient, answer: bytes) -> None:
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(answer)
-            await reader.read()
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer)
+        await reader.read()
 
-        return serve
-
-    async with scripted(handler) as (_, target):
+    async with scripted(serve) as (_, target):
         with pytest.raises(InvalidResponse):
             await client.request("POST", target, {}, b"{}")
 
 
 async def test_body_limits(client: HttpClient) -> None:
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await server.read_request(reader)
-                body = b"x" * 5000
-                if len(server.requests) == 1:
-                    writer.write(ok(body))
-                else:  # no declared length: the limit must hold while streaming
-                    writer.write(
-                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n" + body + b"\r\n0\r\n\r\n"
-                    )
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            body = b"x" * 5000
+            if len(server.requests) == 1:
+                writer.write(ok(body))
+            else:  # no declared length: the limit must hold while streaming
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n" + body + b"\r\n0\r\n\r\n")
 
-        return serve
-
-    async with scripted(handler) as (_, target):
+    async with scripted(serve) as (_, target):
         for _ in range(2):
             response = await client.request("POST", target, {}, b"{}")
             with pytest.raises(BodyTooLarge):
@@ -248,15 +223,12 @@ async def test_body_limits(client: HttpClient) -> None:
 
 
 async def test_an_abandoned_response_closes_its_connection(client: HttpClient) -> None:
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-            await reader.read()  # never ends the body
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await reader.read()  # never ends the body
 
-        return serve
-
-    async with scripted(handler) as (server, target):
+    async with scripted(serve) as (server, target):
         for _ in range(2):
             response = await client.request("POST", target, {}, b"{}")
             assert await anext(response.chunks()) == b"first"
@@ -264,32 +236,39 @@ async def test_an_abandoned_response_closes_its_connection(client: HttpClient) -
     assert server.connections == 2
 
 
-async def test_large_body_is_delivered_whole_through_flow_control(client: HttpClient) -> None:
+async def test_large_body_is_delivered_whole_through_flow_control(
+    client: HttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     body = bytes(range(256)) * (12 * 4096)  # 12 MiB: well past the high-water mark
+    paused = asyncio.Event()
+    pause_reading = _Connection.pause_reading
 
-    def handler(server: ScriptedServer) -> Handler:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(ok(body))
-            await writer.drain()
-            await reader.read()
+    def pause_and_tell(connection: _Connection) -> None:
+        pause_reading(connection)
+        paused.set()
 
-        return serve
+    monkeypatch.setattr(_Connection, "pause_reading", pause_and_tell)
 
-    async with scripted(handler) as (_, target):
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(ok(body))
+        await writer.drain()
+        await reader.read()
+
+    async with scripted(serve) as (_, target):
         response = await client.request("POST", target, {}, b"{}")
         chunks = response.chunks()
         first = await anext(chunks)
-        # Let the network run ahead of the reader so that reading pauses, then read the rest.
-        for _ in range(50):
-            await asyncio.sleep(0)
-        rest = b"".join([chunk async for chunk in chunks])
+        # The network runs ahead of a reader that reads nothing more: reading pauses. Then the rest is read.
+        async with asyncio.timeout(10):
+            await paused.wait()
+            rest = b"".join([chunk async for chunk in chunks])
         assert first + rest == body
         response.release()
 
 
 async def test_unreachable_server_is_a_connect_error(client: HttpClient) -> None:
-    async with scripted(lambda server: lambda reader, writer: asyncio.sleep(0)) as (_, target):
+    async with scripted(lambda server, reader, writer: asyncio.sleep(0)) as (_, target):
         pass  # the listener is closed again: nothing listens on the port now
     with pytest.raises(ConnectError):
         await client.request("POST", target, {}, b"{}")
