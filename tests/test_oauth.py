@@ -8,41 +8,12 @@ import asyncio
 import contextlib
 import json
 import stat
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-from tests.support import browser
-from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, start_mcpxctl, upstream_toml
-from tests.support.oauth_server import AuthServer, ProtectedUpstream, follow_authorization
+from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, start_mcpxctl
+from tests.support.oauth import login, oauth_config, protected
+from tests.support.oauth_server import AuthServer, follow_authorization
 from tests.support.results import text_of
-
-
-@asynccontextmanager
-async def protected(
-    upstream_options: dict[str, Any] | None = None, **auth_options: object
-) -> AsyncIterator[tuple[AuthServer, ProtectedUpstream]]:
-    auth = AuthServer(**auth_options)  # type: ignore[arg-type]
-    await auth.start()
-    upstream = ProtectedUpstream(auth, **(upstream_options or {}))
-    await upstream.start()
-    try:
-        yield auth, upstream
-    finally:
-        await upstream.stop()
-        await auth.stop()
-
-
-def oauth_config(sandbox: Sandbox, upstream: ProtectedUpstream, daemon: str = "", **auth: object) -> None:
-    sandbox.env["BROWSER"] = browser.COMMAND
-    sandbox.write_config(
-        f'[daemon]\ntoken_store = "file"\n{daemon}\n'
-        + upstream_toml("protected", upstream.url, auth={"type": "oauth", **auth})
-    )
-
-
-async def login(sandbox: Sandbox, *extra: str) -> tuple[int, str, str]:
-    return await mcpxctl(sandbox, "login", "protected", *extra)
 
 
 def refreshed(auth: AuthServer) -> asyncio.Event:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +28,9 @@ from mcpx.auth.oauth.flow import (
 from mcpx.auth.oauth.metadata import Challenge, DiscoveryError, validate_server_metadata
 from mcpx.config.model import OAuthAuth, UpstreamConfig
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, start_mcpxctl
+from tests.support.oauth import oauth_config, oauth_credential, protected
 from tests.support.oauth_server import AuthServer, ProtectedUpstream, follow_authorization
 from tests.support.results import text_of
-from tests.test_oauth import oauth_config, protected
 
 FAST: dict[str, Any] = {"device_grant": True, "device_poll_interval": 0.05}
 
@@ -160,7 +158,6 @@ async def test_two_device_logins_at_once_share_one_flow(sandbox: Sandbox) -> Non
             for login in (first, second):
                 code, stdout, stderr = await login.result()
                 assert code == 0 and "logged in to protected: ready" in stdout, stderr
-            assert auth.token_requests.count(DEVICE_CODE_GRANT) >= 1
             assert len(auth.registrations) == 1
 
 
@@ -203,20 +200,6 @@ async def test_no_browser_login_mentions_the_device_grant_where_offered(sandbox:
 
 
 # ---- the credential's device flow, in-process
-
-
-@asynccontextmanager
-async def oauth_credential(tmp_path: Path, **auth_options: Any) -> AsyncIterator[tuple[OAuthCredential, AuthServer]]:
-    async with AuthServer(**auth_options) as auth, ProtectedUpstream(auth) as upstream:
-        context = OAuthContext(tmp_path / "state", "file")
-        config = UpstreamConfig(name="protected", url=upstream.url, auth=OAuthAuth(type="oauth"))
-        assert isinstance(config.auth, OAuthAuth)
-        credential = OAuthCredential(config, config.auth, context)
-        try:
-            yield credential, auth
-        finally:
-            await credential.close()
-            await context.close()
 
 
 async def test_slow_down_adds_its_step_to_every_later_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import aiohttp
 import pytest
 
+from tests.support.oauth import protected
 from tests.support.oauth_server import (
     DEVICE_CODE_GRANT,
     WRONG_ISSUER,
@@ -661,3 +662,28 @@ async def test_plain_challenge_and_wrong_prm_resource(http: aiohttp.ClientSessio
             assert response.headers["WWW-Authenticate"] == "Bearer"
         async with http.get(upstream.prm_url) as response:
             assert (await response.json())["resource"] == "https://evil.example/mcp"
+
+
+async def test_servers_that_fail_to_start_leave_nothing_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`protected()` stops its authorization server when the upstream cannot start, and the upstream closes the
+    port it reserved."""
+    stopped: list[object] = []
+    original = {cls: cls.stop for cls in (AuthServer, ProtectedUpstream)}
+
+    def recording(cls: Any) -> Any:
+        async def stop(self: Any) -> None:
+            stopped.append(cls)
+            await original[cls](self)
+
+        return stop
+
+    async def refuse(self: ProtectedUpstream) -> None:
+        raise OSError("cannot listen")
+
+    for cls in original:
+        monkeypatch.setattr(cls, "stop", recording(cls))
+    monkeypatch.setattr(ProtectedUpstream, "start", refuse)
+    with pytest.raises(OSError, match="cannot listen"):
+        async with protected():
+            pass
+    assert stopped == [ProtectedUpstream, AuthServer]

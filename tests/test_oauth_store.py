@@ -28,7 +28,7 @@ from structlog.testing import capture_logs
 from mcpx.auth.oauth import store as store_module
 from mcpx.auth.oauth.store import FileStore, KeyringStore, StoreError, open_store
 from tests.support.daemon import Sandbox, mcpxctl, running_daemon
-from tests.test_oauth import login, oauth_config, protected
+from tests.support.oauth import login, oauth_config, protected
 
 RECORD = {"issuer": "https://as.example", "tokens": {"access_token": "at-1", "refresh_token": "rt-1"}}
 
@@ -142,10 +142,8 @@ async def test_a_hanging_keyring_is_given_up_within_its_bound(
         assert 0.2 <= elapsed < 5
         assert backend.entered.is_set()
         # While that call still hangs, the keyring is not asked again (no pile of stuck threads): refused at once.
-        started = time.monotonic()
         with pytest.raises(StoreError, match="has not answered an earlier request"):
             await open_store(state, "keyring")
-        assert time.monotonic() - started < 0.2
         assert backend.calls == 1
         # The file store it fell back to works.
         await chosen.save("up", RECORD)

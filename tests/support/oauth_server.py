@@ -155,7 +155,31 @@ class AuthorizationFailed(Exception):
         self.location = location
 
 
-class _LoopbackWebApp:
+class _Served:
+    """`async with` starts the server and stops it on exit; a server that fails to start is stopped (its reserved
+    socket closed) before the error propagates."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class _LoopbackWebApp(_Served):
     """An aiohttp application on a reserved 127.0.0.1 port; subclasses build it in `_app()`."""
 
     def __init__(self) -> None:
@@ -178,15 +202,6 @@ class _LoopbackWebApp:
             await self._runner.cleanup()
             self._runner = None
         self._sock.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 class AuthServer(_LoopbackWebApp):
@@ -625,7 +640,7 @@ class AuthServer(_LoopbackWebApp):
         self.revoked.update(family.tokens)
 
     async def _token(self, request: web.Request) -> web.Response:
-        form = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+        form = await _form(request)
         grant_type = form.get("grant_type", "")
         self.token_requests.append(grant_type)
         if self.token_endpoint_failure is not None:
@@ -726,7 +741,7 @@ class AuthServer(_LoopbackWebApp):
         return self._issue(family)
 
     async def _device_authorization(self, request: web.Request) -> web.Response:
-        form = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+        form = await _form(request)
         self.device_authorization_requests.append({k: v for k, v in form.items() if k != "client_secret"})
         try:
             client = await self._authenticate(request, form)
@@ -760,7 +775,7 @@ class AuthServer(_LoopbackWebApp):
         or denied with `decision=deny`."""
         params = dict(request.query)
         if request.method == "POST":
-            params |= {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+            params |= await _form(request)
         user_code = params.get("user_code", "").strip().upper()
         deny = params.get("decision", "approve") == "deny"
         try:
@@ -772,7 +787,7 @@ class AuthServer(_LoopbackWebApp):
     # ---- revocation (RFC 7009)
 
     async def _revoke(self, request: web.Request) -> web.Response:
-        form = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+        form = await _form(request)
         self.revocation_requests.append(form.get("token_type_hint"))
         try:
             client = await self._authenticate(request, form)
@@ -787,6 +802,11 @@ class AuthServer(_LoopbackWebApp):
         elif (info := self._access.get(token)) is not None and info.client_id == client.client_id:
             self.revoked.add(token)
         return web.Response(status=200)
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    """The request's form fields (files, which no OAuth request has, are left out)."""
+    return {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
 
 
 def _error_response(exc: OAuthError, *, basic: bool = False) -> web.Response:
@@ -832,7 +852,7 @@ class MetadataDocumentHost(_LoopbackWebApp):
 PRM_PATHS = {"path": "/.well-known/oauth-protected-resource/mcp", "root": "/.well-known/oauth-protected-resource"}
 
 
-class ProtectedUpstream(Upstream):
+class ProtectedUpstream(Upstream, _Served):
     """A real SDK MCPServer (tools echo, add, ..., whoami, admin_reset) requiring bearer tokens from `auth`.
 
     Every request to /mcp needs a live token from `auth` whose `resource` is exactly `self.resource` (what its
@@ -868,15 +888,6 @@ class ProtectedUpstream(Upstream):
         self.rejected_403 = 0
         self.prm_requests = 0
         self.admin_resets = 0
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     @property
     def resource(self) -> str:
@@ -941,6 +952,12 @@ class ProtectedUpstream(Upstream):
             await send({"type": "http.response.start", "status": status, "headers": raw})
             await send({"type": "http.response.body", "body": body})
 
+        async def insufficient_scope(send: Send, needed: str) -> None:
+            self.rejected_403 += 1
+            challenge = self._challenge(error="insufficient_scope", scope=needed)
+            headers = {"WWW-Authenticate": challenge, "Content-Type": "application/json"}
+            await respond(send, 403, b'{"error":"insufficient_scope"}', headers)
+
         async def protected(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
                 await inner(scope, receive, send)
@@ -968,10 +985,7 @@ class ProtectedUpstream(Upstream):
                 await respond(send, 401, body, {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
                 return
             if self.required_scope not in info.scopes:
-                self.rejected_403 += 1
-                challenge = self._challenge(error="insufficient_scope", scope=self.required_scope)
-                body = b'{"error":"insufficient_scope"}'
-                await respond(send, 403, body, {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
+                await insufficient_scope(send, self.required_scope)
                 return
             if scope["method"] != "POST":
                 await inner(scope, receive, send)
@@ -987,15 +1001,7 @@ class ProtectedUpstream(Upstream):
                     break
             body = b"".join(chunks)
             if "mcp:admin" not in info.scopes and _calls_tool(body, "admin_reset"):
-                self.rejected_403 += 1
-                needed = " ".join(dict.fromkeys([self.required_scope, "mcp:admin"]))
-                challenge = self._challenge(error="insufficient_scope", scope=needed)
-                await respond(
-                    send,
-                    403,
-                    b'{"error":"insufficient_scope"}',
-                    {"WWW-Authenticate": challenge, "Content-Type": "application/json"},
-                )
+                await insufficient_scope(send, " ".join(dict.fromkeys([self.required_scope, "mcp:admin"])))
                 return
             replayed = False
 
