@@ -124,6 +124,24 @@ async def test_an_invalid_config_and_a_stopped_service_are_reported_with_their_f
     assert "      fix: systemctl --user start mcpx.socket mcpx.service" in lines
 
 
+async def test_with_an_invalid_config_the_socket_and_state_dir_it_names_are_the_ones_checked(
+    sandbox: Sandbox,
+) -> None:
+    socket_path, state = sandbox.root / "elsewhere" / "mcpx.sock", sandbox.root / "other-state"
+    settings = f'[daemon]\nsocket = "{socket_path}"\nstate_dir = "{state}"\n\n'
+    sandbox.write_config(settings)
+    async with running_daemon(sandbox) as daemon:
+        sandbox.write_config(settings + upstream_toml("broken", "ftp://example.com/mcp"))  # a typo since it started
+        code, stdout, _ = await mcpxctl(sandbox, "doctor", "--manager", "systemd")
+
+    assert code == 1
+    assert daemon.process is not None
+    assert "FAIL  config: invalid:" in stdout
+    assert f"ok    state directory: {state} is private" in stdout
+    assert f"ok    socket: {socket_path} is private" in stdout
+    assert f"ok    daemon: mcpxd {__version__} (pid {daemon.process.pid}) answers on {socket_path}" in stdout
+
+
 def test_a_daemon_of_another_version_or_reading_another_config_is_a_problem(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -158,14 +176,7 @@ def test_a_socket_open_to_others_is_a_problem(tmp_path: Path, monkeypatch: pytes
     try:
         sock.bind(str(path))
         path.chmod(0o666)
-        checker = doctor.Doctor(
-            config_path=tmp_path / "config.toml",
-            config_explicit=False,
-            socket_override=path,
-            bin_dir=BIN,
-            manager="systemd",
-            target=ctl._service_target(ctl_args(tmp_path, path)),
-        )
+        checker = doctor.Doctor(ctl._service_target(ctl_args(tmp_path, path)), manager="systemd")
         checker.check_socket(path)
     finally:
         sock.close()

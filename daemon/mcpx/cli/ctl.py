@@ -181,14 +181,7 @@ def _log_path(args: argparse.Namespace) -> Path:
 def _doctor(args: argparse.Namespace) -> int:
     from mcpx.cli import doctor, service
 
-    findings = doctor.Doctor(
-        config_path=paths.config_path(args.config).absolute(),
-        config_explicit=paths.config_is_explicit(args.config),
-        socket_override=args.socket,
-        bin_dir=Path(sys.executable).parent,
-        manager=args.manager or service.default_manager(),
-        target=_service_target(args),
-    ).run()
+    findings = doctor.Doctor(_service_target(args), args.manager or service.default_manager()).run()
     print(doctor.render(findings))
     return 1 if any(finding.level == doctor.FAIL for finding in findings) else 0
 

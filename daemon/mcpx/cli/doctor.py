@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mcpx import __version__, paths
+from mcpx import __version__
 from mcpx.cli import service
 from mcpx.control.client import ControlError, DaemonNotRunning, call
 
@@ -50,12 +50,11 @@ class Finding:
 
 @dataclass
 class Doctor:
-    config_path: Path
-    config_explicit: bool
-    socket_override: Path | None
-    bin_dir: Path
-    manager: str
+    """The checks of one setup: `target` holds its paths as mcpxctl resolves them (the config's `[daemon]` table
+    read leniently, so they are right even when the config is invalid)."""
+
     target: service.Target
+    manager: str
     findings: list[Finding] = field(default_factory=list)
     daemon_pid: int | None = None
 
@@ -66,22 +65,20 @@ class Doctor:
 
     def run(self) -> list[Finding]:
         config = self.check_config()
-        daemon_settings = getattr(config, "daemon", None)
-        state_dir = paths.state_dir(getattr(daemon_settings, "state_dir", None))
-        socket_path = self.socket_override or paths.socket_path(getattr(daemon_settings, "socket", None))
+        state_dir = self.target.state_dir
         self.check_private_dir("state directory", state_dir, ["mcpxd.log", "oauth-tokens.json"])
-        self.check_socket(socket_path)
-        status = self.check_daemon(socket_path)
+        self.check_socket(self.target.socket)
+        status = self.check_daemon(self.target.socket)
         if status is not None:
             self.check_upstreams(status, config)
-        self.check_keyring(getattr(daemon_settings, "token_store", "auto"), state_dir)
+        self.check_keyring(getattr(getattr(config, "daemon", None), "token_store", "auto"), state_dir)
         self.check_shim()
         self.check_service()
         return self.findings
 
     def check_config(self) -> Any:
-        path = self.config_path
-        if not path.exists() and not self.config_explicit:
+        path = self.target.config
+        if not path.exists() and not self.target.config_explicit:
             self.add(NOTE, "config", f"no file at {path}: no upstreams", f"mcpxctl import --write  (or create {path})")
             return None
         from mcpx.config import load_config
@@ -153,11 +150,11 @@ class Doctor:
                 f"mcpxd is version {status['version']}, this mcpxctl is {__version__}",
                 self._restart_command(),
             )
-        if Path(status["config"]).resolve() != self.config_path.resolve():
+        if Path(status["config"]).resolve() != self.target.config.resolve():
             self.add(
                 FAIL,
                 "daemon",
-                f"it reads {status['config']}, not {self.config_path}: your edits do not reach it",
+                f"it reads {status['config']}, not {self.target.config}: your edits do not reach it",
                 "mcpxctl install --force  (from the environment with the config you use), or pass --config",
             )
         return status
@@ -196,13 +193,13 @@ class Doctor:
         kind = getattr(auth, "type", None)
         restart = self._restart_command()
         if kind == "bearer_env":
-            where = self.config_path.parent / "env" if self._installed() else "mcpxd's environment"
+            where = self.target.config.parent / "env" if self._installed() else "mcpxd's environment"
             return (f"set {auth.env} in {where}, then: {restart}",)
         if kind == "bearer_file":
             return (f"put a valid token in {auth.path} (mcpxd re-reads it on the next call)",)
         if kind == "static_header":
             return (f"fix the value of {auth.header} (and the variables it names), then: {restart}",)
-        return (f"fix the credential in {self.config_path}, then: mcpxctl reload",)
+        return (f"fix the credential in {self.target.config}, then: mcpxctl reload",)
 
     def check_keyring(self, token_store: str, state_dir: Path) -> None:
         if token_store == "file":
@@ -235,7 +232,7 @@ class Doctor:
 
     def check_shim(self) -> None:
         found = shutil.which("mcpx-shim")
-        ours = self.bin_dir / "mcpx-shim"
+        ours = self.target.bin_dir / "mcpx-shim"
         if found is None:
             self.add(
                 FAIL,
