@@ -439,6 +439,26 @@ async def test_public_clients_cannot_use_client_credentials_and_revocation(http:
         assert auth.revocation_requests == ["refresh_token"]
 
 
+async def test_registration_auth_method_knob_and_revocation_needs_client_authentication(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with AuthServer(registration_auth_method="client_secret_basic") as auth:
+        flow = Flow(http, auth)
+        registered = await flow.register()  # asks for "none"; the server decides otherwise
+        assert registered["token_endpoint_auth_method"] == "client_secret_basic" and registered["client_secret"]
+        tokens = await flow.login("http://127.0.0.1:9/mcp")
+        assert tokens.refresh is not None
+        form = {"token": tokens.refresh, "token_type_hint": "refresh_token", "client_id": flow.client_id}
+        async with http.post(auth.endpoint("revoke"), data=form) as response:
+            assert response.status == 401  # a confidential client must authenticate
+        assert not auth.is_revoked(tokens.refresh) and not auth.revocation_requests
+        basic = base64.b64encode(f"{flow.client_id}:{flow.client_secret}".encode()).decode()
+        headers = {"Authorization": f"Basic {basic}"}
+        async with http.post(auth.endpoint("revoke"), data=form, headers=headers) as response:
+            assert response.status == 200
+        assert auth.is_revoked(tokens.refresh) and auth.revocation_requests == ["refresh_token"]
+
+
 # ---- client ID metadata documents
 
 

@@ -12,7 +12,7 @@ from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.config.model import OAuthAuth, UpstreamConfig
 from tests.support import browser
 from tests.support.daemon import Sandbox, mcpxctl, upstream_toml
-from tests.support.oauth_server import AuthServer, ProtectedUpstream
+from tests.support.oauth_server import AuthServer, ProtectedUpstream, follow_authorization
 
 
 @asynccontextmanager
@@ -64,3 +64,12 @@ async def oauth_credential(
         finally:
             await credential.close()
             await context.close()
+
+
+async def browser_login(credential: OAuthCredential) -> None:
+    """A browser login of `credential` in process: the browser follows the authorization URL (auto-approved) and
+    the address it lands on is handed over as pasted."""
+    flow = await credential.begin_login()
+    assert flow.pending is not None
+    credential.finish_login(await follow_authorization(flow.pending.url))
+    await credential.wait_login(flow, timeout=20)

@@ -231,6 +231,7 @@ class AuthServer(_LoopbackWebApp):
         device_verification_uri: str | None = None,
         client_credentials: bool = True,
         token_endpoint_failure: int | None = None,
+        registration_auth_method: str | None = None,
     ) -> None:
         if issuer_path and (not issuer_path.startswith("/") or issuer_path.endswith("/")):
             raise ValueError("issuer_path must start with '/' and not end with '/'")
@@ -256,6 +257,9 @@ class AuthServer(_LoopbackWebApp):
         # Replaces the verification URI (and drops verification_uri_complete), e.g. with one a client must refuse.
         self.device_verification_uri = device_verification_uri
         self.client_credentials = client_credentials
+        # Replaces the token_endpoint_auth_method every registration asks for (the server decides: RFC 7591 §3.2.1),
+        # e.g. "client_secret_basic": a confidential client with a secret, where mcpx asks to be a public one.
+        self.registration_auth_method = registration_auth_method
         # Mutable at any time: while set, the token endpoint answers this HTTP status with a non-JSON body.
         self.token_endpoint_failure = token_endpoint_failure
         # Mutable at any time: while True, the authorization endpoint redirects with error=access_denied.
@@ -292,7 +296,8 @@ class AuthServer(_LoopbackWebApp):
         self.device_user_codes: list[str] = []  # user codes issued, in order
         self.device_authorization_requests: list[dict[str, str]] = []  # form of each (client_secret removed)
         self.device_polls: list[float] = []  # time.monotonic() of each device_code token request, in order
-        self.revocation_requests: list[str | None] = []  # token_type_hint of each revocation request
+        # token_type_hint of each revocation request from an authenticated client (others are answered 401)
+        self.revocation_requests: list[str | None] = []
         self.revoked = RedactedSet()  # every token revoked (endpoint, family revocation or code replay)
 
     # ---- lifecycle
@@ -435,7 +440,7 @@ class AuthServer(_LoopbackWebApp):
         self.registrations.append(body)
         grant_types = body.get("grant_types", ["authorization_code"])
         redirect_uris = body.get("redirect_uris", [])
-        method = body.get("token_endpoint_auth_method", "none")
+        method = self.registration_auth_method or body.get("token_endpoint_auth_method", "none")
         if not isinstance(grant_types, list) or not all(isinstance(g, str) for g in grant_types):
             return _error_response(OAuthError("invalid_client_metadata", "grant_types"))
         if not isinstance(redirect_uris, list) or not all(isinstance(u, str) for u in redirect_uris):
@@ -788,11 +793,11 @@ class AuthServer(_LoopbackWebApp):
 
     async def _revoke(self, request: web.Request) -> web.Response:
         form = await _form(request)
-        self.revocation_requests.append(form.get("token_type_hint"))
         try:
             client = await self._authenticate(request, form)
         except OAuthError as exc:
-            return _error_response(exc)
+            return _error_response(exc, basic=request.headers.get("Authorization", "")[:6].lower() == "basic ")
+        self.revocation_requests.append(form.get("token_type_hint"))
         token = form.get("token", "")
         if not token:
             return _error_response(OAuthError("invalid_request", "token missing"))

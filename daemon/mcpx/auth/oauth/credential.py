@@ -766,7 +766,15 @@ class OAuthCredential:
                     server = await self._server_metadata()
                     for key, hint in (("refresh_token", "refresh_token"), ("access_token", "access_token")):
                         if isinstance(tokens.get(key), str):
-                            await endpoints.revoke(self._context.http(), server, client, tokens[key], hint)
+                            await endpoints.revoke(
+                                self._context.http(),
+                                server,
+                                client,
+                                tokens[key],
+                                hint,
+                                signing_key=self._signing_key(),
+                                signing_algorithm=self._signing_algorithm(),
+                            )
         had = bool(self._record.get("tokens") or self._record.get("client"))
         self._record = {"resource": self.resource}
         if self._proactive is not None:

@@ -310,14 +310,23 @@ def _client_assertion(client_id: str, server: ServerMetadata, key_pem: bytes, al
     return jwt.encode({"alg": algorithm}, claims, key)
 
 
-async def revoke(http: aiohttp.ClientSession, server: ServerMetadata, client: Client, token: str, hint: str) -> None:
+async def revoke(
+    http: aiohttp.ClientSession,
+    server: ServerMetadata,
+    client: Client,
+    token: str,
+    hint: str,
+    *,
+    signing_key: Any = None,
+    signing_algorithm: str = "RS256",
+) -> None:
+    """Token revocation (RFC 7009 §2.1), authenticated as at the token endpoint; nothing where the server has no
+    revocation endpoint."""
     if server.revocation_endpoint is None:
         return
     form = {"token": token, "token_type_hint": hint}
-    if client.auth_method == "client_secret_post" and client.client_secret is not None:
-        form["client_secret"] = client.client_secret
-    form["client_id"] = client.client_id
-    await _post(http, server.revocation_endpoint, form=form, expect=(200,))
+    form, headers = _authenticated(server, client, form, signing_key, signing_algorithm)
+    await _post(http, server.revocation_endpoint, form=form, headers=headers, expect=(200,))
 
 
 async def _post(
