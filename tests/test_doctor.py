@@ -191,3 +191,19 @@ def ctl_args(tmp_path: Path, socket_path: Path) -> Any:
     import argparse
 
     return argparse.Namespace(config=tmp_path / "config.toml", socket=socket_path)
+
+
+def test_the_keyring_is_probed_as_the_daemon_probes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checker = doctor.Doctor(ctl._service_target(ctl_args(tmp_path, tmp_path / "s.sock")), manager="systemd")
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.null.Keyring")  # answers every read: None
+    checker.check_keyring("keyring", tmp_path)
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+    checker.check_keyring("keyring", tmp_path)
+
+    assert [(finding.level, finding.message) for finding in checker.findings] == [
+        (doctor.OK, "usable (keyring.backends.null.Keyring)"),
+        (
+            doctor.FAIL,
+            'not usable: no OS keyring is available; token_store = "keyring" makes OAuth logins fail',
+        ),
+    ]

@@ -28,14 +28,15 @@ _KEYRING_TIMEOUT = 5.0
 _SYSTEMCTL_TIMEOUT = 5.0
 _MAX_SOCKET_PATH = 103
 
-# The daemon's own probe (auth/oauth/store.py): a backend other than `fail`, and a read that answers.
+# The daemon's own probe (auth/oauth/store.py), in the child process: a backend other than `fail`, and a read that
+# answers. The child imports the daemon's modules; mcpxctl itself does not.
 _KEYRING_PROBE = """
-import keyring, keyring.backends.fail
-backend = keyring.get_keyring()
-if isinstance(backend, keyring.backends.fail.Keyring):
-    print("none: no OS keyring is available")
+from mcpx.auth.oauth.store import StoreError, _probe_keyring
+try:
+    backend = _probe_keyring().get_keyring()
+except StoreError as exc:
+    print("none:", exc)
 else:
-    keyring.get_password("mcpx", "__mcpx_probe__")
     print("ok:", type(backend).__module__ + "." + type(backend).__name__)
 """
 
