@@ -15,13 +15,14 @@ import pytest
 from tests.conformance import suite
 
 
-@pytest.mark.timeout(suite.INSTALL_TIMEOUT + 600)
+@pytest.mark.timeout(suite.LOCK_TIMEOUT + suite.INSTALL_TIMEOUT + 600)
 async def test_auth_scenarios(tmp_path: Path) -> None:
     try:
         installed = suite.install()
         scenarios = await suite.client_scenarios(installed)
     except suite.SuiteUnavailable as exc:
         pytest.fail(f"the MCP conformance suite is unavailable: {exc}")
+    assert scenarios, f"conformance {installed.version} lists no auth/ client scenarios"
     expected = suite.expected_failures()
     assert all(expected.values()), "every expected failure needs its reason"
     unknown = sorted(set(expected) - set(scenarios))

@@ -3,10 +3,10 @@ installation, and runs of its client scenarios with mcpx as the client (tests/co
 
 `npm ci` installs the locked suite and a Node.js 22 binary (the suite needs Node >= 22; the `node-<os>-<arch>`
 packages of the npm registry carry one) into `.cache/conformance/` at the repository root, which git ignores. The
-install is redone only when package.json or package-lock.json change, under a file lock, so concurrent test runs
-share it. Each scenario runs as its own `conformance client --scenario NAME` process, whose exit status is the
-suite's verdict: 0 only when no check failed or warned, the client did not time out, and it exited 0 (or the
-scenario allows a client error, as for the ones where the client must refuse to go on).
+install is redone only when package.json or package-lock.json change, under a file lock (waited for at most
+LOCK_TIMEOUT), so concurrent test runs share it. Each scenario runs as its own `conformance client --scenario NAME`
+process, whose exit status is the suite's verdict: 0 only when no check failed or warned, the client did not time
+out, and it exited 0 (or the scenario allows a client error, as for the ones where the client must refuse to go on).
 
 `python -m tests.conformance.suite [SCENARIO ...]` runs scenarios (default: every `auth/` one) and prints where
 each one's checks, stdout and stderr were saved.
@@ -15,6 +15,7 @@ each one's checks, stdout and stderr were saved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -25,8 +26,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,10 @@ EXPECTED_FAILURES = HERE / "expected-failures.toml"
 PACKAGE = "@modelcontextprotocol/conformance"
 MIN_NODE = 22
 INSTALL_TIMEOUT = 600.0
+# Waiting for a concurrent test run's install: its `npm ci` is bounded by INSTALL_TIMEOUT.
+LOCK_TIMEOUT = INSTALL_TIMEOUT + 60.0
+# A quick suite command, such as listing the scenarios.
+OUTPUT_TIMEOUT = 60.0
 # The suite's per-scenario limit: our client gives up (and stops its daemon) well before.
 SCENARIO_TIMEOUT = DEADLINE + 15
 # The CPU work of a scenario is starting processes (Python with the SDK, mcpxd, Node): a few at a time is enough.
@@ -89,14 +95,47 @@ def install() -> Suite:
     CACHE.parent.mkdir(exist_ok=True)
     digest = hashlib.sha256(b"".join((HERE / name).read_bytes() for name in MANIFESTS)).hexdigest()
     stamp = CACHE / ".installed"
-    with open(CACHE.parent / "conformance.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _install_lock(LOCK_TIMEOUT):
         if not (stamp.exists() and stamp.read_text() == digest):
             _npm_ci()
             stamp.write_text(digest)
     entry = CACHE / "node_modules" / PACKAGE / "dist" / "index.js"
     version = json.loads((entry.parent.parent / "package.json").read_text())["version"]
     return Suite(_node(), entry, version)
+
+
+@contextlib.contextmanager
+def _install_lock(timeout: float) -> Iterator[None]:
+    """Hold the install lock (an exclusive flock shared with concurrent test runs), waiting at most `timeout` s.
+
+    The blocking flock runs in a daemon thread, so the wait is bounded without polling; a thread left waiting
+    past the bound releases the lock as soon as it gets it."""
+    fd = os.open(CACHE.parent / "conformance.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    taken = threading.Event()
+    guard = threading.Lock()
+    abandoned = False
+
+    def take() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with guard:
+            if abandoned:
+                os.close(fd)
+            else:
+                taken.set()
+
+    threading.Thread(target=take, name="conformance-install-lock", daemon=True).start()
+    if not taken.wait(timeout):
+        with guard:
+            abandoned = not taken.is_set()
+        if abandoned:
+            raise SuiteUnavailable(
+                f"another test run has held {CACHE.parent / 'conformance.lock'} (installing the suite) for more than "
+                f"{timeout:g} s"
+            )
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _npm_ci() -> None:
@@ -151,11 +190,17 @@ def expected_failures() -> dict[str, str]:
     return {str(name): str(reason).strip() for name, reason in listed.items()}
 
 
-async def _output_of(*command: str) -> str:
+async def _output_of(*command: str, timeout: float = OUTPUT_TIMEOUT) -> str:
     process = await asyncio.create_subprocess_exec(
         *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, cwd=ROOT
     )
-    stdout, _ = await process.communicate()
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, _ = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise SuiteUnavailable(f"{shlex.join(command)} did not finish within {timeout:g} s") from None
     if process.returncode != 0:
         raise SuiteUnavailable(f"{shlex.join(command)} exited with {process.returncode}")
     return stdout.decode()
