@@ -18,6 +18,7 @@ import pytest
 
 from mcpx import paths
 from mcpx.cli import ctl, service
+from mcpx.cli.files import atomic_write
 from mcpx.control.client import daemon_answers, lock_is_free
 from tests.support.daemon import MCPXCTL, Sandbox, mcpxctl, running_daemon, upstream_toml
 from tests.support.upstream import Upstream, running
@@ -336,6 +337,21 @@ def test_install_without_a_service_manager_writes_nothing(
     assert code == 1
     assert "systemctl is not on PATH" in err
     assert not home.units.exists()
+
+
+def test_files_are_replaced_whole_with_their_mode_and_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    unit = tmp_path / "mcpx.service"
+    unit.write_text("old\n")
+    atomic_write(unit, "new\n", 0o644)
+    assert unit.read_text() == "new\n"
+    assert unit.stat().st_mode & 0o777 == 0o644
+
+    occupied = tmp_path / "mcpx.socket"
+    occupied.mkdir()  # rename(2) cannot put a file over a directory
+    with pytest.raises(IsADirectoryError):
+        atomic_write(occupied, "text\n", 0o644)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mcpx.service", "mcpx.socket"]
+    assert list(occupied.iterdir()) == []
 
 
 # --- launchd -----------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mcpx.cli.files import atomic_write
+
 CLIENTS = ("claude-desktop", "claude-code", "cursor", "vscode", "codex")
 STDIO_NOT_YET = "not imported yet (stdio upstreams arrive with the full-surface work)"
 
@@ -614,17 +616,7 @@ def write(config_path: Path, text: str) -> None:
         mode = config_path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = 0o600
-    fd, temporary = tempfile.mkstemp(prefix=".mcpx-import-", suffix=".toml", dir=config_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, config_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(config_path, text, mode)
 
 
 def run(choice: str | None, config_path: Path, *, write_it: bool) -> int:

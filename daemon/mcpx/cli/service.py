@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcpx import __version__, paths
+from mcpx.cli.files import atomic_write
 from mcpx.control.client import ControlError, DaemonNotRunning, call, daemon_answers, lock_is_free
 
 MARKER = "Written by mcpxctl install"
@@ -381,15 +382,6 @@ def plan_uninstall(manager: str, *, force: bool) -> Plan:
 # --- carrying a plan out -----------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.mcpx-{os.getpid()}")
-    with temporary.open("w", encoding="utf-8") as file:
-        file.write(text)
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
-
-
 def _run(command: Command) -> None:
     """Run a service manager command, echoing it and its output. A failure of a command that must succeed ends
     the install (`Refused`); others are reported and ignored."""
@@ -458,7 +450,8 @@ def carry_out_install(plan: Plan, target: Target) -> None:
     for directory in plan.directories:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     for path, text in plan.write.items():
-        _atomic_write(path, text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text, 0o644)
         print(f"wrote {path}")
     try:
         for command in plan.commands:
