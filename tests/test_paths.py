@@ -89,6 +89,16 @@ def test_config_is_explicit_only_when_named_by_flag_or_variable(home: Path, monk
     assert paths.config_is_explicit(None)
 
 
+def test_config_home_is_xdg_config_home_else_dot_config_and_the_env_file_sits_beside_the_config(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert paths.config_home() == home / ".config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", "~/xdg")
+    assert paths.config_home() == home / "xdg"
+    assert paths.env_file(tmp_path / "mine" / "mcpx.toml") == tmp_path / "mine" / "env"
+    assert paths.socket_lock(tmp_path / "run" / "mcpx.sock") == tmp_path / "run" / "mcpx.sock.lock"
+
+
 # --- socket ------------------------------------------------------------------------------------------------------
 
 

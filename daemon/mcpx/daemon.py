@@ -136,7 +136,7 @@ class Daemon:
             "socket": str(self.socket_path),
             "config": str(self.config_path),
             "state_dir": str(self.state_dir),
-            "log_file": str(self.state_dir / "mcpxd.log"),
+            "log_file": str(self.state_dir / paths.LOG_FILE_NAME),
             "agents": self._agent_count(),
             "upstreams": self.router.status(),
         }
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"mcpxd: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING if isinstance(exc, AlreadyRunning) else EXIT_STARTUP
-    configure_logging(args.log_level or config.daemon.log_level, log_file=state_dir / "mcpxd.log")
+    configure_logging(args.log_level or config.daemon.log_level, log_file=state_dir / paths.LOG_FILE_NAME)
     daemon = Daemon(config, config_path, socket_path, state_dir, inherited)
     try:
         return _run(daemon.run(lock))

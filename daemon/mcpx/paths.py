@@ -6,7 +6,9 @@ two in step):
 - socket: `[daemon] socket`, else `$MCPX_SOCKET`, else `$XDG_RUNTIME_DIR/mcpx/mcpx.sock`; without
   `$XDG_RUNTIME_DIR` (macOS, some containers) `/tmp/mcpx-<uid>/mcpx.sock`, a directory mcpxd creates 0700 and
   refuses to use when another user owns it.
-- state: `[daemon] state_dir`, else `$MCPX_STATE_DIR`, else `$XDG_STATE_HOME/mcpx` (`~/.local/state/mcpx`).
+- state: `[daemon] state_dir`, else `$MCPX_STATE_DIR`, else `$XDG_STATE_HOME/mcpx` (`~/.local/state/mcpx`); the
+  daemon's log is `mcpxd.log` in it.
+- the variables of a user service (`NAME=value` lines): `env` beside the config file.
 """
 
 from __future__ import annotations
@@ -15,10 +17,19 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+LOG_FILE_NAME = "mcpxd.log"  # in the state directory
+# sockaddr_un.sun_path is 108 bytes on Linux and 104 on macOS, including the terminating NUL.
+MAX_SOCKET_PATH = 103
+
 
 def _env_path(env: Mapping[str, str], name: str) -> Path | None:
     value = env.get(name, "")
     return Path(value).expanduser() if value else None
+
+
+def config_home(env: Mapping[str, str] = os.environ) -> Path:
+    """`$XDG_CONFIG_HOME`, else `~/.config`: where mcpx's config, systemd's user units and agents' configs live."""
+    return _env_path(env, "XDG_CONFIG_HOME") or Path.home() / ".config"
 
 
 def config_path(explicit: Path | None, env: Mapping[str, str] = os.environ) -> Path:
@@ -26,8 +37,12 @@ def config_path(explicit: Path | None, env: Mapping[str, str] = os.environ) -> P
         return explicit.expanduser()
     if (configured := _env_path(env, "MCPX_CONFIG")) is not None:
         return configured
-    base = _env_path(env, "XDG_CONFIG_HOME") or Path.home() / ".config"
-    return base / "mcpx" / "config.toml"
+    return config_home(env) / "mcpx" / "config.toml"
+
+
+def env_file(config: Path) -> Path:
+    """The variables a user service's mcpxd gets (`bearer_env`, `${VAR}`): `NAME=value` lines beside the config."""
+    return config.parent / "env"
 
 
 def config_is_explicit(explicit: Path | None, env: Mapping[str, str] = os.environ) -> bool:

@@ -174,7 +174,7 @@ def _log_path(args: argparse.Namespace) -> Path:
     try:
         status = call(resolve_socket(args), "mcpx/status", timeout=5.0)
     except (DaemonNotRunning, ControlError, OSError, ValueError):
-        return resolve_state_dir(args) / "mcpxd.log"
+        return resolve_state_dir(args) / paths.LOG_FILE_NAME
     return Path(status["log_file"])
 
 
@@ -224,7 +224,7 @@ def _install(args: argparse.Namespace) -> int:
         return 1
     print(f"mcpx runs as a user service ({manager}); agents reach it on {target.socket}")
     if manager == "systemd":
-        print(f"variables for bearer_env / ${{VAR}} credentials go in {target.config.parent / 'env'} (NAME=value)")
+        print(f"variables for bearer_env / ${{VAR}} credentials go in {paths.env_file(target.config)} (NAME=value)")
     else:
         print("a LaunchAgent does not see your shell's variables: prefer bearer_file credentials")
     return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mcpx import __version__
+from mcpx import __version__, paths
 from mcpx.cli import service
 from mcpx.control.client import ControlError, DaemonNotRunning, call
 
@@ -26,7 +26,6 @@ OK, NOTE, FAIL = "ok", "note", "FAIL"
 _STATUS_TIMEOUT = 5.0
 _KEYRING_TIMEOUT = 5.0
 _SYSTEMCTL_TIMEOUT = 5.0
-_MAX_SOCKET_PATH = 103
 
 # The daemon's own probe (auth/oauth/store.py), in the child process: a backend other than `fail`, and a read that
 # answers. The child imports the daemon's modules; mcpxctl itself does not.
@@ -67,7 +66,7 @@ class Doctor:
     def run(self) -> list[Finding]:
         config = self.check_config()
         state_dir = self.target.state_dir
-        self.check_private_dir("state directory", state_dir, ["mcpxd.log", "oauth-tokens.json"])
+        self.check_private_dir("state directory", state_dir, [paths.LOG_FILE_NAME, "oauth-tokens.json"])
         self.check_socket(self.target.socket)
         status = self.check_daemon(self.target.socket)
         if status is not None:
@@ -112,8 +111,9 @@ class Doctor:
             self.add(FAIL, subject, message, fix)
 
     def check_socket(self, path: Path) -> None:
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-            self.add(FAIL, "socket", f"{path} is longer than {_MAX_SOCKET_PATH} bytes", "set a shorter [daemon] socket")
+        if len(os.fsencode(path)) > paths.MAX_SOCKET_PATH:
+            too_long = f"{path} is longer than {paths.MAX_SOCKET_PATH} bytes"
+            self.add(FAIL, "socket", too_long, "set a shorter [daemon] socket")
             return
         self.check_private_dir("socket directory", path.parent, [])
         try:
@@ -194,7 +194,7 @@ class Doctor:
         kind = getattr(auth, "type", None)
         restart = self._restart_command()
         if kind == "bearer_env":
-            where = self.target.config.parent / "env" if self._installed() else "mcpxd's environment"
+            where = paths.env_file(self.target.config) if self._installed() else "mcpxd's environment"
             return (f"set {auth.env} in {where}, then: {restart}",)
         if kind == "bearer_file":
             return (f"put a valid token in {auth.path} (mcpxd re-reads it on the next call)",)

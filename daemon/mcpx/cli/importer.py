@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mcpx import paths
 from mcpx.cli.files import atomic_write
 
 CLIENTS = ("claude-desktop", "claude-code", "cursor", "vscode", "codex")
@@ -120,24 +121,19 @@ def _app_support() -> Path:
     return Path.home() / "Library" / "Application Support"
 
 
-def _xdg_config() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME")
-    return Path(base) if base else Path.home() / ".config"
-
-
 def default_files(client: str) -> list[Path]:
     """Where each client keeps its MCP servers (user level; VS Code's workspace file in the current directory)."""
     if client == "claude-desktop":
         return [
             _app_support() / "Claude" / "claude_desktop_config.json",
-            _xdg_config() / "Claude" / "claude_desktop_config.json",
+            paths.config_home() / "Claude" / "claude_desktop_config.json",
         ]
     if client == "claude-code":
         return [Path.home() / ".claude.json"]
     if client == "cursor":
         return [Path.home() / ".cursor" / "mcp.json"]
     if client == "vscode":
-        user_dirs = [_app_support() / "Code" / "User", _xdg_config() / "Code" / "User"]
+        user_dirs = [_app_support() / "Code" / "User", paths.config_home() / "Code" / "User"]
         files = [directory / name for directory in user_dirs for name in ("mcp.json", "settings.json")]
         return [*files, Path.cwd() / ".vscode" / "mcp.json"]
     codex_home = os.environ.get("CODEX_HOME")
@@ -545,7 +541,7 @@ def report(result: Result, config_path: Path, *, written: bool) -> list[str]:
         width = max(map(len, result.variables))
         lines += [f"  {name.ljust(width)}  {why}" for name, why in sorted(result.variables.items())]
         lines.append(
-            f"  (as a systemd user service, mcpxd reads them from {config_path.parent / 'env'}: NAME=value lines)"
+            f"  (as a systemd user service, mcpxd reads them from {paths.env_file(config_path)}: NAME=value lines)"
         )
     if result.skipped:
         lines += ["", "Not imported:"]

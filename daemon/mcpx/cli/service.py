@@ -252,8 +252,7 @@ class Target:
 
 
 def unit_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME")
-    return (Path(base) if base else Path.home() / ".config") / "systemd" / "user"
+    return paths.config_home() / "systemd" / "user"
 
 
 def plist_path() -> Path:
@@ -288,7 +287,7 @@ def _environment() -> dict[str, str]:
 
 def layout_for(target: Target, manager: str, *, sandbox: bool) -> Layout:
     config = str(target.config) if target.config_explicit else None
-    env_file = target.config.parent / "env"
+    env_file = paths.env_file(target.config)
     if manager == "launchd":
         return Layout(
             bin_dir=str(target.bin_dir),

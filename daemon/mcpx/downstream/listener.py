@@ -20,9 +20,6 @@ from mcpx import paths
 from mcpx.control.client import daemon_answers
 from mcpx.errors import McpxError
 
-# sockaddr_un.sun_path is 108 bytes on Linux and 104 on macOS, including the terminating NUL.
-_MAX_SOCKET_PATH = 103
-
 
 class StartupError(McpxError):
     """mcpxd cannot start (socket path unusable, or another daemon already serves it)."""
@@ -76,8 +73,8 @@ def bind_socket(path: Path) -> socket.socket:
         AlreadyRunning: a live daemon answers on `path`.
         StartupError: the path is unusable (too long, not a socket, not ours).
     """
-    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-        raise StartupError(f"socket path {path} is longer than {_MAX_SOCKET_PATH} bytes: choose a shorter one")
+    if len(os.fsencode(path)) > paths.MAX_SOCKET_PATH:
+        raise StartupError(f"socket path {path} is longer than {paths.MAX_SOCKET_PATH} bytes: choose a shorter one")
     ensure_private_dir(path.parent)
     with contextlib.suppress(FileNotFoundError):
         info = path.lstat()
