@@ -66,6 +66,14 @@ def _valid(tmp_path: Path, output: str) -> None:
     load_config(path)
 
 
+def _imported(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """`mcpxctl import ARGS`, which must succeed and print a valid config: (its output, its upstreams by name)."""
+    code, out, err = _import(capsys, *args)
+    assert code == 0, err
+    _valid(tmp_path, out)
+    return out, _upstreams(out)
+
+
 # --- each client -------------------------------------------------------------------------------------------------
 
 
@@ -110,11 +118,8 @@ def test_claude_desktop_mcp_remote_servers_become_upstreams_and_their_secrets_va
         },
     )
 
-    code, out, err = _import(capsys, "--from", "claude-desktop")
+    out, upstreams = _imported(capsys, tmp_path, "--from", "claude-desktop")
 
-    assert code == 0, err
-    _valid(tmp_path, out)
-    upstreams = _upstreams(out)
     assert upstreams["internal"] == {
         "name": "internal",
         "url": "https://internal.example.com/mcp",
@@ -172,11 +177,8 @@ def test_claude_code_user_and_project_servers(home: Home, capsys: pytest.Capture
         },
     )
 
-    code, out, err = _import(capsys, "--from", "claude-code")
+    out, upstreams = _imported(capsys, tmp_path, "--from", "claude-code")
 
-    assert code == 0, err
-    _valid(tmp_path, out)
-    upstreams = _upstreams(out)
     assert set(upstreams) == {"sentry", "gh"}
     assert upstreams["gh"]["auth"] == {"type": "bearer_env", "env": "GITHUB_PAT"}
     assert "'sentry' in ~/.claude.json (project /home/me/proj): already in mcpx's config as 'sentry'" in out
@@ -205,11 +207,8 @@ def test_cursor_literal_keys_and_env_references(home: Home, capsys: pytest.Captu
         },
     )
 
-    code, out, err = _import(capsys, "--from", "cursor")
+    out, upstreams = _imported(capsys, tmp_path, "--from", "cursor")
 
-    assert code == 0, err
-    _valid(tmp_path, out)
-    upstreams = _upstreams(out)
     assert upstreams["linear"]["auth"] == {"type": "bearer_env", "env": "LINEAR_TOKEN"}
     assert upstreams["search"]["headers"] == {"X-Api-Key": "${SEARCH_X_API_KEY}", "X-Team": "${TEAM_ID}"}
     assert upstreams["basic"]["auth"] == {
@@ -225,6 +224,24 @@ def test_cursor_literal_keys_and_env_references(home: Home, capsys: pytest.Captu
         "LINEAR_TOKEN",
         "SEARCH_X_API_KEY",
         "TEAM_ID",
+    ]
+
+
+def test_headers_mcpx_sets_itself_or_with_invalid_names_are_left_out(
+    home: Home, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    headers = {"Mcp-Session-Id": "abc", "Accept": "text/plain", "Bad Header": "x", "X-Team": "blue"}
+    home.write(
+        ".cursor/mcp.json", {"mcpServers": {"team": {"url": "https://team.example.com/mcp", "headers": headers}}}
+    )
+
+    out, upstreams = _imported(capsys, tmp_path, "--from", "cursor")
+
+    assert upstreams["team"]["headers"] == {"X-Team": "blue"}
+    notes = [line for line in out.splitlines() if line.startswith("# note: header ")]
+    assert notes == [
+        f"# note: header {name!r} left out (mcpx sets it itself or it is not a valid name)"
+        for name in ("Mcp-Session-Id", "Accept", "Bad Header")
     ]
 
 
@@ -272,11 +289,8 @@ def test_vscode_settings_with_comments_and_workspace_servers(
         )
     )
 
-    code, out, err = _import(capsys, "--from", "vscode")
+    out, upstreams = _imported(capsys, tmp_path, "--from", "vscode")
 
-    assert code == 0, err
-    _valid(tmp_path, out)
-    upstreams = _upstreams(out)
     assert upstreams["github"]["auth"] == {"type": "bearer_env", "env": "GITHUB_TOKEN"}
     assert upstreams["docs"]["headers"] == {"X-Key": "${API_KEY}"}
     assert "headers" not in upstreams["odd"]
@@ -315,11 +329,8 @@ enabled = false
 """,
     )
 
-    code, out, err = _import(capsys, "--from", "codex")
+    out, upstreams = _imported(capsys, tmp_path, "--from", "codex")
 
-    assert code == 0, err
-    _valid(tmp_path, out)
-    upstreams = _upstreams(out)
     assert set(upstreams) == {"figma", "docs"}
     assert upstreams["figma"]["auth"] == {"type": "bearer_env", "env": "FIGMA_TOKEN"}
     assert upstreams["docs"]["headers"] == {"X-Region": "eu", "X-Api-Key": "${DOCS_KEY}"}

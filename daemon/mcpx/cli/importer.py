@@ -30,7 +30,6 @@ from mcpx.cli.files import atomic_write
 CLIENTS = ("claude-desktop", "claude-code", "cursor", "vscode", "codex")
 STDIO_NOT_YET = "not imported yet (stdio upstreams arrive with the full-surface work)"
 
-_NAME_OK = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _VAR = r"[A-Za-z_][A-Za-z0-9_]*"
 # `${input:id}` (VS Code prompts for it), `${env:VAR}` (VS Code, Cursor), `${VAR}` / `${VAR:-default}` (Claude
 # Code, mcp-remote; in VS Code and Cursor these name editor variables such as ${workspaceFolder}).
@@ -43,10 +42,6 @@ _ANY_PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
 _PLAIN_REFERENCE = re.compile(r"\$\{(" + _VAR + r")\}")
 _SECRET_NAME = re.compile(r"auth|token|key|secret|passw|cookie|session|credential|signature", re.IGNORECASE)
 _BEARER = re.compile(r"^\s*bearer\s+(.+?)\s*$", re.IGNORECASE)
-# Headers mcpx sets itself (config/model.py RESERVED_HEADERS); a copy, as this module imports no pydantic.
-_RESERVED = {"accept", "content-type", "content-length", "host", "mcp-session-id", "mcp-protocol-version"}
-_RESERVED |= {"last-event-id"}
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _MCP_REMOTE_VALUE_FLAGS = {
     "--header",
     "--transport",
@@ -308,7 +303,11 @@ class _Converter:
         return pattern.sub(substitute, value)
 
     def header(self, upstream: Upstream, name: str, value: str, env: dict[str, Any], *, plain_is_env: bool) -> None:
-        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED:
+        # The config's own rules (headers mcpx sets itself, RFC 9110 names), imported only when `import` runs:
+        # mcpxctl starts without pydantic.
+        from mcpx.config.model import _HEADER_NAME, RESERVED_HEADERS
+
+        if not _HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
             upstream.notes.append(f"header {name!r} left out (mcpx sets it itself or it is not a valid name)")
             return
         rewritten = self.references(value, upstream, env, plain_is_env=plain_is_env)
