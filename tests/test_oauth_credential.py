@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.oauth import browser_login, oauth_credential
+from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
+from mcpx.auth.oauth.metadata import Challenge
+from tests.support.oauth import browser_login, credential_for, oauth_credential, protected
+from tests.support.oauth_server import AuthServer
 
 
 async def test_logout_revokes_with_the_clients_authentication(tmp_path: Path) -> None:
@@ -18,3 +21,36 @@ async def test_logout_revokes_with_the_clients_authentication(tmp_path: Path) ->
         assert auth.revocation_requests == ["refresh_token", "access_token"]
         assert auth.families_revoked == 1
         assert not credential.logged_in
+
+
+def client_of(auth: AuthServer, credential: OAuthCredential) -> str:
+    """The client the credential's current access token was issued to."""
+    info = auth.verify(credential.headers()["Authorization"].removeprefix("Bearer "))
+    assert info is not None
+    return info.client_id
+
+
+async def test_a_client_id_configured_after_a_registration_is_the_client_of_every_request(tmp_path: Path) -> None:
+    """The configured client comes first for logins, refreshes and logout alike: a registration stored by an
+    earlier login (before the config named a client) is not used with the configured client's tokens."""
+    async with protected(pre_registered={"mcpx-app": None}) as (auth, upstream):
+        context = OAuthContext(tmp_path / "state", "file")
+        registered = credential_for(upstream.url, context)
+        # The config then names a client (a reload makes a new credential; the store keeps the registration).
+        configured = credential_for(upstream.url, context, client_id="mcpx-app")
+        try:
+            await browser_login(registered)
+            assert client_of(auth, registered).startswith("dcr-")
+            await browser_login(configured)
+            assert client_of(auth, configured) == "mcpx-app"
+            auth.expire_access_tokens()
+            assert await configured.renew(configured.headers(), Challenge())
+            assert auth.refresh_count == 1 and auth.invalid_grant_count == 0
+            assert client_of(auth, configured) == "mcpx-app"
+            assert await configured.logout()
+            assert auth.revocation_requests == ["refresh_token", "access_token"]
+            assert [family.client_id for family in auth._families.values() if family.revoked] == ["mcpx-app"]
+        finally:
+            for credential in (registered, configured):
+                await credential.close()
+            await context.close()

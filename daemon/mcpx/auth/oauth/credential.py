@@ -326,7 +326,7 @@ class OAuthCredential:
 
     async def _refresh(self) -> bool:
         server = await self._server_metadata()
-        client = Client.from_record(self._record.get("client")) or self._configured_client(server)
+        client = self._client(server)
         if client is None:
             raise NeedsLogin(self.name, self.login_command())
         tokens = self._tokens() or {}
@@ -423,6 +423,16 @@ class OAuthCredential:
         if self._auth.resource is None:
             self._named_resource = resource.resource if resource is not None else None
         return resource, server
+
+    def _client(self, server: ServerMetadata, usable: Callable[[Client], bool] = lambda _: True) -> Client | None:
+        """The client of every request to the authorization server (logins, refreshes, revocation): the configured
+        one, used as is (the server says what it may do); else the stored registration, if `usable` for what is
+        asked of it. None: there is none (a login registers one)."""
+        configured = self._configured_client(server)
+        if configured is not None:
+            return configured
+        stored = Client.from_record(self._record.get("client"))
+        return stored if stored is not None and usable(stored) else None
 
     def _configured_client(self, server: ServerMetadata) -> Client | None:
         auth = self._auth
@@ -545,12 +555,9 @@ class OAuthCredential:
 
     async def _client_for_device(self, server: ServerMetadata) -> tuple[Client, bool]:
         """The client of a device login, and whether it was registered just now (see `_adopt_client`)."""
-        configured = self._configured_client(server)
-        if configured is not None:
-            return configured, False  # the server says whether it may use the device grant
-        stored = Client.from_record(self._record.get("client"))
-        if stored is not None and DEVICE_CODE_GRANT in stored.grant_types:
-            return stored, False
+        existing = self._client(server, lambda stored: DEVICE_CODE_GRANT in stored.grant_types)
+        if existing is not None:
+            return existing, False
         client = await endpoints.register(
             self._context.http(),
             server,
@@ -575,12 +582,9 @@ class OAuthCredential:
 
     async def _client_for_login(self, server: ServerMetadata, redirect_uri: str) -> tuple[Client, bool]:
         """The client of a browser login, and whether it was registered just now (see `_adopt_client`)."""
-        configured = self._configured_client(server)
-        if configured is not None:
-            return configured, False
-        stored = Client.from_record(self._record.get("client"))
-        if stored is not None and redirect_uri in (self._record.get("redirect_uris") or []):
-            return stored, False
+        existing = self._client(server, lambda _: redirect_uri in (self._record.get("redirect_uris") or []))
+        if existing is not None:
+            return existing, False
         client = await endpoints.register(
             self._context.http(), server, redirect_uris=[redirect_uri], scopes=self._requested_scopes(None)
         )
@@ -753,28 +757,33 @@ class OAuthCredential:
             flow.result.cancel()
             await asyncio.wait({flow.result})  # ended when this returns: no poll or redemption after it
 
+    async def _revoke(self, tokens: Mapping[str, Any]) -> None:
+        """Revoke the refresh token, then the access token, where the server can (RFC 7009): best effort, within
+        five seconds; nothing is known or kept about the outcome."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                server = await self._server_metadata()
+                client = self._client(server)
+                for hint in ("refresh_token", "access_token"):
+                    if client is not None and isinstance(tokens.get(hint), str):
+                        await endpoints.revoke(
+                            self._context.http(),
+                            server,
+                            client,
+                            tokens[hint],
+                            hint,
+                            signing_key=self._signing_key(),
+                            signing_algorithm=self._signing_algorithm(),
+                        )
+
     async def logout(self) -> bool:
         """Forget this upstream's tokens and registration (revoking the tokens where the server can)."""
         if not self._loaded:
             with contextlib.suppress(CredentialRejected):
                 await self._load()
         tokens = self._tokens()
-        client = Client.from_record(self._record.get("client"))
-        if tokens is not None and client is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    server = await self._server_metadata()
-                    for key, hint in (("refresh_token", "refresh_token"), ("access_token", "access_token")):
-                        if isinstance(tokens.get(key), str):
-                            await endpoints.revoke(
-                                self._context.http(),
-                                server,
-                                client,
-                                tokens[key],
-                                hint,
-                                signing_key=self._signing_key(),
-                                signing_algorithm=self._signing_algorithm(),
-                            )
+        if tokens is not None:
+            await self._revoke(tokens)
         had = bool(self._record.get("tokens") or self._record.get("client"))
         self._record = {"resource": self.resource}
         if self._proactive is not None:
