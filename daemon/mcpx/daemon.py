@@ -213,7 +213,9 @@ class Daemon:
                 if flow_now is None:
                     raise LoginError("no login is in progress; start one with `mcpxctl login NAME`")
                 await credentials.wait_login(flow_now, wait_for)
-                await _reconnect_after_credential_change(managed)  # this caller's job: see `wait_login`
+                # Connect with the new credential (this caller's job: see `wait_login`) and wait, bounded, for the
+                # outcome: the state printed is the one agents meet, the tool list the new credential's.
+                await managed.reconnect_now()
                 return {
                     "upstream": upstream,
                     "state": managed.state.value,
@@ -231,7 +233,7 @@ class Daemon:
                 forgotten = await credentials.logout()
             except LoginError as exc:
                 raise LoginFailed(upstream, str(exc)) from None
-            await _reconnect_after_credential_change(managed)
+            await managed.reconnect_now()  # without the forgotten credential, as `login` does with a new one
             message = f"forgot the login for '{upstream}'" if forgotten else f"nothing was stored for '{upstream}'"
             return {"upstream": upstream, "forgotten": forgotten, "message": message}
         kind = managed.config.auth.type
@@ -240,12 +242,6 @@ class Daemon:
             "forgotten": False,
             "message": f"upstream '{upstream}' uses {kind} credentials: mcpx stores nothing for it",
         }
-
-
-async def _reconnect_after_credential_change(managed: ManagedUpstream) -> None:
-    """Connect again with the new credential (or without the forgotten one) and wait, bounded, for the outcome,
-    so that the state `mcpxctl` prints is the one agents will meet and the tool list is the new credential's."""
-    await managed.reconnect_now()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

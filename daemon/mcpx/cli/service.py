@@ -386,13 +386,8 @@ def _run(command: Command) -> None:
     the install (`Refused`); others are reported and ignored."""
     shown = " ".join(command.argv)
     print(f"running: {shown}")
-    executable = shutil.which(command.argv[0])
-    if executable is None:
-        raise Refused(f"{command.argv[0]} is not on PATH")
-    try:
-        completed = subprocess.run(
-            [executable, *command.argv[1:]], capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False
-        )
+    try:  # the callers have made sure the command is on PATH
+        completed = subprocess.run(command.argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise Refused(f"`{shown}` did not finish within {_COMMAND_TIMEOUT:g} s") from None
     output = (completed.stdout + completed.stderr).strip()
