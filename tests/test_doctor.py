@@ -3,7 +3,6 @@ that fixes it, and the exit status is 1."""
 
 from __future__ import annotations
 
-import os
 import stat
 import sys
 from pathlib import Path
@@ -14,23 +13,10 @@ import pytest
 from mcpx import __version__
 from mcpx.cli import ctl, doctor
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
+from tests.support.notify import fake_service_managers
 from tests.support.upstream import TokenCheck, Upstream, reserve_port, running
 
 BIN = Path(sys.executable).parent
-# A systemctl that records its argv and says the units are enabled.
-_SYSTEMCTL = """#!/bin/sh
-printf "%s\\n" "systemctl $*" >> "$MCPX_TEST_RECORD"
-if [ "$2" = "is-enabled" ]; then echo enabled; fi
-"""
-
-
-def _with_fake_systemctl(sandbox: Sandbox) -> None:
-    fake_bin = sandbox.root / "fakebin"
-    fake_bin.mkdir()
-    (fake_bin / "systemctl").write_text(_SYSTEMCTL)
-    (fake_bin / "systemctl").chmod(0o755)
-    sandbox.env["PATH"] = f"{fake_bin}{os.pathsep}{sandbox.env['PATH']}"
-    sandbox.env["MCPX_TEST_RECORD"] = str(sandbox.root / "record")
 
 
 def _lines(output: str, level: str) -> list[str]:
@@ -38,7 +24,7 @@ def _lines(output: str, level: str) -> list[str]:
 
 
 async def test_a_healthy_setup_is_all_ok_and_exits_0(sandbox: Sandbox) -> None:
-    _with_fake_systemctl(sandbox)
+    sandbox.env.update(fake_service_managers(sandbox.root, sandbox.env["PATH"]))  # systemctl: units are enabled
     alpha = Upstream("alpha", json_response=True)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
     code, _, stderr = await mcpxctl(sandbox, "install", "--manager", "systemd")
@@ -108,7 +94,7 @@ async def test_a_broken_setup_names_each_problem_with_its_fix_and_exits_1(sandbo
 
 
 async def test_an_invalid_config_and_a_stopped_service_are_reported_with_their_fixes(sandbox: Sandbox) -> None:
-    _with_fake_systemctl(sandbox)
+    sandbox.env.update(fake_service_managers(sandbox.root, sandbox.env["PATH"]))  # systemctl: units are enabled
     code, _, stderr = await mcpxctl(sandbox, "install", "--manager", "systemd")
     assert code == 0, stderr
     sandbox.write_config(upstream_toml("broken", "ftp://example.com/mcp"))

@@ -21,11 +21,11 @@ from mcpx.cli import ctl, service
 from mcpx.cli.files import atomic_write
 from mcpx.control.client import daemon_answers, lock_is_free
 from tests.support.daemon import MCPXCTL, Sandbox, mcpxctl, running_daemon, upstream_toml
+from tests.support.notify import fake_service_managers
 from tests.support.upstream import Upstream, running
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-_RECORDER = '#!/bin/sh\nprintf "%s\\n" "$(basename "$0") $*" >> "$MCPX_TEST_RECORD"\n'
 
 
 @dataclass
@@ -50,11 +50,6 @@ class Home:
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
     """A fresh HOME and runtime dir, none of mcpx's variables, and recording service managers first on PATH."""
-    fake_bin = tmp_path / "fakebin"
-    fake_bin.mkdir()
-    for name in ("systemctl", "launchctl"):
-        (fake_bin / name).write_text(_RECORDER)
-        (fake_bin / name).chmod(0o755)
     home_dir, runtime = tmp_path / "home", tmp_path / "run"
     home_dir.mkdir()
     runtime.mkdir(mode=0o700)
@@ -62,8 +57,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(home_dir))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}")
-    monkeypatch.setenv("MCPX_TEST_RECORD", str(tmp_path / "record"))
+    for name, value in fake_service_managers(tmp_path, os.environ.get("PATH", "/usr/bin:/bin")).items():
+        monkeypatch.setenv(name, value)
     yield Home(tmp_path, home_dir, runtime, tmp_path / "record")
 
 
@@ -263,12 +258,7 @@ def test_uninstall_works_from_a_python_without_mcpxd_beside_it_where_install_ref
 
 
 async def test_install_stops_a_daemon_that_runs_outside_the_service_manager(sandbox: Sandbox) -> None:
-    fake_bin = sandbox.root / "fakebin"
-    fake_bin.mkdir()
-    (fake_bin / "systemctl").write_text(_RECORDER)
-    (fake_bin / "systemctl").chmod(0o755)
-    sandbox.env["PATH"] = f"{fake_bin}{os.pathsep}{sandbox.env['PATH']}"
-    sandbox.env["MCPX_TEST_RECORD"] = str(sandbox.root / "record")
+    sandbox.env.update(fake_service_managers(sandbox.root, sandbox.env["PATH"]))
     sandbox.write_config("")
     async with running_daemon(sandbox) as daemon:
         assert daemon.process is not None
@@ -285,12 +275,7 @@ async def test_install_stops_a_daemon_that_runs_outside_the_service_manager(sand
 
 
 async def test_install_waits_until_the_stopped_daemon_lets_go_of_its_lock(sandbox: Sandbox) -> None:
-    fake_bin = sandbox.root / "fakebin"
-    fake_bin.mkdir()
-    (fake_bin / "systemctl").write_text(_RECORDER)
-    (fake_bin / "systemctl").chmod(0o755)
-    sandbox.env["PATH"] = f"{fake_bin}{os.pathsep}{sandbox.env['PATH']}"
-    sandbox.env["MCPX_TEST_RECORD"] = str(sandbox.root / "record")
+    sandbox.env.update(fake_service_managers(sandbox.root, sandbox.env["PATH"]))
     alpha = Upstream("alpha", json_response=True)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
     lock = paths.socket_lock(sandbox.socket)

@@ -1,5 +1,6 @@
-"""A fake systemd notification socket: records every sd_notify datagram mcpxd sends, and lets a test wait
-(bounded, no polling) for the one it expects."""
+"""Stand-ins for the service manager's side: a fake systemd notification socket, which records every sd_notify
+datagram mcpxd sends and lets a test wait (bounded, no polling) for the one it expects; and fake `systemctl` /
+`launchctl` commands that record how `mcpxctl install`, `uninstall` and `doctor` call them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,24 @@ from pathlib import Path
 from typing import Any
 
 WAIT = 20.0
+
+# Appends its command line to $MCPX_TEST_RECORD; says a unit is enabled when asked (`systemctl --user is-enabled`).
+_RECORDER = """#!/bin/sh
+printf "%s\\n" "$(basename "$0") $*" >> "$MCPX_TEST_RECORD"
+if [ "$2" = "is-enabled" ]; then echo enabled; fi
+"""
+
+
+def fake_service_managers(directory: Path, path: str) -> dict[str, str]:
+    """Recording `systemctl` and `launchctl` in `directory/fakebin`, their command lines going to `directory/record`
+    (one per line). Returns the variables that put them to use: `PATH` (them first, then `path`) and
+    `MCPX_TEST_RECORD`."""
+    fake_bin = directory / "fakebin"
+    fake_bin.mkdir()
+    for name in ("systemctl", "launchctl"):
+        (fake_bin / name).write_text(_RECORDER)
+        (fake_bin / name).chmod(0o755)
+    return {"PATH": f"{fake_bin}{os.pathsep}{path}", "MCPX_TEST_RECORD": str(directory / "record")}
 
 
 class NotifySocket:
