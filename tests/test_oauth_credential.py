@@ -3,10 +3,12 @@ authorization server: which client each request uses, revocation at logout, what
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.auth.oauth.metadata import Challenge
+from mcpx.config.model import OAuthClientCredentialsAuth, UpstreamConfig
 from tests.support.oauth import browser_login, credential_for, oauth_credential, protected
 from tests.support.oauth_server import AuthServer
 
@@ -53,4 +55,32 @@ async def test_a_client_id_configured_after_a_registration_is_the_client_of_ever
         finally:
             for credential in (registered, configured):
                 await credential.close()
+            await context.close()
+
+
+async def test_a_machine_credential_whose_stored_token_expired_gets_a_new_one_before_use(tmp_path: Path) -> None:
+    """Client credentials need no refresh token: `prepare` renews an expired stored token as it does a user's, so
+    no request goes out with a token known to be dead."""
+    async with protected(pre_registered={"machine": "machine-secret"}) as (auth, upstream):
+        machine = OAuthClientCredentialsAuth(
+            type="oauth_client_credentials", client_id="machine", client_secret="machine-secret"
+        )
+        config = UpstreamConfig(name="protected", url=upstream.url, auth=machine)
+        context = OAuthContext(tmp_path / "state", "file")
+        first, second = (OAuthCredential(config, machine, context) for _ in range(2))
+        try:
+            await first.prepare()
+            assert first.logged_in and auth.token_requests == ["client_credentials"]
+            await first.close()
+            # The daemon restarts after the stored token expired.
+            store = await context.store()
+            record = await store.load("protected")
+            assert record is not None
+            record["tokens"]["expires_at"] = time.time() - 1
+            await store.save("protected", record)
+            await second.prepare()
+            assert auth.token_requests == ["client_credentials", "client_credentials"]
+            assert client_of(auth, second) == "machine"
+        finally:
+            await second.close()
             await context.close()

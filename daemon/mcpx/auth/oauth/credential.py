@@ -192,9 +192,7 @@ class OAuthCredential:
         if not self._loaded:
             await self._load()
         tokens = self._tokens()
-        if (tokens is None and self.machine) or (
-            tokens is not None and self._expired(tokens) and tokens.get("refresh_token")
-        ):
+        if (tokens is None or self._expired(tokens)) and self._refreshable(tokens):
             await self._single_flight_refresh()
 
     def headers(self) -> dict[str, str]:
@@ -211,7 +209,7 @@ class OAuthCredential:
             raise NeedsLogin(self.name, self.login_command())
         if rejected.get("Authorization") != f"Bearer {tokens['access_token']}":
             return True  # someone else refreshed already: just retry with the current token
-        if not tokens.get("refresh_token") and not self.machine:
+        if not self._refreshable(tokens):
             await self._forget_tokens()
             raise NeedsLogin(self.name, self.login_command())
         return await self._single_flight_refresh()
@@ -264,6 +262,12 @@ class OAuthCredential:
         if isinstance(tokens, dict) and isinstance(tokens.get("access_token"), str):
             return tokens
         return None
+
+    def _refreshable(self, tokens: Mapping[str, Any] | None) -> bool:
+        """Whether new tokens can be had without the user: always for a machine credential (the client credentials
+        grant), else with a refresh token."""
+        refresh = tokens.get("refresh_token") if tokens is not None else None
+        return self.machine or (isinstance(refresh, str) and bool(refresh))
 
     @staticmethod
     def _expired(tokens: Mapping[str, Any], margin: float = 0.0) -> bool:
@@ -381,9 +385,7 @@ class OAuthCredential:
         if self._proactive is not None:
             self._proactive.cancel()
             self._proactive = None
-        if tokens is None or not isinstance(tokens.get("expires_at"), (int, float)):
-            return
-        if not tokens.get("refresh_token") and not self.machine:
+        if tokens is None or not isinstance(tokens.get("expires_at"), (int, float)) or not self._refreshable(tokens):
             return
         lifetime = tokens["expires_at"] - float(tokens.get("obtained_at") or time.time())
         # Refresh when a fifth of the lifetime is left (at most five minutes before expiry).
