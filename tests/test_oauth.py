@@ -8,27 +8,11 @@ import asyncio
 import contextlib
 import json
 import stat
-from typing import Any
 
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, start_mcpxctl
-from tests.support.oauth import login, oauth_config, protected
+from tests.support.oauth import login, oauth_config, protected, refreshed
 from tests.support.oauth_server import AuthServer, follow_authorization
 from tests.support.results import text_of
-
-
-def refreshed(auth: AuthServer) -> asyncio.Event:
-    """An event set when the authorization server has answered a refresh (wraps its grant handler)."""
-    event = asyncio.Event()
-    grant = auth._grant_refresh
-
-    async def observed(request: Any, form: dict[str, str]) -> dict[str, Any]:
-        try:
-            return await grant(request, form)
-        finally:
-            event.set()
-
-    auth._grant_refresh = observed  # type: ignore[method-assign]
-    return event
 
 
 async def test_login_once_then_every_agent_uses_the_upstream(sandbox: Sandbox) -> None:

@@ -3,13 +3,17 @@ authorization server: which client each request uses, revocation at logout, what
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
+
+import pytest
 
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.auth.oauth.metadata import Challenge
 from mcpx.config.model import OAuthClientCredentialsAuth, UpstreamConfig
-from tests.support.oauth import browser_login, credential_for, oauth_credential, protected
+from mcpx.errors import NeedsLogin
+from tests.support.oauth import browser_login, credential_for, oauth_credential, protected, refreshed
 from tests.support.oauth_server import AuthServer
 
 
@@ -84,3 +88,42 @@ async def test_a_machine_credential_whose_stored_token_expired_gets_a_new_one_be
         finally:
             await second.close()
             await context.close()
+
+
+async def test_a_login_adopted_from_the_store_after_invalid_grant_is_refreshed_ahead_of_expiry(
+    tmp_path: Path,
+) -> None:
+    """The refresh token was refused because another process logged in again meanwhile: the stored login is
+    adopted like one loaded at start, with its own proactive refresh."""
+    async with protected() as (auth, upstream):
+        context = OAuthContext(tmp_path / "state", "file")
+        ours, other = credential_for(upstream.url, context), credential_for(upstream.url, context)
+        try:
+            await browser_login(ours)  # tokens for an hour: no refresh of them is due during the test
+            auth.revoke_all_tokens()
+            auth.access_token_ttl = 2
+            await browser_login(other)  # the store now holds the other login, refreshed 0.5 s before expiry
+            await other.close()
+            assert await ours.renew(ours.headers(), Challenge())
+            assert ours.headers() == other.headers() and auth.invalid_grant_count == 1
+            refresh = refreshed(auth)
+            async with asyncio.timeout(10):
+                await refresh.wait()  # nobody called: the adopted login was refreshed ahead of its expiry
+            assert auth.refresh_count == 1 and client_of(auth, ours)
+        finally:
+            await ours.close()
+            await context.close()
+
+
+async def test_a_stored_login_for_another_resource_is_not_adopted_after_invalid_grant(tmp_path: Path) -> None:
+    async with oauth_credential(tmp_path) as (credential, auth):
+        await browser_login(credential)
+        auth.revoke_all_tokens()
+        store = await credential._context.store()
+        record = await store.load("protected")
+        assert record is not None
+        elsewhere = {**record, "resource": "https://elsewhere.example/mcp"}
+        await store.save("protected", elsewhere | {"tokens": {"access_token": "at-x", "refresh_token": "rt-x"}})
+        with pytest.raises(NeedsLogin):
+            await credential.renew(credential.headers(), Challenge())
+        assert not credential.logged_in

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,6 +42,21 @@ def oauth_config(sandbox: Sandbox, upstream: ProtectedUpstream, daemon: str = ""
 async def login(sandbox: Sandbox, *extra: str) -> tuple[int, str, str]:
     """`mcpxctl login protected [extra…]`: exit code, stdout, stderr."""
     return await mcpxctl(sandbox, "login", "protected", *extra)
+
+
+def refreshed(auth: AuthServer) -> asyncio.Event:
+    """An event set when the authorization server has answered a refresh (wraps its grant handler)."""
+    event = asyncio.Event()
+    grant = auth._grant_refresh
+
+    async def observed(request: Any, form: dict[str, str]) -> dict[str, Any]:
+        try:
+            return await grant(request, form)
+        finally:
+            event.set()
+
+    auth._grant_refresh = observed  # type: ignore[method-assign]
+    return event
 
 
 def credential_for(url: str, context: OAuthContext, **oauth: Any) -> OAuthCredential:

@@ -280,12 +280,18 @@ class OAuthCredential:
         except StoreError as exc:
             raise CredentialRejected(self.name, f"cannot read the token store: {exc}") from None
         self._loaded = True
-        if record is None or record.get("resource") != self.resource:
+        if not self._adopt_record(record):
             self._record = {"resource": self.resource}
-            return
+
+    def _adopt_record(self, record: dict[str, Any] | None) -> bool:
+        """Make a stored record this credential's, if it is for this resource (SEP-2352): its secrets registered
+        for redaction, its proactive refresh scheduled. False: not adopted, nothing changed."""
+        if record is None or record.get("resource") != self.resource:
+            return False
         self._record = record
         self._register_secrets()
         self._schedule_proactive_refresh()
+        return True
 
     def _register_secrets(self) -> None:
         tokens = self._tokens() or {}
@@ -372,9 +378,8 @@ class OAuthCredential:
         except StoreError:
             stored = None
         stored_tokens = (stored or {}).get("tokens") or {}
-        if stored is not None and stored_tokens.get("refresh_token") not in (None, sent.get("refresh_token")):
-            self._record = stored  # another writer rotated it: adopt theirs
-            self._register_secrets()
+        # Another writer rotated it (or logged in again): adopt theirs.
+        if stored_tokens.get("refresh_token") not in (None, sent.get("refresh_token")) and self._adopt_record(stored):
             return True
         _log.warning("the refresh token was refused; a login is needed", upstream=self.name)
         await self._forget_tokens()
