@@ -127,3 +127,15 @@ async def test_a_stored_login_for_another_resource_is_not_adopted_after_invalid_
         with pytest.raises(NeedsLogin):
             await credential.renew(credential.headers(), Challenge())
         assert not credential.logged_in
+
+
+async def test_the_next_browser_login_listens_where_the_stored_registration_redirects(tmp_path: Path) -> None:
+    async with oauth_credential(tmp_path) as (credential, auth):
+        await browser_login(credential)
+        store = await credential._context.store()
+        record = await store.load("protected")
+        assert record is not None and "redirect_port" not in record
+        (redirect_uri,) = record["redirect_uris"]
+        again = await credential.begin_login()
+        assert again.pending is not None and again.pending.redirect_uri == redirect_uri
+        assert not again.registered and len(auth.registrations) == 1

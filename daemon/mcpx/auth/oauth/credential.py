@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -582,10 +583,17 @@ class OAuthCredential:
         return client, True
 
     def _listen_port(self) -> int:
+        """Where a browser login's redirect listener listens: the configured port, else the port of the stored
+        registration's redirect URI (so that the registration is used again), else any free port."""
         if isinstance(self._auth, OAuthAuth) and self._auth.redirect_port is not None:
             return self._auth.redirect_port
-        port = self._record.get("redirect_port")
-        return port if isinstance(port, int) else 0
+        uris = self._record.get("redirect_uris")
+        for uri in uris if isinstance(uris, list) else []:
+            with contextlib.suppress(TypeError, ValueError):
+                port = urlsplit(uri).port
+                if port:
+                    return port
+        return 0
 
     async def _client_for_login(self, server: ServerMetadata, redirect_uri: str) -> tuple[Client, bool]:
         """The client of a browser login, and whether it was registered just now (see `_adopt_client`)."""
@@ -606,13 +614,8 @@ class OAuthCredential:
         if not flow.registered:
             return
         self._record["client"] = flow.client.to_record()
-        if flow.pending is not None:
-            redirect_uri = flow.pending.redirect_uri
-            self._record["redirect_uris"] = [redirect_uri]
-            self._record["redirect_port"] = int(redirect_uri.rsplit(":", 1)[1].split("/", 1)[0])
-        else:
-            self._record["redirect_uris"] = []
-            self._record.pop("redirect_port", None)
+        self._record["redirect_uris"] = [flow.pending.redirect_uri] if flow.pending is not None else []
+        self._record.pop("redirect_port", None)  # kept beside the URI by earlier versions
 
     def current_login(self) -> LoginFlow | None:
         """The login in progress, or the last one (whose outcome `wait_login` then reports)."""
