@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
@@ -14,7 +15,7 @@ from mcpx.auth.oauth.metadata import Challenge
 from mcpx.config.model import OAuthClientCredentialsAuth, UpstreamConfig
 from mcpx.errors import NeedsLogin
 from tests.support.oauth import browser_login, credential_for, oauth_credential, protected, refreshed
-from tests.support.oauth_server import AuthServer
+from tests.support.oauth_server import AuthServer, follow_authorization
 
 
 async def test_logout_revokes_with_the_clients_authentication(tmp_path: Path) -> None:
@@ -139,3 +140,23 @@ async def test_the_next_browser_login_listens_where_the_stored_registration_redi
         again = await credential.begin_login()
         assert again.pending is not None and again.pending.redirect_uri == redirect_uri
         assert not again.registered and len(auth.registrations) == 1
+
+
+@pytest.mark.parametrize("query", ["", "?", "?code=stray", "?error=access_denied", "?state="])
+async def test_a_stray_request_to_the_redirect_listener_does_not_end_the_login(tmp_path: Path, query: str) -> None:
+    """Only an authorization response (it always carries `state`) is handed to the login; anything else that
+    reaches the loopback listener is answered 400 and the login goes on."""
+    async with oauth_credential(tmp_path) as (credential, _auth):
+        flow = await credential.begin_login()
+        assert flow.pending is not None
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(flow.pending.redirect_uri + query, allow_redirects=False) as response,
+        ):
+            assert response.status == 400
+        assert not flow.answer.done()
+        landed = await follow_authorization(flow.pending.url)
+        async with aiohttp.ClientSession() as http, http.get(landed, allow_redirects=False) as response:
+            assert response.status == 200  # the browser's own request: "you can close this tab"
+        await credential.wait_login(flow, timeout=20)
+        assert credential.logged_in

@@ -1,7 +1,8 @@
 """The loopback redirect listener of a login (RFC 8252 §7.3): 127.0.0.1 only, one path, one answer.
 
 The browser lands on `http://127.0.0.1:PORT/callback?code=…&state=…`; the listener hands that query to the
-login flow (which checks it) and tells the user they can close the tab. It lives only while a login waits.
+login flow (which checks it) and tells the user they can close the tab. A request without `state` is no
+authorization response: it is answered 400 and the login goes on waiting. It lives only while a login waits.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ _PAGE = (
     "<!doctype html><meta charset=utf-8><title>mcpx</title>"
     "<p>mcpx received the authorization. You can close this tab and return to the terminal.</p>"
 )
+_NOT_A_RESPONSE = "mcpx: this is not an authorization response (it has no state); the login is still waiting."
 
 
 class CallbackListener:
@@ -41,6 +43,10 @@ class CallbackListener:
         self.redirect_uri = f"http://127.0.0.1:{port}/callback"
 
     async def _callback(self, request: web.Request) -> web.Response:
+        if not request.query.get("state"):
+            # Every authorization response carries the state mcpx sent, errors too (RFC 6749 §4.1.2, §4.1.2.1):
+            # anything else is a stray request (a prefetch, another program), which must not end the login.
+            return web.Response(status=400, text=_NOT_A_RESPONSE, content_type="text/plain")
         if not self.answer.done():
             self.answer.set_result(f"{self.redirect_uri}?{request.query_string}")
         return web.Response(text=_PAGE, content_type="text/html")
