@@ -589,8 +589,8 @@ class OAuthCredential:
             return self._auth.redirect_port
         uris = self._record.get("redirect_uris")
         for uri in uris if isinstance(uris, list) else []:
-            with contextlib.suppress(TypeError, ValueError):
-                port = urlsplit(uri).port
+            with contextlib.suppress(ValueError):  # a port that is not a number, or out of range
+                port = urlsplit(uri).port if isinstance(uri, str) else None
                 if port:
                     return port
         return 0
