@@ -242,10 +242,11 @@ async def test_running_out_of_descriptors_pauses_accepting_and_the_queued_agents
             serving.cancel()
             listener.close()
     retrying = ("warning", "cannot accept agent connections: out of resources; retrying")
-    again = ("info", "accepting agent connections again")
+    again = ("warning", "accepting agent connections again")
     assert [(event["log_level"], event["event"]) for event in logs] == [retrying, again, retrying, again]
     errors = [event["error"] for event in logs if "error" in event]
     assert errors == [os.strerror(errno.EMFILE), os.strerror(errno.ENFILE)]
+    assert all(event["after_s"] >= 0.02 for event in logs if event["event"] == again[1])  # two pauses each
 
 
 # Runs mcpxd with an accept loop that fails as no retry can mend (here: at once).

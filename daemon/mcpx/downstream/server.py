@@ -156,7 +156,7 @@ class AgentListener:
         descriptors or memory pauses accepting for `ACCEPT_RETRY_DELAY` (one warning per spell). Any other error
         ends the loop, and the daemon with it (see `Daemon.run`)."""
         loop = asyncio.get_running_loop()
-        starved = False
+        starved_since: float | None = None
         while True:
             try:
                 conn, _ = await loop.sock_accept(self._sock)
@@ -165,18 +165,18 @@ class AgentListener:
             except OSError as exc:
                 if exc.errno not in _OUT_OF_RESOURCES:
                     raise
-                if not starved:
+                if starved_since is None:
                     _log.warning(
                         "cannot accept agent connections: out of resources; retrying",
                         error=exc.strerror,
                         retry_in_s=ACCEPT_RETRY_DELAY,
                     )
-                    starved = True
+                    starved_since = loop.time()
                 await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
-            if starved:
-                _log.info("accepting agent connections again")
-                starved = False
+            if starved_since is not None:  # the end of the incident, with its length (a warning too: not routine)
+                _log.warning("accepting agent connections again", after_s=round(loop.time() - starved_since, 3))
+                starved_since = None
             self._accepted(conn)
 
     def close(self) -> None:
