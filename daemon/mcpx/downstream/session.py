@@ -125,7 +125,11 @@ class AgentSession:
             elif method == "ping":
                 self._reply(request_id, {})
             elif method == "initialize":
-                self._reply(request_id, self._initialize(params))
+                if self._router.settled:
+                    self._reply(request_id, self._initialize(params))
+                else:
+                    # The capabilities announced are those of the upstreams: wait (bounded) for their first attempts.
+                    self._spawn(request_id, self._initialize_when_settled(request_id, params))
             elif method == "server/discover":
                 # 2026-07-28 clients probe with server/discover and fall back to initialize on this error.
                 raise MethodNotFound("server/discover: this server speaks the initialize handshake (2025-11-25)")
@@ -172,6 +176,10 @@ class AgentSession:
             "capabilities": self._router.capabilities(),
             "serverInfo": {"name": "mcpx", "version": __version__},
         }
+
+    async def _initialize_when_settled(self, request_id: RequestId, params: dict[str, Any]) -> None:
+        await self._router.wait_settled(self._router.config.daemon.connect_timeout)
+        self._reply(request_id, self._initialize(params))
 
     async def _list_when_settled(self, request_id: RequestId, method: str) -> None:
         await self._router.wait_settled(self._router.config.daemon.connect_timeout)
