@@ -194,7 +194,7 @@ class BearerFromFile(_SecretSource):
         for line in text.splitlines():
             if line.strip():
                 token = line.strip()
-                register_secret(token)
+                register_secret(token, slot=f"file:{self._path}")  # the file is re-read when it changes
                 return token
         raise CredentialRejected(self._upstream, f"token file {self._path} is empty")
 

@@ -295,14 +295,15 @@ class OAuthCredential:
         return True
 
     def _register_secrets(self) -> None:
+        # Each rotates with refreshes and logins: a slot per kind keeps the registry from growing.
         tokens = self._tokens() or {}
-        for value in (
-            tokens.get("access_token"),
-            tokens.get("refresh_token"),
-            (self._record.get("client") or {}).get("client_secret"),
+        for kind, value in (
+            ("access", tokens.get("access_token")),
+            ("refresh", tokens.get("refresh_token")),
+            ("client", (self._record.get("client") or {}).get("client_secret")),
         ):
             if isinstance(value, str):
-                register_secret(value)
+                register_secret(value, slot=f"oauth:{self.name}:{kind}")
 
     async def _save(self) -> None:
         try:
@@ -556,7 +557,7 @@ class OAuthCredential:
             raise LoginError(f"the authorization server refused to start a device login: {exc}") from None
         except (DiscoveryError, EndpointUnreachable) as exc:
             raise LoginError(f"cannot start the device login: {exc}") from None
-        register_secret(device.device_code)
+        register_secret(device.device_code, slot=f"oauth:{self.name}:device")
         return LoginFlow(
             server, client, asyncio.get_running_loop().create_future(), device=device, registered=registered
         )
@@ -579,7 +580,7 @@ class OAuthCredential:
                 f"(`{self.login_command()}`), or configure a client_id that may use it"
             )
         if client.client_secret is not None:
-            register_secret(client.client_secret)
+            register_secret(client.client_secret, slot=f"oauth:{self.name}:registered")
         return client, True
 
     def _listen_port(self) -> int:
@@ -604,7 +605,7 @@ class OAuthCredential:
             self._context.http(), server, redirect_uris=[redirect_uri], scopes=self._requested_scopes(None)
         )
         if client.client_secret is not None:
-            register_secret(client.client_secret)
+            register_secret(client.client_secret, slot=f"oauth:{self.name}:registered")
         return client, True
 
     def _adopt_client(self, flow: LoginFlow) -> None:
