@@ -30,9 +30,9 @@ _SYSTEMCTL_TIMEOUT = 5.0
 # The daemon's own probe (auth/oauth/store.py), in the child process: a backend other than `fail`, and a read that
 # answers. The child imports the daemon's modules; mcpxctl itself does not.
 _KEYRING_PROBE = """
-from mcpx.auth.oauth.store import StoreError, _probe_keyring
+from mcpx.auth.oauth.store import StoreError, probe_keyring
 try:
-    backend = _probe_keyring().get_keyring()
+    backend = probe_keyring().get_keyring()
 except StoreError as exc:
     print("none:", exc)
 else:

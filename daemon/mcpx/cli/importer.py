@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,9 +304,9 @@ class _Converter:
     def header(self, upstream: Upstream, name: str, value: str, env: dict[str, Any], *, plain_is_env: bool) -> None:
         # The config's own rules (headers mcpx sets itself, RFC 9110 names), imported only when `import` runs:
         # mcpxctl starts without pydantic.
-        from mcpx.config.model import _HEADER_NAME, RESERVED_HEADERS
+        from mcpx.config.model import HEADER_NAME, RESERVED_HEADERS
 
-        if not _HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
+        if not HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
             upstream.notes.append(f"header {name!r} left out (mcpx sets it itself or it is not a valid name)")
             return
         rewritten = self.references(value, upstream, env, plain_is_env=plain_is_env)
@@ -588,19 +587,13 @@ def combined(config_path: Path, addition: str) -> tuple[str, str]:
 
 def validate(config_path: Path, text: str) -> list[str]:
     """Problems the config loader finds in `text` as the content of `config_path` (none: valid)."""
-    from mcpx.config import load_config
+    from mcpx.config import parse_config
     from mcpx.errors import ConfigError
 
-    directory = config_path.parent if config_path.parent.is_dir() else None
-    fd, temporary = tempfile.mkstemp(prefix=".mcpx-import-", suffix=".toml", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        load_config(Path(temporary))
+        parse_config(text, config_path)
     except ConfigError as exc:
-        return [problem.replace(temporary, str(config_path)) for problem in exc.problems]
-    finally:
-        os.unlink(temporary)
+        return exc.problems
     return []
 
 

@@ -1,6 +1,6 @@
 """Configuration: TOML file → validated, immutable `Config`. Reload builds a new one and swaps it in."""
 
-from mcpx.config.load import load_config
+from mcpx.config.load import load_config, parse_config
 from mcpx.config.model import (
     AuthConfig,
     BearerEnvAuth,
@@ -22,4 +22,5 @@ __all__ = [
     "StaticHeaderAuth",
     "UpstreamConfig",
     "load_config",
+    "parse_config",
 ]

@@ -28,9 +28,20 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     try:
-        document = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate `text` as the content of the config file `path` (named in every problem).
+
+    Raises:
+        ConfigError: `text` is not TOML or does not validate.
+    """
+    try:
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
     try:

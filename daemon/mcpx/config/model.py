@@ -14,7 +14,7 @@ from mcpx.auth.oauth.metadata import DiscoveryError, check_url
 # Characters valid in MCP tool names (2025-11-25 server/tools "Tool names"): an upstream's name becomes the
 # prefix of its tools' names, so it is held to the same alphabet.
 UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 # Headers mcpx owns on upstream requests; configuring them would break the protocol or the auth model.
 RESERVED_HEADERS = frozenset(
     {"accept", "content-type", "content-length", "host", "mcp-session-id", "mcp-protocol-version", "last-event-id"}
@@ -52,7 +52,7 @@ class StaticHeaderAuth(_Strict):
     """One header with a fixed value; `${VAR}` in the value is taken from the environment."""
 
     type: Literal["static_header"]
-    header: Annotated[str, Field(pattern=_HEADER_NAME.pattern)]
+    header: Annotated[str, Field(pattern=HEADER_NAME.pattern)]
     value: str
 
     @field_validator("header")
@@ -200,7 +200,7 @@ class UpstreamConfig(_Strict):
     @classmethod
     def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if not _HEADER_NAME.match(name):
+            if not HEADER_NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid HTTP header name")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by mcpx itself")

@@ -266,7 +266,7 @@ async def open_store(state_dir: Path, choice: str = "auto") -> TokenStore:
     if choice == "file":
         return FileStore(path)
     try:
-        keyring = await _bounded(_probe_keyring)
+        keyring = await _bounded(probe_keyring)
     except StoreError as exc:
         if choice == "keyring":
             raise
@@ -275,7 +275,7 @@ async def open_store(state_dir: Path, choice: str = "auto") -> TokenStore:
     return KeyringStore(keyring)
 
 
-def _probe_keyring() -> Any:
+def probe_keyring() -> Any:
     """The keyring module, once its backend has been chosen (that may talk to D-Bus) and has answered a read."""
     try:
         import keyring
