@@ -10,11 +10,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
-from tests.support.upstream import Upstream, running
+from tests.support.upstream import HangingTool, Upstream, running
 
 
 class RawAgent:
@@ -170,30 +169,17 @@ async def test_tools_without_namespace_and_a_withheld_collision(sandbox: Sandbox
 
 
 async def test_cancelled_call_gets_no_response_and_the_session_goes_on(sandbox: Sandbox) -> None:
-    started = asyncio.Event()
-    cancelled = asyncio.Event()
-
-    def slow_tool(server: MCPServer) -> None:
-        @server.tool()
-        async def slow() -> str:
-            started.set()
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-            return "never"
-
-    alpha = Upstream("alpha", json_response=False, customize=slow_tool)
+    slow = HangingTool("slow")
+    alpha = Upstream("alpha", json_response=False, customize=slow.customize)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
     async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as peer:
         await peer.request(0, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}})
         await peer.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "alpha__slow"}})
         async with asyncio.timeout(10):
-            await started.wait()
+            await slow.started.wait()
         await peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
         async with asyncio.timeout(10):
-            await cancelled.wait()  # mcpx passed the cancellation on: the upstream's tool was cancelled
+            await slow.cancelled.wait()  # mcpx passed the cancellation on: the upstream's tool was cancelled
         # The next response on the wire is for request 3, not a late one for the cancelled request 1.
         echo = {"name": "alpha__echo", "arguments": {"text": "after"}}
         await peer.send({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": echo})

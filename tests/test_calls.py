@@ -10,23 +10,12 @@ from mcp.shared.exceptions import MCPError
 
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
 from tests.support.results import text_of
-from tests.support.upstream import Upstream, running
+from tests.support.upstream import HangingTool, Upstream, running
 
 
 async def test_a_call_past_the_upstream_timeout_ends_with_a_tool_error_and_upstream_is_told(sandbox: Sandbox) -> None:
-    cancelled = asyncio.Event()
-
-    def slow(server: MCPServer) -> None:
-        @server.tool()
-        async def sleepy() -> str:
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-            return "never"
-
-    alpha = Upstream("alpha", json_response=False, customize=slow)
+    sleepy = HangingTool("sleepy")
+    alpha = Upstream("alpha", json_response=False, customize=sleepy.customize)
     sandbox.write_config(upstream_toml("alpha", alpha.url, timeout=0.5))
     async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
         result = await client.call_tool("alpha__sleepy", {})
@@ -34,7 +23,7 @@ async def test_a_call_past_the_upstream_timeout_ends_with_a_tool_error_and_upstr
         assert "alpha" in text_of(result)
         assert "0.5 s" in text_of(result)
         async with asyncio.timeout(10):
-            await cancelled.wait()  # mcpx sent notifications/cancelled upstream
+            await sleepy.cancelled.wait()  # mcpx sent notifications/cancelled upstream
         assert text_of(await client.call_tool("alpha__echo", {"text": "next"})) == "alpha:next"
 
 

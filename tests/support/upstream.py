@@ -94,6 +94,28 @@ def reserve_port() -> socket.socket:
     return sock
 
 
+@dataclass
+class HangingTool:
+    """A tool `name` that never answers: `started` is set when a call begins, `cancelled` when the server cancels
+    it (the client went away, or was told to stop). Pass `customize` to `Upstream`."""
+
+    name: str
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def customize(self, server: MCPServer) -> None:
+        async def hang() -> str:
+            self.started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return "never"
+
+        server.tool(name=self.name)(hang)
+
+
 class Upstream:
     """One upstream MCP server that tests can start, stop and restart on a fixed port."""
 
