@@ -175,10 +175,19 @@ def _auth_header(auth: AuthConfig) -> str | None:
 
 
 class UpstreamConfig(_Strict):
-    """One remote MCP server (`[[proxy.upstream]]`)."""
+    """One MCP server (`[[proxy.upstream]]`): remote (`url`) or a local child process (`command`)."""
 
     name: Annotated[str, Field(pattern=UPSTREAM_NAME_PATTERN)]
-    url: str
+    url: str | None = None
+    # streamable HTTP, falling back to legacy HTTP+SSE on 400/404/405 ("auto"), or one of them only.
+    transport: Literal["auto", "streamable-http", "sse"] = "auto"
+    # A stdio server: spawned without a shell, with a minimal environment plus `env`.
+    command: Annotated[str, Field(min_length=1)] | None = None
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = None
+    # One session for every agent, or one per agent session (default: shared for `url`, per-agent for `command`).
+    sharing: Literal["shared", "per-agent"] | None = None
     auth: AuthConfig = NoAuth()
     headers: dict[str, str] = Field(default_factory=dict)
     include_tools: tuple[str, ...] | None = None
@@ -188,7 +197,9 @@ class UpstreamConfig(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
@@ -207,6 +218,40 @@ class UpstreamConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _url_or_command(self) -> UpstreamConfig:
+        if (self.url is None) == (self.command is None):
+            raise ValueError("give exactly one of `url` (a remote server) or `command` (a local stdio server)")
+        if self.command is not None:
+            remote_only = sorted({"transport", "headers"} & self.model_fields_set)
+            if not isinstance(self.auth, NoAuth):
+                remote_only.append("auth")
+            if remote_only:
+                keys = ", ".join(f"`{key}`" for key in remote_only)
+                raise ValueError(f"{keys}: only for `url` upstreams; a stdio server takes credentials from `env`")
+        elif {"args", "env", "cwd"} & self.model_fields_set:
+            raise ValueError("`args`, `env` and `cwd` are for `command` upstreams")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        """Whether all agents share one session (the `sharing` policy and its default)."""
+        if self.sharing is not None:
+            return self.sharing == "shared"
+        return self.command is None
+
+    @property
+    def http_url(self) -> str:
+        """The URL of a remote upstream (asked only of `url` upstreams: OAuth and HTTP transports)."""
+        if self.url is None:
+            raise ValueError(f"upstream {self.name!r} is a stdio server, it has no URL")
+        return self.url
+
+    @property
+    def endpoint(self) -> str:
+        """The URL, or for a stdio server the command line (for status and logs)."""
+        return self.url if self.url is not None else " ".join((self.command or "", *self.args))
+
+    @model_validator(mode="after")
     def _auth_header_not_twice(self) -> UpstreamConfig:
         auth_header = _auth_header(self.auth)
         if auth_header is not None and any(name.lower() == auth_header for name in self.headers):
@@ -215,7 +260,7 @@ class UpstreamConfig(_Strict):
 
     @property
     def origin(self) -> str:
-        parts = urlsplit(self.url)
+        parts = urlsplit(self.http_url)
         return f"{parts.scheme}://{parts.netloc}"
 
 

@@ -13,9 +13,9 @@ import asyncio
 import functools
 import itertools
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
-from mcpx import __version__, jsonrpc
+from mcpx import jsonrpc
 from mcpx.auth.credentials import CredentialProvider, expand_env
 from mcpx.auth.oauth.metadata import Challenge, parse_bearer_challenge
 from mcpx.config.model import UpstreamConfig
@@ -37,13 +37,17 @@ from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.redact import any_registered, redact
 from mcpx.upstream.h1 import BodyTooLarge, ConnectError, HttpClient, HttpClientError, Response, Target
-
-LATEST_HANDSHAKE_VERSION: Final = "2025-11-25"
-HANDSHAKE_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+from mcpx.upstream.peer import (
+    ClientSide,
+    ServerRequests,
+    accept_initialize,
+    adopt_hello,
+    initialize_params,
+    route_incoming,
+)
 
 _log = get_logger("mcpx.upstream")
 
-NotificationHandler = Callable[[Message], None]
 _T = TypeVar("_T")
 
 
@@ -66,15 +70,16 @@ class HttpSession:
         credentials: CredentialProvider,
         *,
         max_message_bytes: int,
-        on_notification: NotificationHandler,
+        client: ClientSide,
     ) -> None:
         self.name = config.name
         self._config = config
         self._http = http
-        self._target = Target.parse(config.url)
+        self._target = Target.parse(config.http_url)
         self._credentials = credentials
         self._max_message_bytes = max_message_bytes
-        self._on_notification = on_notification
+        self._client = client
+        self._server_requests = ServerRequests(config.name, self._post_expecting_accepted, config.timeout)
         self._ids = itertools.count(1)
         self._session_id: str | None = None
         self._static_headers: dict[str, str] | None = None
@@ -98,6 +103,7 @@ class HttpSession:
         """End the session: DELETE it on the server (best effort, bounded) and stop background sends."""
         for task in list(self._background):
             task.cancel()
+        self._server_requests.close()
         session_id, self._session_id = self._session_id, None
         if session_id is None:
             return
@@ -117,7 +123,7 @@ class HttpSession:
         params: dict[str, Any] | None,
         *,
         timeout: float,
-        on_related: NotificationHandler | None = None,
+        on_related: ClientSide | None = None,
         forward_raw: bool = False,
     ) -> Any:
         """Send one request and return its `result` (a `jsonrpc.RawJson` where `forward_raw` allows and the
@@ -147,7 +153,7 @@ class HttpSession:
         request_id: int,
         method: str,
         params: dict[str, Any] | None,
-        on_related: NotificationHandler | None,
+        on_related: ClientSide | None,
         forward_raw: bool,
     ) -> Any:
         body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
@@ -194,28 +200,15 @@ class HttpSession:
     def _rejected(self) -> CredentialRejected:
         return CredentialRejected(self.name, f"the credential was rejected (HTTP 401): {self._credentials.fix_hint()}")
 
+    @property
+    def asked_roots(self) -> bool:
+        return self._server_requests.asked_roots
+
     async def _initialize(self) -> None:
-        params = {
-            "protocolVersion": LATEST_HANDSHAKE_VERSION,
-            "capabilities": {},
-            "clientInfo": {"name": "mcpx", "version": __version__},
-        }
         request_id = next(self._ids)
-        body = jsonrpc.dumps(jsonrpc.request(request_id, "initialize", params))
+        body = jsonrpc.dumps(jsonrpc.request(request_id, "initialize", initialize_params()))
         self._session_id = None
-        result = await self._exchange(request_id, body, None, initializing=True)
-        if not isinstance(result, dict):
-            raise UpstreamProtocolError(self.name, "initialize result is not an object")
-        version = result.get("protocolVersion")
-        if version not in HANDSHAKE_VERSIONS:
-            raise UpstreamProtocolError(self.name, f"unsupported protocol version {version!r}")
-        self.protocol_version = str(version)
-        capabilities = result.get("capabilities")
-        self.capabilities = capabilities if isinstance(capabilities, dict) else {}
-        server_info = result.get("serverInfo")
-        self.server_info = server_info if isinstance(server_info, dict) else {}
-        instructions = result.get("instructions")
-        self.instructions = instructions if isinstance(instructions, str) else None
+        adopt_hello(self, accept_initialize(self.name, await self._exchange(request_id, body, None, initializing=True)))
         self._generation += 1
         await self._post_expecting_accepted(jsonrpc.dumps(jsonrpc.notification("notifications/initialized")))
 
@@ -241,7 +234,7 @@ class HttpSession:
         self,
         request_id: int,
         body: bytes,
-        on_related: NotificationHandler | None,
+        on_related: ClientSide | None,
         *,
         initializing: bool = False,
         forward_raw: bool = False,
@@ -292,7 +285,7 @@ class HttpSession:
         return spliced if spliced is not None else self._result_of(self._parse(raw), request_id)
 
     async def _read_stream(
-        self, response: Response, request_id: int, on_related: NotificationHandler | None, forward_raw: bool
+        self, response: Response, request_id: int, on_related: ClientSide | None, forward_raw: bool
     ) -> Any:
         decoder = SSEDecoder(self._max_message_bytes)
         try:
@@ -308,12 +301,11 @@ class HttpSession:
                         if message.get("id") == request_id:
                             return self._result_of(message, request_id)
                         _log.debug("ignoring unrelated response on stream", upstream=self.name)
-                    elif "id" in message:
-                        self._answer_server_request(message)
-                    elif on_related is not None and _is_related(message):
-                        on_related(message)
                     else:
-                        self._on_notification(message)
+                        # On a request's own stream, the server's messages belong to that request (SEP-2260).
+                        route_incoming(
+                            message, related=on_related, default=self._client, requests=self._server_requests
+                        )
         except FrameTooLarge as exc:
             raise UpstreamProtocolError(self.name, f"SSE event too large: {exc}") from None
         raise UpstreamProtocolError(self.name, "the SSE stream ended before the response")
@@ -327,16 +319,6 @@ class HttpSession:
                     pass
         finally:
             response.release()
-
-    def _answer_server_request(self, message: Message) -> None:
-        # Server→client requests are routed to agents by the full-surface work; until then only ping is answered.
-        if message.get("method") == "ping":
-            reply = jsonrpc.result_response(message["id"], {})
-        else:
-            reply = jsonrpc.error_response(
-                message["id"], {"code": -32601, "message": f"mcpx does not relay {message.get('method')} yet"}
-            )
-        self._spawn(lambda: self._post_expecting_accepted(jsonrpc.dumps(reply)))
 
     def _result_of(self, message: Message, request_id: int) -> Any:
         if message.get("id") != request_id:
@@ -404,10 +386,6 @@ class HttpSession:
 
 def _spliced(raw: bytes, request_id: int) -> jsonrpc.RawJson | None:
     return jsonrpc.spliced_result(raw, request_id, secrets_registered=any_registered())
-
-
-def _is_related(message: Message) -> bool:
-    return message.get("method") in ("notifications/progress", "notifications/message")
 
 
 def _visible_ascii(value: str) -> bool:

@@ -15,7 +15,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from mcpx.auth.credentials import CredentialProvider, credentials_for
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
@@ -24,7 +24,8 @@ from mcpx.errors import CredentialRejected, NeedsLogin, UpstreamError, UpstreamP
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.upstream.h1 import HttpClient
-from mcpx.upstream.http import HttpSession, NotificationHandler
+from mcpx.upstream.peer import ClientSide, UpstreamSession
+from mcpx.upstream.transports import open_session
 
 _log = get_logger("mcpx.upstream")
 
@@ -60,6 +61,24 @@ _STALE_AFTER: Final = {
 }
 
 
+class UpstreamHooks(Protocol):
+    """What an upstream tells its owner (the router)."""
+
+    def lists_changed(self) -> None:
+        """One of the upstream's lists changed."""
+        ...
+
+    def server_notification(self, upstream: str, message: Message) -> None:
+        """A notification that belongs to no agent's call (other than list_changed, handled here)."""
+        ...
+
+    async def server_request(
+        self, upstream: str, method: str, params: dict[str, Any] | None, timeout: float
+    ) -> dict[str, Any]:
+        """A request to the client that belongs to no agent's call: `{"result": …}` or `{"error": …}`."""
+        ...
+
+
 class UpstreamState(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
@@ -78,22 +97,17 @@ class ManagedUpstream:
         daemon: DaemonConfig,
         http: HttpClient,
         oauth: OAuthContext,
-        on_lists_changed: Callable[[], None],
+        hooks: UpstreamHooks,
     ) -> None:
         self.config = config
         self.name = config.name
         self._daemon = daemon
-        self._on_lists_changed = on_lists_changed
+        self._http = http
+        self._hooks = hooks
         self.credentials: CredentialProvider = credentials_for(config, oauth)
         if isinstance(self.credentials, OAuthCredential):
             self.credentials.on_login.append(self.wake)
-        self.session = HttpSession(
-            config,
-            http,
-            self.credentials,
-            max_message_bytes=daemon.max_message_bytes,
-            on_notification=self._on_notification,
-        )
+        self.session: UpstreamSession = self.open_session(self, on_lost=self._lost)
         self.state = UpstreamState.STARTING
         self.last_error: str | None = None
         self.retry_at: float | None = None
@@ -114,6 +128,34 @@ class ManagedUpstream:
         self._refresh: asyncio.Task[None] | None = None
         self._stale: set[str] = set()
         self._login_needed: NeedsLogin | None = None
+
+    def open_session(self, client: ClientSide, *, on_lost: Callable[[str], None]) -> UpstreamSession:
+        """A new session with this upstream, with its credentials (for the shared one, and per-agent ones)."""
+        return open_session(
+            self.config,
+            http=self._http,
+            credentials=self.credentials,
+            max_message_bytes=self._daemon.max_message_bytes,
+            client=client,
+            on_lost=on_lost,
+        )
+
+    # --- the client side of messages that belong to no call ------------------------------------------------------
+
+    @property
+    def agent(self) -> object:
+        return None
+
+    def notify(self, message: Message) -> None:
+        method = message.get("method")
+        stale = _STALE_AFTER.get(method) if isinstance(method, str) else None
+        if stale is not None:
+            self._schedule_refresh(stale)
+        else:
+            self._hooks.server_notification(self.name, message)
+
+    async def ask(self, method: str, params: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+        return await self._hooks.server_request(self.name, method, params, timeout)
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -224,7 +266,7 @@ class ManagedUpstream:
         self,
         method: str,
         params: dict[str, Any] | None,
-        on_related: NotificationHandler | None,
+        on_related: ClientSide | None,
         *,
         forward_raw: bool = False,
     ) -> Any:
@@ -273,6 +315,9 @@ class ManagedUpstream:
             self._fail(exc)
             self._broken.set()
 
+    def _lost(self, reason: str) -> None:
+        self._mark_broken(UpstreamUnavailable(self.name, reason))
+
     # --- lists ---------------------------------------------------------------------------------------------------
 
     def _kinds(self) -> list[str]:
@@ -308,15 +353,7 @@ class ManagedUpstream:
                 setattr(self, kind, items)
                 changed = True
         if changed:
-            self._on_lists_changed()
-
-    def _on_notification(self, message: Message) -> None:
-        method = message.get("method")
-        stale = _STALE_AFTER.get(method) if isinstance(method, str) else None
-        if stale is not None:
-            self._schedule_refresh(stale)
-        else:
-            _log.debug("upstream notification dropped", upstream=self.name, method=method)
+            self._hooks.lists_changed()
 
     def _schedule_refresh(self, kinds: tuple[str, ...]) -> None:
         self._stale.update(kinds)

@@ -152,9 +152,9 @@ class OAuthCredential:
         self.name = upstream.name
         self._auth = auth
         self._context = context
-        self._server_url = upstream.url
+        self._server_url = upstream.http_url
         # What the login is stored under, and what the protected resource metadata must name.
-        self.resource = auth.resource or canonical_resource(upstream.url)
+        self.resource = auth.resource or canonical_resource(upstream.http_url)
         # The server's own name for itself from that metadata, when it may differ (see `resource_indicator`).
         self._named_resource: str | None = None
         self._record: dict[str, Any] = {}

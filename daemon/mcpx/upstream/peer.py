@@ -1,0 +1,238 @@
+"""What every upstream transport shares: the session interface the supervisor and router use, the client side an
+upstream's own messages go to, the initialize handshake's two halves, and the upstream's requests to the client.
+
+Transport-free. A transport (streamable HTTP, legacy HTTP+SSE, a stdio child) parses what the server sends and
+hands every server→client message to `route_incoming`; the answers to the server's requests come back through
+the transport's `reply` function.
+
+Routing rule for the server's messages (protocol 2025-11-25 `basic/transports`, and SEP-2260: sampling,
+elicitation and roots requests belong to a client request):
+- a message that arrives on the stream of an agent's request, or that names that request's progress token, goes
+  to that agent (`related`);
+- with no such link, it goes to the session's `default` client side: the owning agent for a per-agent session,
+  else the router's rule (see `Router.ask_any`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from mcpx import __version__, jsonrpc
+from mcpx.errors import METHOD_NOT_FOUND, UpstreamProtocolError
+from mcpx.jsonrpc import Message, RequestId
+from mcpx.log import get_logger
+
+LATEST_HANDSHAKE_VERSION: Final = "2025-11-25"
+HANDSHAKE_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+
+# What mcpx declares to upstreams: it bridges these to the agents that declare them.
+CLIENT_CAPABILITIES: Final = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {"form": {}, "url": {}}}
+
+# Server notifications that belong to one client request when they name it (progress by its token).
+RELATED_NOTIFICATIONS: Final = frozenset({"notifications/progress", "notifications/message"})
+
+# At most this many of one session's requests to the client wait for an answer; more get an error at once.
+_MAX_PENDING_SERVER_REQUESTS: Final = 64
+
+_log = get_logger("mcpx.upstream")
+
+
+class ClientSide(Protocol):
+    """Where an upstream's messages to the client go."""
+
+    @property
+    def agent(self) -> object:
+        """The agent this reaches (any hashable identity), or None when it is not one agent."""
+        ...
+
+    def notify(self, message: Message) -> None:
+        """Deliver a server notification (the client side maps what it owns, e.g. progress tokens)."""
+        ...
+
+    async def ask(self, method: str, params: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+        """Put a server request to the client; return `{"result": …}` or `{"error": …}`. Never raises but
+        `CancelledError`."""
+        ...
+
+
+NotificationHandler = Callable[[Message], None]
+
+
+class UpstreamSession(Protocol):
+    """One MCP client session with one upstream, over whatever transport it speaks."""
+
+    name: str
+    protocol_version: str | None
+    server_info: dict[str, Any]
+    capabilities: dict[str, Any]
+    instructions: str | None
+
+    async def connect(self) -> None:
+        """(Re-)run the initialize handshake. Raises an `UpstreamError` subclass (or `NeedsLogin`) on failure."""
+        ...
+
+    async def close(self) -> None:
+        """End the session (bounded, best effort)."""
+        ...
+
+    async def request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        *,
+        timeout: float,
+        on_related: ClientSide | None = None,
+        forward_raw: bool = False,
+    ) -> Any:
+        """Send one request; return its result (a `jsonrpc.RawJson` where `forward_raw` allows)."""
+        ...
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> None: ...
+
+
+# --- the handshake ---------------------------------------------------------------------------------------------------
+
+
+def initialize_params() -> dict[str, Any]:
+    return {
+        "protocolVersion": LATEST_HANDSHAKE_VERSION,
+        "capabilities": CLIENT_CAPABILITIES,
+        "clientInfo": {"name": "mcpx", "version": __version__},
+    }
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    """What an upstream's `InitializeResult` tells mcpx."""
+
+    protocol_version: str
+    capabilities: dict[str, Any]
+    server_info: dict[str, Any]
+    instructions: str | None
+
+
+def accept_initialize(upstream: str, result: object) -> ServerHello:
+    """Check an `InitializeResult`. Raises `UpstreamProtocolError` when mcpx cannot use it."""
+    if not isinstance(result, dict):
+        raise UpstreamProtocolError(upstream, "initialize result is not an object")
+    version = result.get("protocolVersion")
+    if version not in HANDSHAKE_VERSIONS:
+        raise UpstreamProtocolError(upstream, f"unsupported protocol version {version!r}")
+    capabilities, server_info, instructions = (
+        result.get("capabilities"),
+        result.get("serverInfo"),
+        result.get("instructions"),
+    )
+    return ServerHello(
+        protocol_version=str(version),
+        capabilities=capabilities if isinstance(capabilities, dict) else {},
+        server_info=server_info if isinstance(server_info, dict) else {},
+        instructions=instructions if isinstance(instructions, str) else None,
+    )
+
+
+def adopt_hello(session: UpstreamSession, hello: ServerHello) -> None:
+    """Record on `session` what the server said about itself."""
+    session.protocol_version = hello.protocol_version
+    session.capabilities, session.server_info, session.instructions = (
+        hello.capabilities,
+        hello.server_info,
+        hello.instructions,
+    )
+
+
+# --- the server's requests to the client -------------------------------------------------------------------------
+
+
+class ServerRequests:
+    """The requests one upstream session has put to the client and not had answered yet.
+
+    `ping` is answered here; every other request is asked of a client side in a task owned by this object, and
+    its answer is sent back with `reply`. The server's `notifications/cancelled` for one of them cancels the
+    task (the agent is told in turn). `asked_roots` records whether the server ever asked `roots/list`, so that
+    the agents' `notifications/roots/list_changed` reaches only servers that care.
+    """
+
+    def __init__(self, upstream: str, reply: Callable[[bytes], Awaitable[None]], timeout: float) -> None:
+        self._upstream = upstream
+        self._reply = reply
+        self._timeout = timeout
+        self._pending: dict[RequestId, asyncio.Task[None]] = {}
+        self._answering: set[asyncio.Task[None]] = set()
+        self.asked_roots = False
+
+    def handle(self, message: Message, client: ClientSide) -> None:
+        request_id: RequestId = message["id"]
+        method: str = message["method"]
+        params = message.get("params")
+        if method == "ping":
+            self._answer(request_id, {"result": {}})
+            return
+        if method == "roots/list":
+            self.asked_roots = True
+        if request_id in self._pending or len(self._pending) >= _MAX_PENDING_SERVER_REQUESTS:
+            error = {"code": -32600, "message": "too many requests to the client in flight, or a reused id"}
+            self._answer(request_id, {"error": error})
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._ask(request_id, method, params if isinstance(params, dict) else None, client)
+        )
+        self._pending[request_id] = task
+        task.add_done_callback(lambda _: self._pending.pop(request_id, None))
+
+    def cancelled(self, params: object) -> bool:
+        """The server cancelled one of its requests (`notifications/cancelled`); True when it was one of ours."""
+        request_id = params.get("requestId") if isinstance(params, dict) else None
+        task = self._pending.pop(request_id, None) if jsonrpc.is_request_id(request_id) else None  # type: ignore[arg-type]
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    def close(self) -> None:
+        for task in (*self._pending.values(), *self._answering):
+            task.cancel()
+        self._pending.clear()
+
+    async def _ask(self, request_id: RequestId, method: str, params: dict[str, Any] | None, client: ClientSide) -> None:
+        answer = await client.ask(method, params, self._timeout)
+        await self._send(request_id, answer)
+
+    def _answer(self, request_id: RequestId, answer: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(request_id, answer))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _send(self, request_id: RequestId, answer: dict[str, Any]) -> None:
+        try:
+            async with asyncio.timeout(10.0):
+                await self._reply(jsonrpc.dumps({"jsonrpc": jsonrpc.JSONRPC_VERSION, "id": request_id, **answer}))
+        except Exception as exc:  # noqa: BLE001 - task top: a lost answer must not end the session
+            _log.debug("answer to a server request not delivered", upstream=self._upstream, error=str(exc))
+
+
+def method_not_bridged(method: str, why: str) -> dict[str, Any]:
+    """The answer a server gets when no agent can take its request."""
+    return {"error": {"code": METHOD_NOT_FOUND, "message": f"{method}: {why}"}}
+
+
+def route_incoming(
+    message: Message,
+    *,
+    related: ClientSide | None,
+    default: ClientSide,
+    requests: ServerRequests,
+) -> None:
+    """Deliver one message the server sent to the client (a request or a notification, never a response)."""
+    method = message["method"]
+    if "id" in message:
+        requests.handle(message, related if related is not None else default)
+    elif method == "notifications/cancelled" and requests.cancelled(message.get("params")):
+        return
+    elif related is not None and method in RELATED_NOTIFICATIONS:
+        related.notify(message)
+    else:
+        default.notify(message)
