@@ -59,11 +59,13 @@ class CredentialProvider(Protocol):
         ...
 
 
-def expand_env(template: str, *, upstream: str, what: str) -> str:
-    """Expand `${VAR}` references. Raises `CredentialRejected` naming the variable when one is unset."""
+def expand_env(template: str, *, upstream: str, what: str, environ: Mapping[str, str] | None = None) -> str:
+    """Expand `${VAR}` references from `environ` (default: mcpxd's environment). Raises `CredentialRejected` naming
+    the variable when one is unset."""
+    environ = os.environ if environ is None else environ
 
     def substitute(match: re.Match[str]) -> str:
-        value = os.environ.get(match.group(1))
+        value = environ.get(match.group(1))
         if value is None:
             raise CredentialRejected(upstream, f"environment variable {match.group(1)} (used in {what}) is not set")
         return value

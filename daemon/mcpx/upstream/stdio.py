@@ -1,0 +1,424 @@
+"""MCP client session with a local stdio server: a child process that speaks newline-delimited JSON-RPC on its
+stdin and stdout (protocol `basic/transports`, stdio).
+
+Spawning. `command` and `args` are executed directly (no shell), in a session of their own
+(`start_new_session`): signals sent to mcpxd's terminal never reach the child, and its process group is what mcpx
+signals on stop, so helpers it started (npx → node) stop with it. The working directory is `cwd`, else the
+user's home directory. The environment is minimal: only the variables named in `INHERITED` (and `LC_*`), taken
+from mcpxd's own environment, plus the config's `env`, whose values may use `${VAR}` from mcpxd's environment. A
+value whose name looks secret, that looks like a token, or that takes a secret-named variable, is registered with
+the redactor, so it never reaches a log.
+
+I/O. The child is an `asyncio.SubprocessProtocol`: stdout goes through the sans-I/O `LineFramer`, bounded by
+`max_message_bytes`; an oversized line is dropped with a warning, a line that is not JSON-RPC is dropped by
+`ChannelSession._received`, and the session goes on. stderr is free-form logging: each line (at most
+`STDERR_LINE_BYTES`) is logged at info level with the upstream's name, redacted, at most `_STDERR_BURST` lines at
+once and `_STDERR_RATE` a second after that (how many were left out is logged). A write waits for the pipe to
+drain at most the upstream's `timeout`: a child that stops reading fails the call instead of hanging it.
+
+Death and stop. When the child exits on its own (or closes its stdout), the session is lost with the exit status
+and the child's last stderr line; the supervisor starts a new child, with backoff if it keeps dying. Closing the
+session (shutdown, reload, the end of a per-agent session) closes stdin, waits `STDIN_GRACE` seconds, sends
+SIGTERM to the process group, waits `TERM_GRACE` seconds, sends SIGKILL, and reaps the child. The stop runs in a
+task of its own, so a caller cancelled meanwhile never leaves a child half-stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from mcpx.auth.credentials import expand_env
+from mcpx.config.model import UpstreamConfig
+from mcpx.errors import CredentialRejected, UpstreamTimeout, UpstreamUnavailable
+from mcpx.framing.ndjson import LineFramer, Oversized
+from mcpx.log import get_logger
+from mcpx.redact import redact, register_secret
+from mcpx.upstream.channel import ChannelSession
+from mcpx.upstream.peer import ClientSide
+
+_log = get_logger("mcpx.upstream.stdio")
+
+# What a child inherits from mcpxd's environment (when set there); everything else it gets from `env`.
+INHERITED: Final = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "XDG_RUNTIME_DIR",
+        "XDG_CONFIG_HOME",
+        "XDG_CACHE_HOME",
+        "XDG_DATA_HOME",
+        "XDG_STATE_HOME",
+    }
+)
+INHERITED_PREFIXES: Final = ("LC_",)
+
+# The stop sequence (protocol: close stdin, wait, SIGTERM, wait, SIGKILL).
+STDIN_GRACE: Final = 2.0
+TERM_GRACE: Final = 2.0
+_KILL_WAIT: Final = 5.0  # SIGKILL cannot be ignored; this only bounds a wait for the kernel
+# After the child exits, its stdout may still hold its last messages (and the other way round).
+_END_GRACE: Final = 1.0
+# After the stop, how long the last stderr lines may take to arrive (a grandchild may hold the pipe).
+_DRAIN_GRACE: Final = 0.5
+
+STDERR_LINE_BYTES: Final = 8192
+_STDERR_BURST: Final = 200
+_STDERR_RATE: Final = 20.0  # lines per second once the burst is spent
+_LAST_LINE_CHARS: Final = 200
+
+_SECRET_NAME = re.compile(r"auth|token|key|secret|passw|cookie|session|credential|signature|private", re.IGNORECASE)
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _looks_like_token(value: str) -> bool:
+    """A long, space-free value of letters and digits that is not a path or URL."""
+    return (
+        len(value) >= 16
+        and not any(c.isspace() for c in value)
+        and "/" not in value
+        and any(c.isdigit() for c in value)
+        and any(c.isalpha() for c in value)
+    )
+
+
+def child_environment(config: UpstreamConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of `config`'s child: the inherited variables of `environ` (mcpxd's), then `env` expanded.
+
+    Raises:
+        UpstreamUnavailable: a `${VAR}` in `env` names a variable that is not set.
+    """
+    environ = os.environ if environ is None else environ
+    env = {name: value for name, value in environ.items() if name in INHERITED or name.startswith(INHERITED_PREFIXES)}
+    env.setdefault("PATH", os.defpath)
+    for name, template in config.env.items():
+        try:
+            value = expand_env(template, upstream=config.name, what=f"env {name}", environ=environ)
+        except CredentialRejected as exc:
+            raise UpstreamUnavailable(config.name, exc.reason) from None
+        for variable in _REFERENCE.findall(template):
+            if _SECRET_NAME.search(variable):
+                register_secret(environ[variable])
+        if _SECRET_NAME.search(name) or _looks_like_token(value):
+            register_secret(value)
+        env[name] = value
+    return env
+
+
+def working_directory(config: UpstreamConfig) -> Path:
+    """`cwd`, else the home directory. Raises `UpstreamUnavailable` when it is not a directory."""
+    cwd = config.cwd if config.cwd is not None else Path.home()
+    if not cwd.is_dir():
+        raise UpstreamUnavailable(config.name, f"cwd {cwd} is not a directory")
+    return cwd
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class _LineBudget:
+    """A token bucket for stderr lines: `burst` at once, then `rate` a second; counts what it refuses."""
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self._burst = float(burst)
+        self._rate = rate
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self.refused = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.refused += 1
+        return False
+
+
+class _Child(asyncio.SubprocessProtocol):
+    """One child process's pipes and exit, as events the session waits on."""
+
+    def __init__(self, session: StdioSession, max_message_bytes: int) -> None:
+        self._session = session
+        self._stdout = LineFramer(max_message_bytes)
+        self._stderr = LineFramer(STDERR_LINE_BYTES)
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.exited = asyncio.Event()
+        self.stdout_closed = asyncio.Event()
+        self.stderr_closed = asyncio.Event()
+        self.stdin_lost = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.last_stderr: str | None = None
+        self._budget = _LineBudget(_STDERR_BURST, _STDERR_RATE)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        if fd == 1:
+            self._messages(self._stdout.feed(raw))
+        elif fd == 2:
+            self._log_lines(self._stderr.feed(raw))
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 0:
+            self.stdin_lost = True
+            self._writable.set()  # a waiting write finds the pipe gone
+        elif fd == 1:
+            self._messages(self._stdout.feed(b"\n"))  # a last message without its newline
+            self.stdout_closed.set()
+        elif fd == 2:
+            self._log_lines(self._stderr.feed(b"\n"))
+            self.stderr_closed.set()
+
+    def process_exited(self) -> None:
+        self.exited.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def writable(self) -> None:
+        await self._writable.wait()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.transport.get_returncode() if self.transport is not None else None
+
+    def _messages(self, items: list[bytes | Oversized]) -> None:
+        for item in items:
+            if isinstance(item, Oversized):
+                _log.warning(
+                    "stdio server sent a message over the size limit; skipped",
+                    upstream=self._session.name,
+                    limit=item.limit,
+                )
+                continue
+            try:
+                self._session.received(self, item)
+            except Exception:  # noqa: BLE001 - the top of one message's handling: the next one must still be read
+                _log.exception("failed to handle a message from a stdio server", upstream=self._session.name)
+
+    def _log_lines(self, items: list[bytes | Oversized]) -> None:
+        for item in items:
+            if isinstance(item, Oversized):
+                line = f"<a line over {item.limit} bytes, left out>"
+            else:
+                line = item.decode("utf-8", "replace")
+                self.last_stderr = line
+            if not self._budget.take():
+                continue
+            if self._budget.refused:
+                _log.info("stdio server stderr lines left out", upstream=self._session.name, count=self._budget.refused)
+                self._budget.refused = 0
+            _log.info("stdio server stderr", upstream=self._session.name, line=line)
+
+
+class StdioSession(ChannelSession):
+    """One child process running a stdio MCP server, and the MCP session with it."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        max_message_bytes: int,
+        client: ClientSide,
+        on_lost: Callable[[str], None],
+    ) -> None:
+        super().__init__(config.name, timeout=config.timeout, client=client, on_lost=on_lost)
+        if config.command is None:
+            raise ValueError(f"upstream {config.name!r} has no command")
+        self._config = config
+        self._command = config.command
+        self._max_message_bytes = max_message_bytes
+        self._child: _Child | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id (for status and tests)."""
+        transport = self._child.transport if self._child is not None else None
+        return transport.get_pid() if transport is not None else None
+
+    # --- the channel -------------------------------------------------------------------------------------------------
+
+    async def _start_channel(self) -> None:
+        env = child_environment(self._config)
+        cwd = working_directory(self._config)
+        loop = asyncio.get_running_loop()
+        spawn = loop.create_task(self._start_child(env, cwd))
+        try:
+            child = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            # The child may exist already: it is stopped once spawned, by a task of this session.
+            spawn.add_done_callback(self._stop_orphan)
+            raise
+        self._child = child
+        self._watch = loop.create_task(self._watch_child(child), name=f"stdio:{self.name}")
+        _log.info("stdio server started", upstream=self.name, pid=self.pid, command=self._config.endpoint)
+
+    async def _start_child(self, env: dict[str, str], cwd: Path) -> _Child:
+        loop = asyncio.get_running_loop()
+        try:
+            _, child = await loop.subprocess_exec(
+                lambda: _Child(self, self._max_message_bytes),
+                self._command,
+                *self._config.args,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            raise UpstreamUnavailable(self.name, f"cannot start {self._command!r}: {why}") from None
+        return child
+
+    def _stop_orphan(self, spawn: asyncio.Task[_Child]) -> None:
+        if not spawn.cancelled() and spawn.exception() is None:
+            self._stop_in_background(spawn.result(), None)
+
+    def received(self, child: _Child, raw: bytes) -> None:
+        """One line of `child`'s stdout (called by its protocol); dropped unless it is the session's child."""
+        if child is self._child:
+            self._received(raw)
+
+    async def _send(self, data: bytes) -> None:
+        child = self._child
+        transport = child.transport if child is not None else None
+        stdin = transport.get_pipe_transport(0) if transport is not None else None
+        if child is None or child.stdin_lost or not isinstance(stdin, asyncio.WriteTransport) or stdin.is_closing():
+            raise UpstreamUnavailable(self.name, "the server process is not running")
+        try:
+            stdin.writelines((data, b"\n"))
+            async with asyncio.timeout(self._timeout):
+                await child.writable()
+        except TimeoutError:
+            raise UpstreamTimeout(self.name, f"the server process read nothing for {self._timeout:g} s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise UpstreamUnavailable(self.name, "the server process closed its stdin") from None
+        if child.stdin_lost:
+            raise UpstreamUnavailable(self.name, "the server process closed its stdin")
+
+    async def _stop_channel(self) -> None:
+        child, watch = self._child, self._watch
+        self._child = self._watch = None
+        if child is not None:
+            self._stop_in_background(child, watch)
+        if self._stopping:
+            await asyncio.shield(asyncio.gather(*self._stopping, return_exceptions=True))
+
+    def _stop_in_background(self, child: _Child, watch: asyncio.Task[None] | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._stop(child, watch), name=f"stdio-stop:{self.name}")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _stop(self, child: _Child, watch: asyncio.Task[None] | None) -> None:
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        transport = child.transport
+        if transport is None:
+            return
+        pid = transport.get_pid()
+        how = "had exited"
+        try:
+            if child.returncode is None:
+                stdin = transport.get_pipe_transport(0)
+                if stdin is not None:
+                    stdin.close()
+                how = "stdin closed"
+                if not await _within(child.exited.wait(), STDIN_GRACE):
+                    how = "SIGTERM"
+                    _signal_group(child, signal.SIGTERM)
+                    if not await _within(child.exited.wait(), TERM_GRACE):
+                        how = "SIGKILL"
+                        _log.warning(
+                            "stdio server ignored stdin close and SIGTERM; killing it", upstream=self.name, pid=pid
+                        )
+                        _signal_group(child, signal.SIGKILL)
+                        await _within(child.exited.wait(), _KILL_WAIT)
+            await _within(_both(child.stdout_closed, child.stderr_closed), _DRAIN_GRACE)
+        finally:
+            transport.close()
+        code = child.returncode
+        status = describe_exit(code) if code is not None else "did not exit"
+        _log.info("stdio server stopped", upstream=self.name, pid=pid, by=how, status=status)
+
+    async def _watch_child(self, child: _Child) -> None:
+        """Report the session lost when the child exits or closes its stdout on its own."""
+        await _first(child.exited, child.stdout_closed)
+        # The other half follows at once in the common case: the last messages are read before the loss is told.
+        await _within(_both(child.exited, child.stdout_closed), _END_GRACE)
+        code = child.returncode
+        reason = f"the server process {describe_exit(code)}" if code is not None else "the server closed its stdout"
+        if child.last_stderr:
+            reason += f" (its last stderr line: {redact(child.last_stderr.strip())[:_LAST_LINE_CHARS]})"
+        if self._child is child:
+            _log.warning("stdio server ended", upstream=self.name, pid=self.pid, reason=reason)
+            self._lost(reason)
+
+
+def _signal_group(child: _Child, signum: int) -> None:
+    """Signal the child's process group (its own session), only while the child is not reaped: its pid, and so
+    its group id, cannot have been reused by then."""
+    transport = child.transport
+    if transport is None or child.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(transport.get_pid(), signum)
+
+
+async def _within(awaitable: Coroutine[Any, Any, Any], seconds: float) -> bool:
+    """Await `awaitable` at most `seconds`; True when it finished in time."""
+    try:
+        async with asyncio.timeout(seconds):
+            await awaitable
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _both(*events: asyncio.Event) -> None:
+    for event in events:
+        await event.wait()

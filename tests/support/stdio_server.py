@@ -1,0 +1,88 @@
+"""A real stdio MCP server for tests: the `mcp` SDK's MCPServer over stdin/stdout, run as
+`python stdio_server.py NAME [--stubborn]`.
+
+Its tools say which server ran them (`NAME:`), report what the process sees (environment variable names, working
+directory, pid), write to stderr, write a line that is not JSON-RPC (or one that is too long) to stdout, and end
+the process (`crash`). On start it writes `NAME started` to stderr, with the value of `$STDIO_TEST_SECRET` when
+that is set (so tests can check that secrets are redacted in mcpxd's log).
+
+`--stubborn` is the fault: it ignores SIGTERM and, when stdin closes, keeps running until it is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+from mcp.server.mcpserver import MCPServer
+
+# The protocol's stdout, kept before the SDK diverts fd 1 to stderr (it guards the wire against stray prints).
+_WIRE = os.dup(1)
+
+
+def build(name: str) -> MCPServer:
+    server: MCPServer = MCPServer(name, log_level="WARNING")
+
+    @server.tool()
+    def echo(text: str) -> str:
+        """Echo the text back, prefixed with the server's name."""
+        return f"{name}:{text}"
+
+    @server.tool()
+    def env_names() -> list[str]:
+        """The names of the process's environment variables."""
+        return sorted(os.environ)
+
+    @server.tool()
+    def env_value(variable: str) -> str:
+        """The value of one environment variable ('' when unset)."""
+        return os.environ.get(variable, "")
+
+    @server.tool()
+    def where() -> str:
+        """The working directory."""
+        return os.getcwd()
+
+    @server.tool()
+    def pid() -> int:
+        """The process id."""
+        return os.getpid()
+
+    @server.tool()
+    def say(text: str) -> str:
+        """Write the text to stderr as one line."""
+        print(text, file=sys.stderr, flush=True)
+        return "said"
+
+    @server.tool()
+    def garbage(size: int = 0) -> str:
+        """Write one line that is not JSON-RPC to stdout (`size` bytes long when given) before the answer."""
+        os.write(_WIRE, (b"x" * size if size else b"this is not JSON-RPC {") + b"\n")
+        return "after garbage"
+
+    @server.tool()
+    def crash(status: int) -> str:
+        """End the process at once with `status`."""
+        print(f"{name} crashing with {status}", file=sys.stderr, flush=True)
+        os._exit(status)
+
+    return server
+
+
+def main() -> None:
+    name = sys.argv[1]
+    stubborn = "--stubborn" in sys.argv[2:]
+    if stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    secret = os.environ.get("STDIO_TEST_SECRET")
+    print(f"{name} started" + (f" with secret {secret}" if secret else ""), file=sys.stderr, flush=True)
+    build(name).run("stdio")
+    if stubborn:
+        print(f"{name} ignores the end of stdin", file=sys.stderr, flush=True)
+        threading.Event().wait()  # until SIGKILL
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""StdioSession driven directly against a real SDK stdio server (tests/support/stdio_server.py) as a child
+process: spawn, calls, the minimal environment, stderr, garbage on stdout, death, and the stop sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from mcpx.config.model import UpstreamConfig
+from mcpx.errors import UpstreamUnavailable
+from mcpx.jsonrpc import Message
+from mcpx.redact import redact
+from mcpx.upstream import stdio
+from mcpx.upstream.stdio import INHERITED, StdioSession, child_environment
+
+SERVER = str(Path(__file__).parent / "support" / "stdio_server.py")
+
+
+class Client:
+    """The client side of the session: collects the server's notifications, refuses its requests."""
+
+    agent: object = None
+
+    def __init__(self) -> None:
+        self.notifications: list[Message] = []
+
+    def notify(self, message: Message) -> None:
+        self.notifications.append(message)
+
+    async def ask(self, method: str, params: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+        return {"error": {"code": -32601, "message": f"{method} not supported here"}}
+
+
+class Lost:
+    """The session's `on_lost`: an event and the reason."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reasons: list[str] = []
+
+    def __call__(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.event.set()
+
+
+def config(*server_args: str, name: str = "local", **fields: Any) -> UpstreamConfig:
+    return UpstreamConfig(name=name, command=sys.executable, args=(SERVER, name, *server_args), **fields)
+
+
+@asynccontextmanager
+async def session(
+    upstream: UpstreamConfig, *, max_message_bytes: int = 1 << 20, lost: Lost | None = None
+) -> AsyncIterator[StdioSession]:
+    opened = StdioSession(upstream, max_message_bytes=max_message_bytes, client=Client(), on_lost=lost or Lost())
+    async with asyncio.timeout(30):
+        await opened.connect()
+    try:
+        yield opened
+    finally:
+        async with asyncio.timeout(30):
+            await opened.close()
+
+
+async def call(opened: StdioSession, tool: str, **arguments: Any) -> Any:
+    result = await opened.request("tools/call", {"name": tool, "arguments": arguments}, timeout=20)
+    assert isinstance(result, dict)
+    assert not result.get("isError"), result
+    structured = result.get("structuredContent")
+    if isinstance(structured, dict) and "result" in structured:
+        return structured["result"]
+    return result["content"][0]["text"]
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture
+def quick_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stdio, "STDIN_GRACE", 0.5)
+    monkeypatch.setattr(stdio, "TERM_GRACE", 0.5)
+
+
+async def test_handshake_list_and_call_then_stdin_close_stops_it() -> None:
+    with capture_logs() as logs:
+        async with session(config()) as opened:
+            assert opened.server_info["name"] == "local"
+            tools = await opened.request("tools/list", None, timeout=20)
+            assert {"echo", "crash", "env_names"} <= {tool["name"] for tool in tools["tools"]}
+            assert await call(opened, "echo", text="hi") == "local:hi"
+            pid = opened.pid
+            assert pid is not None
+    assert gone(pid)
+    stopped = [event for event in logs if event["event"] == "stdio server stopped"]
+    assert [(event["by"], event["status"]) for event in stopped] == [("stdin closed", "exited with status 0")]
+    started = [event for event in logs if event["event"] == "stdio server started"]
+    assert started[0]["pid"] == pid
+
+
+async def test_the_child_gets_a_minimal_environment_plus_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MCPX_TEST_CANARY", "canary-value-that-must-not-leak")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-children")
+    monkeypatch.setenv("LC_TIME", "C")
+    monkeypatch.setenv("FROM_DAEMON", "daemon-value")
+    upstream = config(env={"GREETING": "hello ${FROM_DAEMON}", "PLAIN": "1"}, cwd=tmp_path)
+    async with session(upstream) as opened:
+        names = set(await call(opened, "env_names"))
+        assert await call(opened, "env_value", variable="GREETING") == "hello daemon-value"
+        assert await call(opened, "where") == str(tmp_path)
+    assert {"GREETING", "PLAIN", "LC_TIME", "PATH"} <= names
+    assert "MCPX_TEST_CANARY" not in names
+    assert "AWS_SECRET_ACCESS_KEY" not in names
+    # Python itself may add a variable or two at start-up (e.g. LC_CTYPE coercion); nothing else arrives.
+    unexpected = {name for name in names - INHERITED - {"GREETING", "PLAIN"} if not name.startswith("LC_")}
+    assert unexpected == set()
+
+
+def test_secret_looking_env_values_are_registered_with_the_redactor() -> None:
+    environ = {"PATH": "/bin", "GITHUB_TOKEN": "ghp-from-the-daemon-environment", "WHERE": "/srv/data"}
+    upstream = config(
+        env={
+            "API_KEY": "plain-key-value",  # a secret name
+            "OPAQUE": "a1b2c3d4e5f6g7h8i9j0",  # a token's shape
+            "HEADER": "Bearer ${GITHUB_TOKEN}",  # takes a secret-named variable
+            "DATA_DIR": "${WHERE}/x",  # neither
+        }
+    )
+    env = child_environment(upstream, environ)
+    assert env["HEADER"] == "Bearer ghp-from-the-daemon-environment"
+    assert env["DATA_DIR"] == "/srv/data/x"
+    assert set(env) == {"PATH", "API_KEY", "OPAQUE", "HEADER", "DATA_DIR"}
+    for secret in ("plain-key-value", "a1b2c3d4e5f6g7h8i9j0", "ghp-from-the-daemon-environment"):
+        assert secret not in redact(f"x {secret} y")
+    assert redact("/srv/data/x") == "/srv/data/x"
+
+
+async def test_an_unset_variable_in_env_is_named() -> None:
+    upstream = config(env={"TOKEN": "${MCPX_TEST_SURELY_UNSET}"})
+    opened = StdioSession(upstream, max_message_bytes=1 << 20, client=Client(), on_lost=Lost())
+    with pytest.raises(UpstreamUnavailable, match="MCPX_TEST_SURELY_UNSET"):
+        await opened.connect()
+
+
+async def test_a_missing_command_or_cwd_is_reported() -> None:
+    missing = UpstreamConfig(name="nope", command="mcpx-test-no-such-command")
+    opened = StdioSession(missing, max_message_bytes=1 << 20, client=Client(), on_lost=Lost())
+    with pytest.raises(UpstreamUnavailable, match="cannot start 'mcpx-test-no-such-command'"):
+        await opened.connect()
+    nowhere = config(cwd=Path("/nonexistent-mcpx-test-dir"))
+    opened = StdioSession(nowhere, max_message_bytes=1 << 20, client=Client(), on_lost=Lost())
+    with pytest.raises(UpstreamUnavailable, match="nonexistent-mcpx-test-dir is not a directory"):
+        await opened.connect()
+
+
+async def test_stderr_lines_are_logged_with_the_upstream_name() -> None:
+    with capture_logs() as logs:
+        async with session(config()) as opened:
+            await call(opened, "say", text="hello from stderr")
+            await call(opened, "echo", text="x")
+    lines = [event["line"] for event in logs if event["event"] == "stdio server stderr"]
+    assert "local started" in lines
+    assert "hello from stderr" in lines
+    assert all(event["upstream"] == "local" for event in logs if event["event"] == "stdio server stderr")
+
+
+async def test_a_garbage_line_and_an_oversized_line_are_skipped_and_the_session_goes_on() -> None:
+    lost = Lost()
+    with capture_logs() as logs:
+        async with session(config(), max_message_bytes=64 * 1024, lost=lost) as opened:
+            assert await call(opened, "garbage") == "after garbage"
+            assert await call(opened, "garbage", size=200_000) == "after garbage"
+            assert await call(opened, "echo", text="still") == "local:still"
+    assert not lost.reasons
+    events = [event["event"] for event in logs]
+    assert "upstream sent something that is not JSON-RPC" in events
+    assert "stdio server sent a message over the size limit; skipped" in events
+
+
+async def test_a_crash_fails_the_call_in_flight_and_reports_the_loss_with_the_status() -> None:
+    lost = Lost()
+    async with session(config(), lost=lost) as opened:
+        pid = opened.pid
+        with pytest.raises(UpstreamUnavailable) as raised:
+            await opened.request("tools/call", {"name": "crash", "arguments": {"status": 7}}, timeout=20)
+        assert "exited with status 7" in str(raised.value)
+        assert "local crashing with 7" in str(raised.value)  # the last stderr line says why
+        async with asyncio.timeout(10):
+            await lost.event.wait()
+        assert lost.reasons == [raised.value.reason]
+        with pytest.raises(UpstreamUnavailable):
+            await opened.request("tools/list", None, timeout=5)
+        # Connecting again starts a new child.
+        async with asyncio.timeout(30):
+            await opened.connect()
+        assert opened.pid != pid
+        assert await call(opened, "echo", text="again") == "local:again"
+    assert pid is not None and gone(pid)
+
+
+async def test_a_child_that_dies_during_the_handshake_fails_connect_with_its_stderr() -> None:
+    upstream = UpstreamConfig(
+        name="dies",
+        command=sys.executable,
+        args=("-c", "import sys; print('missing API key', file=sys.stderr); sys.exit(3)"),
+    )
+    opened = StdioSession(upstream, max_message_bytes=1 << 20, client=Client(), on_lost=Lost())
+    with pytest.raises(UpstreamUnavailable) as raised:
+        async with asyncio.timeout(20):
+            await opened.connect()
+    assert "exited with status 3" in str(raised.value)
+    assert "missing API key" in str(raised.value)
+    await opened.close()
+
+
+@pytest.mark.usefixtures("quick_stop")
+async def test_a_child_that_ignores_stdin_close_and_sigterm_is_killed() -> None:
+    with capture_logs() as logs:
+        async with session(config("--stubborn")) as opened:
+            assert await call(opened, "echo", text="x") == "local:x"
+            pid = opened.pid
+    assert pid is not None and gone(pid)
+    stopped = [event for event in logs if event["event"] == "stdio server stopped"]
+    assert [(event["by"], event["status"]) for event in stopped] == [("SIGKILL", "was killed by SIGKILL")]
+
+
+@pytest.mark.usefixtures("quick_stop")
+async def test_a_close_cancelled_midway_still_stops_the_child() -> None:
+    opened = StdioSession(config("--stubborn"), max_message_bytes=1 << 20, client=Client(), on_lost=Lost())
+    async with asyncio.timeout(30):
+        await opened.connect()
+    pid = opened.pid
+    assert pid is not None
+    closing = asyncio.ensure_future(opened.close())
+    await asyncio.sleep(0)  # let the close begin (a yield, not a wait for time)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    async with asyncio.timeout(10):
+        await opened.close()  # waits for the stop already under way
+    assert gone(pid)
