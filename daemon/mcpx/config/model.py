@@ -207,6 +207,34 @@ class UpstreamConfig(_Strict):
             raise ValueError("must not carry credentials; use `auth` instead")
         return value
 
+    @field_validator("command", "args")
+    @classmethod
+    def _no_nul(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        items = (value,) if isinstance(value, str) else value or ()
+        if any("\0" in item for item in items):
+            raise ValueError("must not contain a NUL character")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if "\0" in item:
+                raise ValueError(f"the value of {name} contains a NUL character")
+        return value
+
+    @field_validator("cwd")
+    @classmethod
+    def _absolute_cwd(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path (`~` is expanded)")
+        return value
+
     @field_validator("headers")
     @classmethod
     def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
