@@ -109,7 +109,7 @@ async def test_handshake_versions_discover_fallback_and_unknown_methods(sandbox:
         assert reply["result"]["serverInfo"]["name"] == "mcpx"
         await peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
-        for method in ("resources/subscribe", "no/such/method"):
+        for method in ("sampling/createMessage", "no/such/method"):
             assert (await peer.request(method, method, {}))["error"]["code"] == -32601
         # No upstream offers prompts or resources: the lists are empty (and the capabilities are not announced).
         assert (await peer.request("p", "prompts/list", {}))["result"] == {"prompts": []}

@@ -182,9 +182,10 @@ def test_a_missing_name_names_the_upstream_by_position(tmp_path: Path) -> None:
     assert _problems(path) == [f"{path}: upstream #2: name: required field is missing"]
 
 
-def test_a_missing_url_names_the_upstream_and_field(tmp_path: Path) -> None:
+def test_an_upstream_without_url_or_command_names_the_upstream_and_both_fields(tmp_path: Path) -> None:
     path = _write(tmp_path, '[[proxy.upstream]]\nname = "jira"\n')
-    assert _problems(path) == [f"{path}: upstream 'jira': url: required field is missing"]
+    expected = "give exactly one of `url` (a remote server) or `command` (a local stdio server)"
+    assert _problems(path) == [f"{path}: upstream 'jira': {expected}"]
 
 
 def test_a_missing_auth_env_names_the_upstream_and_field(tmp_path: Path) -> None:

@@ -173,3 +173,9 @@ def jsonrpc_error(exc: McpxError) -> dict[str, Any]:
 def tool_error_result(exc: UpstreamError | NeedsLogin) -> dict[str, Any]:
     """The `CallToolResult` an agent receives when the upstream owning a tool cannot run it."""
     return {"content": [{"type": "text", "text": redact(str(exc))}], "isError": True}
+
+
+def unanswered(method: str, why: str, *, code: int = METHOD_NOT_FOUND) -> dict[str, Any]:
+    """The answer (`{"error": …}`) an upstream gets when its request to the client cannot be put to an agent, or the
+    agent did not answer it."""
+    return {"error": {"code": code, "message": redact(f"{method}: {why}")}}

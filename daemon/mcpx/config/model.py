@@ -303,6 +303,8 @@ class DaemonConfig(_Strict):
     connect_timeout: Annotated[float, Field(gt=0, le=600)] = 10.0
     reconnect_initial: Annotated[float, Field(gt=0, le=3600)] = 1.0
     reconnect_max: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # The most items one page of an aggregated list (tools, prompts, resources, templates) carries.
+    list_page_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     # Where OAuth logins are kept: the OS keyring when one answers ("auto"), or always the private state file.
     token_store: Literal["auto", "keyring", "file"] = "auto"
     # One JSON line per tool call in <state dir>/audit.jsonl, rotated by size; arguments only when asked for.

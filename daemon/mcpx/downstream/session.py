@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
@@ -18,6 +19,7 @@ from typing import Any, Final, Protocol
 from mcpx import __version__, jsonrpc
 from mcpx.downstream.peercred import PeerCredentials
 from mcpx.errors import (
+    INTERNAL_ERROR,
     AgentError,
     InvalidParams,
     InvalidRequest,
@@ -28,12 +30,13 @@ from mcpx.errors import (
     UpstreamRpcError,
     jsonrpc_error,
     tool_error_result,
+    unanswered,
 )
 from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
 from mcpx.redact import scrub
 from mcpx.router.router import LIST_METHODS, Router, list_response
-from mcpx.upstream.http import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION
+from mcpx.upstream.peer import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION
 
 _log = get_logger("mcpx.agent")
 
@@ -66,7 +69,11 @@ class AgentSession:
         self.initialized = False
         self.client_info: dict[str, Any] = {}
         self.protocol_version: str | None = None
+        self._client_capabilities: dict[str, Any] = {}
         self._in_flight: dict[RequestId, asyncio.Task[None]] = {}
+        # mcpx's own requests to the agent (an upstream's elicitation, sampling, roots) awaiting its answer
+        self._asks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ask_ids = itertools.count(1)
         self._closed = False
 
     # --- input ---------------------------------------------------------------------------------------------------
@@ -75,11 +82,11 @@ class AgentSession:
         try:
             message = jsonrpc.validate_message(jsonrpc.loads(line))
         except AgentError as exc:
-            self._send_message(jsonrpc.error_response(None, jsonrpc_error(exc)))
+            self.send_message(jsonrpc.error_response(None, jsonrpc_error(exc)))
             return
         method = message.get("method")
         if method is None:
-            _log.debug("ignoring a response from the agent", id=message.get("id"))
+            self._on_answer(message)
         elif "id" in message:
             self._on_request(message["id"], method, message.get("params") or {})
         else:
@@ -87,41 +94,43 @@ class AgentSession:
 
     def on_oversized(self, limit: int) -> None:
         error = InvalidRequest(f"message larger than the {limit}-byte limit was dropped")
-        self._send_message(jsonrpc.error_response(None, jsonrpc_error(error)))
+        self.send_message(jsonrpc.error_response(None, jsonrpc_error(error)))
 
     def close(self) -> None:
         """The connection is gone: stop its calls and its notifications."""
         self._closed = True
         self._router.unsubscribe(self._on_catalog_changed)
+        if self.initialized:
+            self._router.agent_left(self)
         for task in self._in_flight.values():
             task.cancel()
         self._in_flight.clear()
+        for future in self._asks.values():
+            future.cancel()
+        self._asks.clear()
 
     # --- requests ------------------------------------------------------------------------------------------------
 
     def _on_request(self, request_id: RequestId, method: str, params: dict[str, Any]) -> None:
         if request_id in self._in_flight:
             error = InvalidRequest(f"request id {request_id!r} is already in use by a request in flight")
-            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
+            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
             return
         try:
             if method == "tools/call":
                 self._spawn(request_id, self._call_tool(request_id, params))
             elif method in LIST_METHODS:
                 if self._router.settled:
-                    self._send(list_response(request_id, method, self._router))
+                    self._send(list_response(request_id, method, self._router, params.get("cursor")))
                 else:
-                    self._spawn(request_id, self._list_when_settled(request_id, method))
-            elif method == "resources/read":
-                self._spawn(request_id, self._forward(request_id, self._router.read_resource(params)))
-            elif method == "prompts/get":
-                self._spawn(request_id, self._forward(request_id, self._router.get_prompt(params)))
-            elif method == "completion/complete":
-                self._spawn(request_id, self._forward(request_id, self._router.complete(params)))
+                    self._spawn(request_id, self._list_when_settled(request_id, method, params.get("cursor")))
+            elif method in self._ROUTED:
+                call = getattr(self._router, self._ROUTED[method])(params, self)
+                self._spawn(request_id, self._forward(request_id, call))
             elif method == "logging/setLevel":
                 if not isinstance(params.get("level"), str):
                     raise InvalidParams('logging/setLevel needs a string "level"')
-                self._spawn(request_id, self._forward(request_id, self._router.set_log_level(params)))
+                self._spawn(request_id, self._forward(request_id, self._router.set_log_level(params, self)))
             elif method == "ping":
                 self._reply(request_id, {})
             elif method == "initialize":
@@ -160,37 +169,55 @@ class AgentSession:
             else:
                 raise MethodNotFound(f"method not found: {method}")
         except McpxError as exc:
-            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+
+    # Agent requests answered by one router method, called with (params, this session).
+    _ROUTED: Final = {
+        "resources/read": "read_resource",
+        "resources/subscribe": "subscribe_resource",
+        "resources/unsubscribe": "unsubscribe_resource",
+        "prompts/get": "get_prompt",
+        "completion/complete": "complete",
+    }
 
     def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
         requested = params.get("protocolVersion")
         self.protocol_version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE_VERSION
-        client_info = params.get("clientInfo")
+        client_info, capabilities = params.get("clientInfo"), params.get("capabilities")
         self.client_info = client_info if isinstance(client_info, dict) else {}
+        self._client_capabilities = capabilities if isinstance(capabilities, dict) else {}
         if not self.initialized:
             self.initialized = True
             self._router.subscribe(self._on_catalog_changed)
+            self._router.agent_joined(self)
             _log.info("agent connected", client=self.client_info.get("name"), pid=self.peer.pid)
-        return {
+        result: dict[str, Any] = {
             "protocolVersion": self.protocol_version,
             "capabilities": self._router.capabilities(),
             "serverInfo": {"name": "mcpx", "version": __version__},
         }
+        instructions = self._router.instructions()
+        if instructions is not None:
+            result["instructions"] = instructions
+        return result
 
     async def _initialize_when_settled(self, request_id: RequestId, params: dict[str, Any]) -> None:
         await self._router.wait_settled(self._router.config.daemon.connect_timeout)
         self._reply(request_id, self._initialize(params))
 
-    async def _list_when_settled(self, request_id: RequestId, method: str) -> None:
+    async def _list_when_settled(self, request_id: RequestId, method: str, cursor: object) -> None:
         await self._router.wait_settled(self._router.config.daemon.connect_timeout)
-        self._send(list_response(request_id, method, self._router))
+        try:
+            self._send(list_response(request_id, method, self._router, cursor))
+        except AgentError as exc:
+            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
 
     async def _forward(self, request_id: RequestId, call: Awaitable[Any]) -> None:
         """Answer with the upstream's result, or with its JSON-RPC error, or with mcpx's own error."""
         try:
             result = await call
         except McpxError as exc:
-            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
         else:
             self._reply(request_id, {} if result is None else result)
 
@@ -198,10 +225,10 @@ class AgentSession:
         started = time.monotonic()
         outcome, result = "cancelled", None
         try:
-            result = await self._router.call_tool(params, self._send_message)
+            result = await self._router.call_tool(params, self)
         except UpstreamRpcError as exc:
             outcome = "upstream_rpc_error"
-            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
         except NeedsLogin as exc:
             outcome = "needs_login"
             self._reply(request_id, tool_error_result(exc))
@@ -210,7 +237,7 @@ class AgentSession:
             self._reply(request_id, tool_error_result(exc))
         except AgentError as exc:
             outcome = "agent_error"
-            self._send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
         else:
             outcome = "ok"
             self._reply(request_id, result)
@@ -247,11 +274,56 @@ class AgentSession:
             except Exception:  # noqa: BLE001 - task top: one bad request must not end the session
                 _log.exception("request failed unexpectedly", id=request_id)
                 error = {"code": -32603, "message": "internal error in mcpx (see the daemon log)"}
-                self._send_message(jsonrpc.error_response(request_id, error))
+                self.send_message(jsonrpc.error_response(request_id, error))
             finally:
                 self._in_flight.pop(request_id, None)
 
         self._in_flight[request_id] = asyncio.get_running_loop().create_task(run())
+
+    # --- mcpx's requests to the agent (an upstream's elicitation, sampling and roots requests) --------------------
+
+    @property
+    def client_capabilities(self) -> dict[str, Any]:
+        return self._client_capabilities
+
+    async def ask(self, method: str, params: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+        """Put a request to the agent under an id of mcpx's own; its answer (result or error) comes back as is."""
+        if self._closed:
+            return unanswered(method, "the agent has disconnected", code=INTERNAL_ERROR)
+        request_id = f"mcpx-{next(self._ask_ids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._asks[request_id] = future
+        self.send_message(jsonrpc.request(request_id, method, params))
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            self._cancel_ask(request_id, "timed out")
+            return unanswered(method, f"the agent did not answer within {timeout:g} s", code=INTERNAL_ERROR)
+        except asyncio.CancelledError:
+            self._cancel_ask(request_id, "cancelled by the server")
+            raise
+        finally:
+            self._asks.pop(request_id, None)
+
+    def _cancel_ask(self, request_id: str, reason: str) -> None:
+        if not self._closed:
+            self.send_message(
+                jsonrpc.notification("notifications/cancelled", {"requestId": request_id, "reason": reason})
+            )
+
+    def _on_answer(self, message: Message) -> None:
+        future = self._asks.get(message["id"]) if isinstance(message.get("id"), str) else None
+        if future is None or future.done():
+            _log.debug("ignoring a response to no request of mcpx", id=message.get("id"))
+        elif isinstance(message.get("error"), dict):
+            future.set_result({"error": message["error"]})
+        elif "result" in message:
+            future.set_result({"result": message["result"]})
+        else:
+            future.set_result(
+                unanswered("response", "the agent answered with neither result nor error", code=INTERNAL_ERROR)
+            )
 
     # --- notifications -------------------------------------------------------------------------------------------
 
@@ -261,6 +333,8 @@ class AgentSession:
             task = self._in_flight.pop(request_id, None) if jsonrpc.is_request_id(request_id) else None  # type: ignore[arg-type]
             if task is not None:
                 task.cancel()  # MCP: no response is sent for a cancelled request
+        elif method == "notifications/roots/list_changed":
+            self._router.roots_changed(self)
         elif method != "notifications/initialized":
             _log.debug("agent notification ignored", method=method)
 
@@ -271,8 +345,27 @@ class AgentSession:
     # --- output --------------------------------------------------------------------------------------------------
 
     def _reply(self, request_id: RequestId, result: Any) -> None:
-        self._send_message(jsonrpc.result_response(request_id, result))
+        self.send_message(jsonrpc.result_response(request_id, result))
 
-    def _send_message(self, message: Message) -> None:
+    def send_message(self, message: Message) -> None:
         if not self._closed:
             self._send(scrub(jsonrpc.dumps(message)))
+
+    async def drain(self, timeout: float) -> int:
+        """The daemon is stopping (the caller no longer hands this session new requests): wait up to `timeout`
+        seconds for the requests in flight, then cancel those still running and answer each with a JSON-RPC error,
+        so that no request goes unanswered. Returns how many were cut short."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._in_flight and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._in_flight.values()), timeout=left)
+        cut = list(self._in_flight.items())
+        for _, task in cut:
+            task.cancel()
+        if cut:
+            await asyncio.wait([task for _, task in cut], timeout=1.0)
+        error = jsonrpc_error(McpxError(f"mcpx is stopping and this request did not finish within {timeout:g} s"))
+        for request_id, _ in cut:
+            if not self._closed:
+                self._send(scrub(jsonrpc.dumps(jsonrpc.error_response(request_id, error))))
+        return len(cut)

@@ -98,6 +98,8 @@ def exposed_uri(config: UpstreamConfig, uri: str) -> str:
 
 @dataclass(frozen=True)
 class ResourceCatalog:
+    resources: tuple[dict[str, Any], ...] = ()
+    templates: tuple[dict[str, Any], ...] = ()
     resources_json: bytes = b"[]"
     templates_json: bytes = b"[]"
     # upstreams with `namespace = false` that offer resources, in config order
@@ -143,9 +145,80 @@ def build_resource_catalog(
     collisions = {uri: tuple(names) for uri, names in claims.items() if len(names) > 1}
     resources = [resource for uri, resource in entries if uri is None or uri not in collisions]
     return ResourceCatalog(
+        tuple(resources),
+        tuple(templates),
         scrub(jsonrpc.dumps(resources)),
         scrub(jsonrpc.dumps(templates)),
         tuple(plain_upstreams),
         {uri: names[0] for uri, names in claims.items() if len(names) == 1},
         collisions,
     )
+
+
+def expose_content_uris(config: UpstreamConfig, result: Any) -> Any:
+    """`result` (a tool result or a prompt) with the URIs of its `resource_link` and embedded `resource` content
+    exposed as agents read them back (`exposed_uri`); `result` itself when nothing needed it.
+
+    Only a namespaced upstream's URIs change. Content is found where MCP puts it: `content` (tool results) and
+    `messages[].content` (prompts); every other field stays as it is.
+    """
+    if not config.namespace or not isinstance(result, dict):
+        return result
+    changed = False
+
+    def expose(item: Any) -> Any:
+        nonlocal changed
+        if not isinstance(item, dict):
+            return item
+        if item.get("type") == "resource_link" and isinstance(item.get("uri"), str):
+            changed = True
+            return {**item, "uri": exposed_uri(config, item["uri"])}
+        resource = item.get("resource")
+        if item.get("type") == "resource" and isinstance(resource, dict) and isinstance(resource.get("uri"), str):
+            changed = True
+            return {**item, "resource": {**resource, "uri": exposed_uri(config, resource["uri"])}}
+        return item
+
+    content = result.get("content")
+    if isinstance(content, list):
+        result = {**result, "content": [expose(item) for item in content]}
+    messages = result.get("messages")
+    if isinstance(messages, list):
+        result = {
+            **result,
+            "messages": [
+                {**message, "content": expose(message["content"])}
+                if isinstance(message, dict) and "content" in message
+                else message
+                for message in messages
+            ],
+        }
+    return result if changed else None
+
+
+# --- pagination of the aggregated lists -------------------------------------------------------------------------
+# An agent's list request is answered from pre-serialized pages. The cursor names the catalog's generation and
+# the page, so a cursor from before a catalog change is refused (-32602) instead of skipping or repeating items.
+
+
+def paginate(items: Sequence[Any], serialized: bytes, page_size: int) -> tuple[bytes, ...]:
+    """The serialized pages of `items` (at least one, possibly empty), secrets scrubbed; `serialized` is the
+    whole list, already serialized (the one page of a short list)."""
+    if len(items) <= page_size:
+        return (serialized,)
+    return tuple(
+        scrub(jsonrpc.dumps(list(items[start : start + page_size]))) for start in range(0, len(items), page_size)
+    )
+
+
+def page_cursor(generation: int, page: int) -> str:
+    return f"{generation}.{page}"
+
+
+def page_of(cursor: str, generation: int, pages: int) -> int | None:
+    """The page a cursor names, or None when it is not one of this generation's cursors."""
+    stamp, separator, number = cursor.partition(".")
+    if not separator or stamp != str(generation) or not number.isdigit():
+        return None
+    page = int(number)
+    return page if 0 < page < pages else None

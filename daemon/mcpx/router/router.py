@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from mcpx import jsonrpc
 from mcpx.audit import AuditLog
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.config.model import Config, UpstreamConfig
-from mcpx.errors import InvalidParams
+from mcpx.errors import InvalidParams, unanswered
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.router.catalog import (
@@ -26,11 +26,23 @@ from mcpx.router.catalog import (
     ToolRoute,
     build_catalog,
     build_resource_catalog,
+    expose_content_uris,
     exposed_uri,
+    page_cursor,
+    page_of,
+    paginate,
 )
 from mcpx.upstream.h1 import HttpClient
-from mcpx.upstream.http import NotificationHandler
-from mcpx.upstream.supervisor import LISTS, PROMPTS, RESOURCES, TEMPLATES, TOOLS, ManagedUpstream, UpstreamState
+from mcpx.upstream.supervisor import (
+    LISTS,
+    PROMPTS,
+    RESOURCES,
+    TEMPLATES,
+    TOOLS,
+    AgentUpstream,
+    ManagedUpstream,
+    UpstreamState,
+)
 
 _log = get_logger("mcpx.router")
 
@@ -38,6 +50,32 @@ _AUDIT_SETTINGS = {"audit", "audit_arguments", "audit_max_bytes", "audit_backups
 
 # Called with "tools", "prompts" or "resources" when that catalog changed.
 CatalogListener = Callable[[str], None]
+
+# The client capability each server→client request needs (protocol 2025-11-25 `client/*`).
+_NEEDED_CAPABILITY: Final = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+
+
+# URL-mode elicitations whose completion notification mcpx still routes; the oldest is forgotten beyond this.
+_MAX_OPEN_ELICITATIONS: Final = 1000
+
+
+class Agent(Protocol):
+    """An agent session as the router sees it (implemented by `downstream.session.AgentSession`)."""
+
+    @property
+    def client_capabilities(self) -> dict[str, Any]: ...
+
+    def send_message(self, message: Message) -> None:
+        """Deliver a notification to the agent (scrubbed on the way out)."""
+        ...
+
+    async def ask(self, method: str, params: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+        """Put a request to the agent: `{"result": …}` or `{"error": …}`."""
+        ...
 
 
 class Router:
@@ -54,6 +92,17 @@ class Router:
         self._settled = False
         self._state_dir = state_dir
         self.audit: AuditLog | None = None
+        # Connected agents, the most recently joined last; and the agent that last called each upstream.
+        self._agents: dict[Agent, None] = {}
+        self._last_caller: dict[str, Agent] = {}
+        self._private: dict[tuple[Agent, str], AgentUpstream] = {}
+        # (upstream, its own URI) → the agents subscribed to it through a shared session
+        self._subscriptions: dict[tuple[str, str], set[Agent]] = {}
+        # (upstream, elicitationId) of a URL-mode elicitation → the agent that was asked (for its completion)
+        self._elicitations: dict[tuple[str, str], Agent] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._generation = 0
+        self._pages: dict[str, tuple[bytes, ...]] = dict.fromkeys(LISTS, (b"[]",))
 
     async def start(self) -> None:
         self._http = HttpClient(connect_timeout=self.config.daemon.connect_timeout)
@@ -89,7 +138,20 @@ class Router:
             self._settled = all(upstream.first_attempt_done.is_set() for upstream in self.upstreams.values())
         return self._settled
 
+    def pages(self, kind: str) -> tuple[bytes, ...]:
+        """The serialized pages of one aggregated list (`LISTS` kind)."""
+        return self._pages[kind]
+
+    @property
+    def generation(self) -> int:
+        """Grows each time a catalog changes (it stamps list cursors)."""
+        return self._generation
+
     async def stop(self) -> None:
+        private, self._private = list(self._private.values()), {}
+        await asyncio.gather(*(session.close() for session in private))
+        for task in list(self._background):
+            task.cancel()
         await asyncio.gather(*(upstream.stop() for upstream in self.upstreams.values()))
         self.upstreams.clear()
         if self._http is not None:
@@ -102,7 +164,7 @@ class Router:
 
     def _add(self, upstream_config: UpstreamConfig) -> None:
         assert self._http is not None
-        upstream = ManagedUpstream(upstream_config, self.config.daemon, self._http, self.oauth, self._rebuild_catalog)
+        upstream = ManagedUpstream(upstream_config, self.config.daemon, self._http, self.oauth, self)
         self.upstreams[upstream_config.name] = upstream
         self._settled = False
         upstream.start()
@@ -127,7 +189,10 @@ class Router:
         if audit_changed:
             self._open_audit()
         stopping = [self.upstreams.pop(name) for name in (*removed, *changed)]
-        await asyncio.gather(*(upstream.stop() for upstream in stopping))
+        private = [self._private.pop(key) for key in list(self._private) if key[1] in removed or key[1] in changed]
+        for key in [key for key in self._subscriptions if key[0] in removed or key[0] in changed]:
+            del self._subscriptions[key]
+        await asyncio.gather(*(session.close() for session in private), *(upstream.stop() for upstream in stopping))
         for name, upstream_config in new.items():
             if name in added or name in changed:
                 self._add(upstream_config)
@@ -169,14 +234,24 @@ class Router:
         ):
             changed.append(RESOURCES)
         self.catalog, self.prompts, self.resources = catalog, prompts, resources
+        if changed:
+            self._generation += 1
+            size = self.config.daemon.list_page_size
+            self._pages = {
+                TOOLS: paginate(catalog.items, catalog.items_json, size),
+                PROMPTS: paginate(prompts.items, prompts.items_json, size),
+                RESOURCES: paginate(resources.resources, resources.resources_json, size),
+                TEMPLATES: paginate(resources.templates, resources.templates_json, size),
+            }
         for kind in changed:
             for listener in list(self._listeners):
                 listener(kind)
 
     # --- calls ---------------------------------------------------------------------------------------------------
 
-    async def call_tool(self, params: dict[str, Any], send_to_agent: Callable[[Message], None]) -> Any:
-        """Route `tools/call` to the owning upstream under the tool's original name; return the result as is.
+    async def call_tool(self, params: dict[str, Any], agent: Agent) -> Any:
+        """Route `tools/call` to the owning upstream under the tool's original name; return the result as is
+        (resource URIs in it exposed where the agent needs them to read them back).
 
         Raises:
             InvalidParams: no such tool in the catalog (MCP: unknown tool is a protocol error, -32602).
@@ -184,40 +259,35 @@ class Router:
         """
         route = await self._route(TOOLS, params.get("name"))
         forwarded = {**params, "name": route.tool}
-        on_related = self._relay_related(forwarded, send_to_agent)
-        return await self.upstreams[route.upstream].request("tools/call", forwarded, on_related, forward_raw=True)
+        return await self._call(route.upstream, "tools/call", forwarded, agent)
 
-    async def get_prompt(self, params: dict[str, Any]) -> Any:
+    async def get_prompt(self, params: dict[str, Any], agent: Agent) -> Any:
         """Route `prompts/get` like a tool call; the result comes back as the upstream wrote it."""
         route = await self._route(PROMPTS, params.get("name"))
-        forwarded = {**params, "name": route.tool}
-        return await self.upstreams[route.upstream].request("prompts/get", forwarded, None, forward_raw=True)
+        return await self._call(route.upstream, "prompts/get", {**params, "name": route.tool}, agent)
 
-    async def complete(self, params: dict[str, Any]) -> Any:
-        """Route `completion/complete` for a prompt argument to the prompt's upstream."""
+    async def complete(self, params: dict[str, Any], agent: Agent) -> Any:
+        """Route `completion/complete` to the upstream of the prompt or resource template it completes."""
         ref = params.get("ref")
-        if not isinstance(ref, dict) or ref.get("type") != "ref/prompt":
-            raise InvalidParams("completion/complete: mcpx completes prompt arguments (ref/prompt) only")
-        route = await self._route(PROMPTS, ref.get("name"))
-        forwarded = {**params, "ref": {**ref, "name": route.tool}}
-        return await self.upstreams[route.upstream].request("completion/complete", forwarded, None, forward_raw=True)
+        kind = ref.get("type") if isinstance(ref, dict) else None
+        if not isinstance(ref, dict) or kind not in ("ref/prompt", "ref/resource"):
+            raise InvalidParams('completion/complete needs a "ref" of type ref/prompt or ref/resource')
+        if kind == "ref/prompt":
+            route = await self._route(PROMPTS, ref.get("name"))
+            forwarded = {**params, "ref": {**ref, "name": route.tool}}
+        else:
+            route = await self._resource_route(ref.get("uri"), "completion/complete")
+            forwarded = {**params, "ref": {**ref, "uri": route.tool}}
+        return await self._call(route.upstream, "completion/complete", forwarded, agent, expose=False)
 
-    async def read_resource(self, params: dict[str, Any]) -> Any:
+    async def read_resource(self, params: dict[str, Any], agent: Agent) -> Any:
         """Route `resources/read` by URI (see `catalog.ResourceCatalog.route`); the contents name the URI the agent
         asked for."""
-        uri = params.get("uri")
-        if not isinstance(uri, str):
-            raise InvalidParams('resources/read needs a string "uri"')
-        if not self.settled:
-            await self.wait_settled(self.config.daemon.connect_timeout)
-        namespaced = [name for name, upstream in self.upstreams.items() if upstream.config.namespace]
-        route = self.resources.route(uri, namespaced)
-        if route is None:
-            raise InvalidParams(f"unknown resource: {uri} (use a URI from resources/list or a template)")
+        route = await self._resource_route(params.get("uri"), "resources/read")
         upstream = self.upstreams[route.upstream]
         if not upstream.config.namespace:
-            return await upstream.request("resources/read", params, None, forward_raw=True)
-        result = await upstream.request("resources/read", {**params, "uri": route.tool}, None)
+            return await self._call(route.upstream, "resources/read", params, agent, expose=False)
+        result = await self._call(route.upstream, "resources/read", {**params, "uri": route.tool}, agent, raw=False)
         contents = result.get("contents") if isinstance(result, dict) else None
         if isinstance(contents, list):
             result = {
@@ -231,12 +301,43 @@ class Router:
             }
         return result
 
-    async def set_log_level(self, params: dict[str, Any]) -> None:
-        """Fan `logging/setLevel` out to every ready upstream that offers logging (shared upstreams share it)."""
-        targets = [
+    async def subscribe_resource(self, params: dict[str, Any], agent: Agent) -> None:
+        """`resources/subscribe`: a shared upstream is asked once per URI, whatever the number of agents; its
+        `notifications/resources/updated` then reaches the subscribed agents only."""
+        route = await self._resource_route(params.get("uri"), "resources/subscribe")
+        forwarded = {**params, "uri": route.tool}
+        if not self.upstreams[route.upstream].config.shared:
+            await self._call(route.upstream, "resources/subscribe", forwarded, agent, raw=False)
+            return
+        subscribers = self._subscriptions.get((route.upstream, route.tool))
+        if not subscribers:
+            await self._call(route.upstream, "resources/subscribe", forwarded, agent, raw=False)
+            subscribers = self._subscriptions.setdefault((route.upstream, route.tool), set())
+        subscribers.add(agent)
+
+    async def unsubscribe_resource(self, params: dict[str, Any], agent: Agent) -> None:
+        route = await self._resource_route(params.get("uri"), "resources/unsubscribe")
+        forwarded = {**params, "uri": route.tool}
+        if not self.upstreams[route.upstream].config.shared:
+            await self._call(route.upstream, "resources/unsubscribe", forwarded, agent, raw=False)
+            return
+        subscribers = self._subscriptions.get((route.upstream, route.tool), set())
+        subscribers.discard(agent)
+        if not subscribers and self._subscriptions.pop((route.upstream, route.tool), None) is not None:
+            await self._call(route.upstream, "resources/unsubscribe", forwarded, agent, raw=False)
+
+    async def set_log_level(self, params: dict[str, Any], agent: Agent) -> None:
+        """Fan `logging/setLevel` out to every ready upstream that offers logging (shared upstreams share it) and
+        to the agent's own sessions."""
+        targets: list[ManagedUpstream | AgentUpstream] = [
             upstream
             for upstream in self.upstreams.values()
             if upstream.state is UpstreamState.READY and "logging" in upstream.session.capabilities
+        ]
+        targets += [
+            private
+            for (owner, _), private in self._private.items()
+            if owner is agent and private.session is not None and "logging" in private.session.capabilities
         ]
         outcomes = await asyncio.gather(
             *(upstream.request("logging/setLevel", params, None) for upstream in targets), return_exceptions=True
@@ -245,21 +346,196 @@ class Router:
             if isinstance(outcome, Exception):
                 _log.debug("logging/setLevel failed upstream", upstream=upstream.name, error=str(outcome))
 
+    def roots_changed(self, agent: Agent) -> None:
+        """An agent's `notifications/roots/list_changed` reaches the upstreams that asked for roots: shared ones
+        (they may have asked any agent) and the agent's own sessions."""
+        sessions = [upstream.session for upstream in self.upstreams.values() if upstream.state is UpstreamState.READY]
+        sessions += [
+            private.session for (owner, _), private in self._private.items() if owner is agent and private.session
+        ]
+        for session in sessions:
+            if session.asked_roots:
+                self._spawn(session.notify("notifications/roots/list_changed"), session.name)
+
     def capabilities(self) -> dict[str, Any]:
         """What agents are offered: tools always, the rest when an upstream offers it."""
-        offered: set[str] = set()
+        offered: dict[str, Any] = {}
         for upstream in self.upstreams.values():
-            offered.update(upstream.session.capabilities)
+            for name, value in upstream.session.capabilities.items():
+                if isinstance(value, dict) and isinstance(offered.get(name), dict):
+                    offered[name] = {**offered[name], **value}
+                else:
+                    offered.setdefault(name, value)
         capabilities: dict[str, Any] = {"tools": {"listChanged": True}}
         if "prompts" in offered:
             capabilities["prompts"] = {"listChanged": True}
-        if "prompts" in offered and "completions" in offered:
+        if "completions" in offered:
             capabilities["completions"] = {}
         if "logging" in offered:
             capabilities["logging"] = {}
-        if "resources" in offered:
-            capabilities["resources"] = {"listChanged": True}
+        resources = offered.get("resources")
+        if resources is not None:
+            subscribe = isinstance(resources, dict) and resources.get("subscribe") is True
+            capabilities["resources"] = {"listChanged": True, **({"subscribe": True} if subscribe else {})}
         return capabilities
+
+    def instructions(self) -> str | None:
+        """The upstreams' `instructions`, each under a heading naming its upstream (None when none gave any)."""
+        sections = [
+            f"## {name}\n\n{upstream.session.instructions.strip()}"
+            for name, upstream in self.upstreams.items()
+            if upstream.session.instructions and upstream.session.instructions.strip()
+        ]
+        if not sections:
+            return None
+        preface = "mcpx serves several MCP servers; the instructions of each follow under its name."
+        return "\n\n".join((preface, *sections))
+
+    async def _call(
+        self,
+        name: str,
+        method: str,
+        params: dict[str, Any],
+        agent: Agent,
+        *,
+        raw: bool = True,
+        expose: bool = True,
+    ) -> Any:
+        """Send one of the agent's requests to upstream `name` (its shared session or the agent's own), with the
+        server's related messages going back to that agent."""
+        upstream = self.upstreams[name]
+        self._last_caller[name] = agent
+        client = self._client_for(agent, upstream.config, params)
+        target = self._target(upstream, agent)
+        result = await target.request(method, params, client, forward_raw=raw)
+        if expose and upstream.config.namespace and "resources" in upstream.session.capabilities:
+            result = _with_exposed_uris(upstream.config, result)
+        return result
+
+    def _target(self, upstream: ManagedUpstream, agent: Agent) -> ManagedUpstream | AgentUpstream:
+        if upstream.config.shared:
+            return upstream
+        key = (agent, upstream.name)
+        private = self._private.get(key)
+        if private is None or private.shared is not upstream:
+            private = self._private[key] = AgentUpstream(upstream, _AgentClient(self, agent, upstream.config))
+        return private
+
+    def _client_for(self, agent: Agent, config: UpstreamConfig, params: dict[str, Any]) -> _AgentClient:
+        """The client side of one call. A progress token is replaced by one unique across agents (the agent's own
+        comes back on its notifications)."""
+        meta = params.get("_meta")
+        if not isinstance(meta, dict) or "progressToken" not in meta:
+            return _AgentClient(self, agent, config)
+        upstream_token = f"mcpx-{next(self._progress_tokens)}"
+        params["_meta"] = {**meta, "progressToken": upstream_token}
+        return _AgentClient(self, agent, config, progress=(upstream_token, meta["progressToken"]))
+
+    async def _resource_route(self, uri: object, method: str) -> ToolRoute:
+        if not isinstance(uri, str):
+            raise InvalidParams(f'{method} needs a string "uri"')
+        if not self.settled:
+            await self.wait_settled(self.config.daemon.connect_timeout)
+        namespaced = [name for name, upstream in self.upstreams.items() if upstream.config.namespace]
+        route = self.resources.route(uri, namespaced)
+        if route is None or route.upstream not in self.upstreams:
+            raise InvalidParams(f"unknown resource: {uri} (use a URI from resources/list or a template)")
+        return route
+
+    # --- agents, and the servers' messages to them -----------------------------------------------------------
+
+    def agent_joined(self, agent: Agent) -> None:
+        self._agents[agent] = None
+
+    def agent_left(self, agent: Agent) -> None:
+        """The agent is gone: close its own sessions and end its subscriptions (in the background, bounded)."""
+        self._agents.pop(agent, None)
+        for name in [name for name, caller in self._last_caller.items() if caller is agent]:
+            del self._last_caller[name]
+        for elicitation in [key for key, owner in self._elicitations.items() if owner is agent]:
+            del self._elicitations[elicitation]
+        for key in [key for key in self._private if key[0] is agent]:
+            private = self._private.pop(key)
+            self._spawn(private.close(), private.name)
+        for (name, uri), subscribers in list(self._subscriptions.items()):
+            if agent in subscribers:
+                subscribers.discard(agent)
+                if not subscribers:
+                    del self._subscriptions[name, uri]
+                    upstream = self.upstreams.get(name)
+                    if upstream is not None and upstream.state is UpstreamState.READY:
+                        self._spawn(upstream.request("resources/unsubscribe", {"uri": uri}, None), name)
+
+    def lists_changed(self) -> None:
+        self._rebuild_catalog()
+
+    def server_notification(self, upstream: str, message: Message) -> None:
+        """A shared upstream's notification that belongs to no agent's call."""
+        method = message.get("method")
+        params = message.get("params")
+        params = params if isinstance(params, dict) else {}
+        config = self.upstreams[upstream].config if upstream in self.upstreams else None
+        if config is None:
+            return
+        if method == "notifications/resources/updated" and isinstance(params.get("uri"), str):
+            exposed = _with_exposed_update(config, message)
+            for agent in self._subscriptions.get((upstream, params["uri"]), ()):
+                agent.send_message(exposed)
+        elif method == "notifications/elicitation/complete" and isinstance(params.get("elicitationId"), str):
+            asked = self._elicitations.pop((upstream, params["elicitationId"]), None)
+            if asked is not None:
+                asked.send_message(message)
+        elif method == "notifications/message":
+            for agent in self._agents:
+                agent.send_message(message)
+        else:
+            _log.debug("upstream notification dropped", upstream=upstream, method=method)
+
+    async def server_request(
+        self, upstream: str, method: str, params: dict[str, Any] | None, timeout: float
+    ) -> dict[str, Any]:
+        """A shared upstream's request that belongs to no agent's call goes to the agent that last called that
+        upstream if it can answer, else to the most recently connected agent that can."""
+        needed = _NEEDED_CAPABILITY.get(method)
+        if needed is None or upstream not in self.upstreams:
+            return unanswered(method, "mcpx does not relay this request to agents")
+        candidates = [self._last_caller.get(upstream), *reversed(self._agents)]
+        agent = next((a for a in candidates if a is not None and needed in a.client_capabilities), None)
+        if agent is None:
+            return unanswered(method, f"no connected agent declared the {needed} capability")
+        return await self.ask_agent(agent, self.upstreams[upstream].config, method, params, timeout)
+
+    async def ask_agent(
+        self, agent: Agent, config: UpstreamConfig, method: str, params: dict[str, Any] | None, timeout: float
+    ) -> dict[str, Any]:
+        """Put an upstream's request to `agent`, if it declared the capability the request needs."""
+        needed = _NEEDED_CAPABILITY.get(method)
+        if needed is None:
+            return unanswered(method, "mcpx does not relay this request to agents")
+        capability = agent.client_capabilities.get(needed)
+        if not isinstance(capability, dict):
+            return unanswered(method, f"the agent did not declare the {needed} capability")
+        if method == "elicitation/create" and isinstance(params, dict) and params.get("mode") == "url":
+            if "url" not in capability:
+                return unanswered(method, "the agent does not support URL-mode elicitation")
+            elicitation_id = params.get("elicitationId")
+            if isinstance(elicitation_id, str):
+                if len(self._elicitations) >= _MAX_OPEN_ELICITATIONS:
+                    self._elicitations.pop(next(iter(self._elicitations)))
+                self._elicitations[config.name, elicitation_id] = agent
+        return await agent.ask(method, params, timeout)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any], upstream: str) -> None:
+        async def guarded() -> None:
+            try:
+                async with asyncio.timeout(10.0):
+                    await work
+            except Exception as exc:  # noqa: BLE001 - task top: background upkeep must not end the daemon
+                _log.debug("background upstream work failed", upstream=upstream, error=str(exc))
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _named(self, kind: str) -> Catalog:
         return self.catalog if kind == TOOLS else self.prompts
@@ -284,27 +560,6 @@ class Router:
                 raise InvalidParams(f"unknown {kind[:-1]}: {name}")
         return route
 
-    def _relay_related(
-        self, forwarded: dict[str, Any], send_to_agent: Callable[[Message], None]
-    ) -> NotificationHandler | None:
-        """Give the upstream a progress token unique across agents, and map its progress back to the caller's."""
-        meta = forwarded.get("_meta")
-        if not isinstance(meta, dict) or "progressToken" not in meta:
-            return None
-        agent_token = meta["progressToken"]
-        upstream_token = f"mcpx-{next(self._progress_tokens)}"
-        forwarded["_meta"] = {**meta, "progressToken": upstream_token}
-
-        def relay(message: Message) -> None:
-            params = message.get("params")
-            if message.get("method") == "notifications/progress" and isinstance(params, dict):
-                if params.get("progressToken") != upstream_token:
-                    return
-                message = {**message, "params": {**params, "progressToken": agent_token}}
-            send_to_agent(message)
-
-        return relay
-
     # --- status --------------------------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
@@ -316,7 +571,7 @@ class Router:
         return [
             {
                 "name": upstream.name,
-                "url": upstream.config.url,
+                "url": upstream.config.endpoint,
                 "state": upstream.state.value,
                 "tools": counts.get(upstream.name, 0),
                 "prompts": prompt_counts.get(upstream.name, 0),
@@ -335,24 +590,94 @@ class Router:
         ]
 
 
-def _serialized_list(kind: str) -> Callable[[Router], bytes]:
-    return {
-        TOOLS: lambda router: router.catalog.items_json,
-        PROMPTS: lambda router: router.prompts.items_json,
-        RESOURCES: lambda router: router.resources.resources_json,
-        TEMPLATES: lambda router: router.resources.templates_json,
-    }[kind]
+class _AgentClient:
+    """The client side of an agent's call (or of its own session): the server's messages reach that agent, its
+    progress under the agent's own token, resource URIs as the agent knows them."""
+
+    __slots__ = ("_agent", "_config", "_progress", "_router")
+
+    def __init__(
+        self, router: Router, agent: Agent, config: UpstreamConfig, progress: tuple[str, object] | None = None
+    ) -> None:
+        self._router = router
+        self._agent = agent
+        self._config = config
+        self._progress = progress  # (the upstream's token, the agent's token)
+
+    @property
+    def agent(self) -> object:
+        return self._agent
+
+    def notify(self, message: Message) -> None:
+        method = message.get("method")
+        params = message.get("params")
+        if method == "notifications/progress":
+            if (
+                self._progress is None
+                or not isinstance(params, dict)
+                or params.get("progressToken") != self._progress[0]
+            ):
+                return  # not this call's progress: never guess whose it is
+            message = {**message, "params": {**params, "progressToken": self._progress[1]}}
+        elif method == "notifications/resources/updated":
+            message = _with_exposed_update(self._config, message)
+        elif method in _LIST_CHANGED_METHODS:
+            return  # the catalog is refreshed from the shared session; agents hear of changes from the router
+        self._agent.send_message(message)
+
+    async def ask(self, method: str, params: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+        return await self._router.ask_agent(self._agent, self._config, method, params, timeout)
 
 
-# Each aggregated list method → its response with two holes (the id, the list) and where its list comes from.
-_LIST_RESPONSES: Final = {
-    spec.method: (b'{"jsonrpc":"2.0","id":%%b,"result":{"%b":%%b}}' % spec.key.encode(), _serialized_list(kind))
-    for kind, spec in LISTS.items()
-}
-LIST_METHODS: Final = frozenset(_LIST_RESPONSES)
+_LIST_CHANGED_METHODS: Final = frozenset(
+    f"notifications/{kind}/list_changed" for kind in ("tools", "prompts", "resources")
+)
 
 
-def list_response(request_id: jsonrpc.RequestId, method: str, router: Router) -> bytes:
-    """The full response to one of the `LIST_METHODS`, spliced from the pre-serialized catalog."""
-    template, serialized = _LIST_RESPONSES[method]
-    return template % (jsonrpc.dumps(request_id), serialized(router))
+def _with_exposed_uris(config: UpstreamConfig, result: Any) -> Any:
+    """A result with its content's resource URIs as the agent reads them back; forwarded bytes are parsed only
+    when they may hold such content."""
+    if isinstance(result, jsonrpc.RawJson):
+        if b'"resource' not in result.data:
+            return result
+        exposed = expose_content_uris(config, jsonrpc.loads(result.data))
+        return result if exposed is None else exposed
+    exposed = expose_content_uris(config, result)
+    return result if exposed is None else exposed
+
+
+def _with_exposed_update(config: UpstreamConfig, message: Message) -> Message:
+    params = message.get("params")
+    if not isinstance(params, dict) or not isinstance(params.get("uri"), str):
+        return message
+    return {**message, "params": {**params, "uri": exposed_uri(config, params["uri"])}}
+
+
+# Each aggregated list method → its kind and the key of its array in the result.
+_LIST_KINDS: Final = {spec.method: (kind, spec.key) for kind, spec in LISTS.items()}
+LIST_METHODS: Final = frozenset(_LIST_KINDS)
+
+
+def list_response(request_id: jsonrpc.RequestId, method: str, router: Router, cursor: object = None) -> bytes:
+    """The full response to one of the `LIST_METHODS`, spliced from the pre-serialized pages of the catalog.
+
+    Raises:
+        InvalidParams: a cursor that is not one this catalog gave (or that a change of the catalog outdated).
+    """
+    kind, key = _LIST_KINDS[method]
+    pages = router.pages(kind)
+    page = 0
+    if cursor is not None:
+        found = page_of(cursor, router.generation, len(pages)) if isinstance(cursor, str) else None
+        if found is None:
+            raise InvalidParams(f"{method}: invalid or outdated cursor (the list changed); list again from the start")
+        page = found
+    more = (
+        b',"nextCursor":%b' % jsonrpc.dumps(page_cursor(router.generation, page + 1)) if page + 1 < len(pages) else b""
+    )
+    return b'{"jsonrpc":"2.0","id":%b,"result":{"%b":%b%b}}' % (
+        jsonrpc.dumps(request_id),
+        key.encode(),
+        pages[page],
+        more,
+    )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from mcpx import __version__, jsonrpc
-from mcpx.errors import METHOD_NOT_FOUND, UpstreamProtocolError
+from mcpx.errors import INVALID_REQUEST, UpstreamProtocolError, unanswered
 from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
 
@@ -91,6 +91,11 @@ class UpstreamSession(Protocol):
         ...
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None: ...
+
+    @property
+    def asked_roots(self) -> bool:
+        """Whether the server ever asked for `roots/list` (it then hears of the agents' root changes)."""
+        ...
 
 
 # --- the handshake ---------------------------------------------------------------------------------------------------
@@ -174,8 +179,8 @@ class ServerRequests:
         if method == "roots/list":
             self.asked_roots = True
         if request_id in self._pending or len(self._pending) >= _MAX_PENDING_SERVER_REQUESTS:
-            error = {"code": -32600, "message": "too many requests to the client in flight, or a reused id"}
-            self._answer(request_id, {"error": error})
+            why = "too many requests to the client in flight, or a reused id"
+            self._answer(request_id, unanswered(method, why, code=INVALID_REQUEST))
             return
         task = asyncio.get_running_loop().create_task(
             self._ask(request_id, method, params if isinstance(params, dict) else None, client)
@@ -212,11 +217,6 @@ class ServerRequests:
                 await self._reply(jsonrpc.dumps({"jsonrpc": jsonrpc.JSONRPC_VERSION, "id": request_id, **answer}))
         except Exception as exc:  # noqa: BLE001 - task top: a lost answer must not end the session
             _log.debug("answer to a server request not delivered", upstream=self._upstream, error=str(exc))
-
-
-def method_not_bridged(method: str, why: str) -> dict[str, Any]:
-    """The answer a server gets when no agent can take its request."""
-    return {"error": {"code": METHOD_NOT_FOUND, "message": f"{method}: {why}"}}
 
 
 def route_incoming(

@@ -101,7 +101,7 @@ class ManagedUpstream:
     ) -> None:
         self.config = config
         self.name = config.name
-        self._daemon = daemon
+        self.daemon = daemon
         self._http = http
         self._hooks = hooks
         self.credentials: CredentialProvider = credentials_for(config, oauth)
@@ -135,7 +135,7 @@ class ManagedUpstream:
             self.config,
             http=self._http,
             credentials=self.credentials,
-            max_message_bytes=self._daemon.max_message_bytes,
+            max_message_bytes=self.daemon.max_message_bytes,
             client=client,
             on_lost=on_lost,
         )
@@ -174,14 +174,14 @@ class ManagedUpstream:
         self.state = UpstreamState.STOPPED
 
     async def _keep(self) -> None:
-        delay = self._daemon.reconnect_initial
+        delay = self.daemon.reconnect_initial
         while True:
             self._attempts_started += 1
             attempt = self._attempts_started
             # A wake-up from here on asks for one more attempt after this one (a login may finish meanwhile).
             self._wake.clear()
             try:
-                async with asyncio.timeout(self._daemon.connect_timeout + self.config.timeout):
+                async with asyncio.timeout(self.daemon.connect_timeout + self.config.timeout):
                     await self.session.connect()
                     lists = {kind: await self._list(kind) for kind in self._kinds()}
             except NeedsLogin as exc:
@@ -202,7 +202,7 @@ class ManagedUpstream:
                 self.state = UpstreamState.READY
                 self.last_error = None
                 self.retry_at = None
-                delay = self._daemon.reconnect_initial
+                delay = self.daemon.reconnect_initial
                 _log.info(
                     "upstream ready",
                     upstream=self.name,
@@ -223,7 +223,7 @@ class ManagedUpstream:
                     await self._wake.wait()
             except TimeoutError:
                 pass
-            delay = min(delay * 2, self._daemon.reconnect_max)
+            delay = min(delay * 2, self.daemon.reconnect_max)
 
     def _fail(self, exc: UpstreamError) -> None:
         state = UpstreamState.AUTH_FAILED if isinstance(exc, CredentialRejected) else UpstreamState.DOWN
@@ -257,7 +257,7 @@ class ManagedUpstream:
         wanted = self._attempts_started + 1
         self.wake()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._daemon.connect_timeout), self._attempt_changed:
+            async with asyncio.timeout(self.daemon.connect_timeout), self._attempt_changed:
                 await self._attempt_changed.wait_for(lambda: self._attempts_ended >= wanted)
 
     # --- calls ---------------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class ManagedUpstream:
         the first connection attempt, and for a reconnect when the user changed a rejected credential."""
         if self.state is UpstreamState.STARTING:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._daemon.connect_timeout):
+                async with asyncio.timeout(self.daemon.connect_timeout):
                     await self.first_attempt_done.wait()
         if self.state is UpstreamState.AUTH_FAILED and self.credentials.describe() != self._rejected_credential:
             await self.reconnect_now()
@@ -378,3 +378,80 @@ async def _first_of(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+class AgentUpstream:
+    """One agent's own session with an upstream (`sharing = "per-agent"`): opened on the agent's first call to it,
+    closed when the agent leaves, dropped when it fails so that the next call opens a fresh one (a new child
+    process for a stdio server). The shared `ManagedUpstream` keeps the catalog and the credential."""
+
+    def __init__(self, shared: ManagedUpstream, client: ClientSide) -> None:
+        self.shared = shared
+        self._client = client
+        self.session: UpstreamSession | None = None
+        self._opening = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        on_related: ClientSide | None,
+        *,
+        forward_raw: bool = False,
+    ) -> Any:
+        session = await self._open()
+        try:
+            return await session.request(
+                method, params, timeout=self.shared.config.timeout, on_related=on_related, forward_raw=forward_raw
+            )
+        except (UpstreamUnavailable, CredentialRejected):
+            await self._drop(session)
+            raise
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        if self.session is not None:
+            await self.session.notify(method, params)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self._drop(self.session)
+        for task in list(self._closing):
+            await task
+
+    async def _open(self) -> UpstreamSession:
+        async with self._opening:
+            if self.session is not None:
+                return self.session
+            if self.shared.state is not UpstreamState.READY:
+                await self.shared.ensure_ready()  # raises why calls cannot be made (down, needs a login, …)
+            session = self.shared.open_session(self._client, on_lost=lambda _: self._forget(session))
+            try:
+                async with asyncio.timeout(self.shared.daemon.connect_timeout + self.shared.config.timeout):
+                    await session.connect()
+            except TimeoutError:
+                await session.close()
+                raise UpstreamUnavailable(self.name, "connect timed out") from None
+            except BaseException:
+                await session.close()
+                raise
+            self.session = session
+            _log.info("per-agent session opened", upstream=self.name)
+            return session
+
+    @property
+    def name(self) -> str:
+        return self.shared.name
+
+    def _forget(self, session: UpstreamSession) -> None:
+        """The session died on its own: the next call opens a new one; this one is cleaned up now."""
+        if self.session is session:
+            self.session = None
+            task = asyncio.get_running_loop().create_task(session.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _drop(self, session: UpstreamSession) -> None:
+        if self.session is session:
+            self.session = None
+        await session.close()
