@@ -1,6 +1,6 @@
 """`mcpxctl import`: sample MCP configs of each client (Claude Desktop, Claude Code, Cursor, VS Code, Codex, a
-named file) become valid mcpx upstreams; secrets become variables, never literals; stdio servers are listed as
-not imported; `--write` appends only a valid result and leaves the file alone otherwise."""
+named file) become valid mcpx upstreams, remote and local (stdio) ones; secrets become variables, never literals;
+`--write` appends only a valid result and leaves the file alone otherwise."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from mcpx.cli import ctl, importer
 from mcpx.config import load_config
 
 # Literal secrets in the sample configs: none may appear in any output or written file.
-SECRETS = ["sk-live-abcdef1234567890", "lin_api_0123456789abcdefXYZ", "cur-key-9f8e7d6c5b4a39281706", "ghp_literal123"]
+SECRETS = [
+    "sk-live-abcdef1234567890",
+    "lin_api_0123456789abcdefXYZ",
+    "cur-key-9f8e7d6c5b4a39281706",
+    "ghp_literal123",
+    "gh-arg-secret-value",
+    "AbCdEf0123456789AbCdEf0123456789",
+]
 
 
 @dataclass
@@ -114,6 +121,20 @@ def test_claude_desktop_mcp_remote_servers_become_upstreams_and_their_secrets_va
                     "args": ["mcp-remote", "https://old.example.com/sse", "--transport", "sse-only"],
                 },
                 "sqlite": {"command": "uvx", "args": ["mcp-server-sqlite", "--db-path", "/tmp/x.db"]},
+                "github": {
+                    "command": "docker",
+                    "args": ["run", "-i", "--rm", "-e", "GITHUB_PERSONAL_ACCESS_TOKEN", "ghcr.io/github/github-mcp"],
+                    "env": {"GITHUB_PERSONAL_ACCESS_TOKEN": "ghp_literal123", "LOG_LEVEL": "info"},
+                },
+                "search": {
+                    "command": "npx",
+                    "args": ["-y", "search-mcp"],
+                    "env": {"API_KEY": "${SEARCH_API_KEY}", "REGION": "eu"},
+                    "cwd": "/srv/search",
+                },
+                "flagged": {"command": "gh-mcp", "args": ["--token", "gh-arg-secret-value"]},
+                "shaped": {"command": "x-mcp", "args": ["AbCdEf0123456789AbCdEf0123456789"]},
+                "placeholder": {"command": "node", "args": ["${HOME}/server.js"]},
             }
         },
     )
@@ -135,19 +156,39 @@ def test_claude_desktop_mcp_remote_servers_become_upstreams_and_their_secrets_va
     assert "# note: the URL ends in /sse" in out
     assert "mcpxctl login atlassian" in out  # mcp-remote without a credential: probably an OAuth login
     assert "old" not in upstreams
-    assert "sqlite" not in upstreams
     assert "'old' in ~/.config/Claude/claude_desktop_config.json: uses the legacy HTTP+SSE transport" in out
-    assert (
-        "'sqlite' in ~/.config/Claude/claude_desktop_config.json: a stdio server (uvx): not imported yet "
-        "(stdio upstreams arrive with the full-surface work)"
-    ) in out
-    assert "/tmp/x.db" not in out  # a stdio server's arguments are not echoed (they may hold secrets)
+    # Local servers become command upstreams; secret-looking env values become variables.
+    assert upstreams["sqlite"] == {
+        "name": "sqlite",
+        "command": "uvx",
+        "args": ["mcp-server-sqlite", "--db-path", "/tmp/x.db"],
+    }
+    assert upstreams["github"]["command"] == "docker"
+    assert upstreams["github"]["env"] == {
+        "GITHUB_PERSONAL_ACCESS_TOKEN": "${GITHUB_PERSONAL_ACCESS_TOKEN}",
+        "LOG_LEVEL": "info",
+    }
+    assert upstreams["search"]["env"] == {"API_KEY": "${SEARCH_API_KEY}", "REGION": "eu"}
+    assert upstreams["search"]["cwd"] == "/srv/search"
+    not_imported = _section(out, "Not imported")
+    where = "in ~/.config/Claude/claude_desktop_config.json: a stdio server"
+    secret_argument = "one of its arguments looks like a secret: pass it through env instead, then import again"
+    assert f"'flagged' {where} (gh-mcp): {secret_argument}" in not_imported
+    assert f"'shaped' {where} (x-mcp): {secret_argument}" in not_imported
+    placeholder = f"'placeholder' {where} (node): its command line uses a placeholder"
+    assert any(line.startswith(placeholder) for line in not_imported)
     variables = _section(out, "Environment variables mcpxd needs")
     assert any(line.startswith("INTERNAL_TOKEN ") and "bearer token of 'internal'" in line for line in variables)
     assert any(line.startswith("TENANT_KEY ") for line in variables)
+    assert any(
+        line.startswith("GITHUB_PERSONAL_ACCESS_TOKEN ") and "GITHUB_PERSONAL_ACCESS_TOKEN environment value" in line
+        for line in variables
+    )
+    assert any(line.startswith("SEARCH_API_KEY ") for line in variables)
     replace = _section(out, "Then point each agent at mcpx")
     assert replace[0] == (
-        '~/.config/Claude/claude_desktop_config.json: in "mcpServers", replace "internal", "tenant", "atlassian" with:'
+        '~/.config/Claude/claude_desktop_config.json: in "mcpServers", replace "internal", "tenant", "atlassian", '
+        '"sqlite", "github", "search" with:'
     )
     assert replace[1].startswith('"mcpx": {"command": ')
 
@@ -295,11 +336,12 @@ def test_vscode_settings_with_comments_and_workspace_servers(
     assert upstreams["docs"]["headers"] == {"X-Key": "${API_KEY}"}
     assert "headers" not in upstreams["odd"]
     assert "# note: header 'X-Dir' left out: it uses a placeholder mcpx cannot fill" in out
-    assert "'files' in .vscode/mcp.json" not in out  # the label is the absolute path outside HOME
-    assert any("'files' in " in line and "a stdio server (node)" in line for line in out.splitlines())
+    assert upstreams["files"] == {"name": "files", "command": "node", "args": ["server.js"]}
     replace = _section(out, "Then point each agent at mcpx")
     assert replace[0] == '~/.config/Code/User/settings.json: in "servers" of "mcp", replace "github" with:'
     assert replace[1].startswith('"mcpx": {"type": "stdio", "command": ')
+    # The label of the workspace file is its absolute path (it is outside HOME).
+    assert replace[2] == f'{Path.cwd() / ".vscode" / "mcp.json"}: in "servers", replace "docs", "files", "odd" with:'
 
 
 def test_codex_url_servers_with_token_variables_and_headers(
@@ -331,14 +373,15 @@ enabled = false
 
     out, upstreams = _imported(capsys, tmp_path, "--from", "codex")
 
-    assert set(upstreams) == {"figma", "docs"}
+    assert set(upstreams) == {"figma", "docs", "fs"}
     assert upstreams["figma"]["auth"] == {"type": "bearer_env", "env": "FIGMA_TOKEN"}
     assert upstreams["docs"]["headers"] == {"X-Region": "eu", "X-Api-Key": "${DOCS_KEY}"}
-    assert "'fs' in ~/.codex/config.toml: a stdio server (npx): not imported yet" in out
+    assert upstreams["fs"]["env"] == {"SOME_TOKEN": "${FS_SOME_TOKEN}"}
+    assert upstreams["fs"]["args"] == ["-y", "@modelcontextprotocol/server-filesystem", "/home/me"]
     assert "'paused' in ~/.codex/config.toml: disabled there" in out
     replace = _section(out, "Then point each agent at mcpx")
     assert replace == [
-        "~/.codex/config.toml: replace [mcp_servers.figma], [mcp_servers.docs] with:",
+        "~/.codex/config.toml: replace [mcp_servers.figma], [mcp_servers.docs], [mcp_servers.fs] with:",
         "[mcp_servers.mcpx]",
         replace[2],
     ]
@@ -404,6 +447,29 @@ def test_write_appends_a_valid_config_once_and_names_do_not_collide(
     assert "nothing to import" in out
     assert "already in mcpx's config as 'linear-2'" in out
     assert home.config.read_text() == text
+
+
+def test_a_local_server_already_configured_is_not_imported_again(
+    home: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home.config.parent.mkdir(parents=True)
+    home.config.write_text('[[proxy.upstream]]\nname = "fs"\ncommand = "npx"\nargs = ["-y", "server-fs", "/srv"]\n')
+    home.write(
+        ".cursor/mcp.json",
+        {
+            "mcpServers": {
+                "files": {"command": "npx", "args": ["-y", "server-fs", "/srv"]},
+                "git": {"command": "uvx", "args": ["mcp-server-git"]},
+            }
+        },
+    )
+
+    code, out, err = _import(capsys, "--from", "cursor", "--write")
+
+    assert code == 0, err
+    assert "'files' in ~/.cursor/mcp.json: already in mcpx's config as 'fs'" in out
+    config = load_config(home.config)
+    assert [(upstream.name, upstream.command) for upstream in config.upstreams] == [("fs", "npx"), ("git", "uvx")]
 
 
 def test_write_creates_a_private_config_when_there_is_none(home: Home, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,13 +1,15 @@
 """`mcpxctl import`: read the MCP servers configured in agents (Claude Desktop, Claude Code, Cursor, VS Code,
-Codex, or a given file) and turn the remote ones into mcpx upstreams.
+Codex, or a given file) and turn them into mcpx upstreams: remote ones as `url` upstreams, local ones (stdio) as
+`command` upstreams.
 
 Secrets never travel as literals: a bearer token becomes `auth = { type = "bearer_env", env = "NAME_TOKEN" }`,
-another secret-looking header value becomes `${NAME_HEADER}`, and the command lists the variables the user must
-give mcpxd. References the agent config already used (`${VAR}`, `${env:VAR}`, VS Code's `${input:id}`, Codex's
-`bearer_token_env_var`) become variables of the same (or a derived) name. Servers an agent runs through
-`mcp-remote` are imported as the remote server they point at. Servers run as local commands (stdio) are listed
-as not imported: mcpx's config has no stdio upstreams yet. Standard library only, except the config loader that
-validates the result (imported inside `validate`).
+another secret-looking header or environment value becomes `${NAME_HEADER}` / `${NAME_VARIABLE}`, and the command
+lists the variables the user must give mcpxd. References the agent config already used (`${VAR}`, `${env:VAR}`,
+VS Code's `${input:id}`, Codex's `bearer_token_env_var`) become variables of the same (or a derived) name. Servers
+an agent runs through `mcp-remote` are imported as the remote server they point at. A local server whose arguments
+use a placeholder (mcpx expands `${VAR}` only in `env`) or seem to hold a secret is listed as not imported, with
+what to change. Standard library only, except the config loader that validates the result (imported inside
+`validate`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from mcpx import paths
 from mcpx.cli.files import atomic_write
 
 CLIENTS = ("claude-desktop", "claude-code", "cursor", "vscode", "codex")
-STDIO_NOT_YET = "not imported yet (stdio upstreams arrive with the full-surface work)"
 
 _VAR = r"[A-Za-z_][A-Za-z0-9_]*"
 # `${input:id}` (VS Code prompts for it), `${env:VAR}` (VS Code, Cursor), `${VAR}` / `${VAR:-default}` (Claude
@@ -40,6 +41,8 @@ _EDITOR_REFERENCE = re.compile("|".join((_INPUT_FORM, _ENV_FORM)))
 _ANY_PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
 _PLAIN_REFERENCE = re.compile(r"\$\{(" + _VAR + r")\}")
 _SECRET_NAME = re.compile(r"auth|token|key|secret|passw|cookie|session|credential|signature", re.IGNORECASE)
+# A command-line argument that is a token by its shape alone.
+_TOKEN_ARGUMENT = re.compile(r"(?=[A-Za-z_-]*[0-9])(?=[0-9_-]*[A-Za-z])[A-Za-z0-9_-]{32,}")
 _BEARER = re.compile(r"^\s*bearer\s+(.+?)\s*$", re.IGNORECASE)
 _MCP_REMOTE_VALUE_FLAGS = {
     "--header",
@@ -78,7 +81,11 @@ class Upstream:
     name: str
     original: str
     source: Source
-    url: str
+    url: str | None = None
+    command: str | None = None
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
     auth: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     exclude_tools: list[str] = field(default_factory=list)
@@ -339,6 +346,21 @@ class _Converter:
             rewritten = "${" + variable + "}"
         upstream.headers[name] = rewritten
 
+    def environment(
+        self, upstream: Upstream, name: str, value: str, env: dict[str, Any], *, plain_is_env: bool
+    ) -> None:
+        """One `env` entry of a local server: references become `${VAR}`, a secret-looking literal a variable."""
+        rewritten = self.references(value, upstream, env, plain_is_env=plain_is_env)
+        if rewritten is None:
+            upstream.notes.append(f"env {name} left out: it uses a placeholder mcpx cannot fill")
+            return
+        literal = _PLAIN_REFERENCE.sub("", rewritten)
+        if literal.strip() and _looks_secret(name, literal):
+            stem, own = _variable_stem(upstream.name), _variable_stem(name)
+            variable = own if own.startswith(f"{stem}_") else f"{stem}_{own}"
+            rewritten = "${" + self.need(variable, self._was(upstream, f"{name} environment value")) + "}"
+        upstream.env[name] = rewritten
+
     @staticmethod
     def _was(upstream: Upstream, what: str) -> str:
         return f"the {what} of '{upstream.name}' (written out in {upstream.source.label}: copy it from there)"
@@ -372,6 +394,52 @@ def _mcp_remote(command: str, args: list[str]) -> tuple[str, list[tuple[str, str
             url = arg
         index += 1
     return (url, headers, flags) if url else None
+
+
+def command_key(command: str, args: list[str] | tuple[str, ...]) -> str:
+    """How a local server is recognized as already configured: its command line."""
+    return "command:" + json.dumps([command, *args])
+
+
+def _unusable_arguments(command: str, args: list[str]) -> str | None:
+    """Why a local server's command line cannot be imported as it is (None: it can)."""
+    if _ANY_PLACEHOLDER.search(command) or any(_ANY_PLACEHOLDER.search(arg) for arg in args):
+        return (
+            "its command line uses a placeholder (${...}), which mcpx expands only in env: "
+            "pass the value through env, or add it by hand"
+        )
+    for index, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        flagged = flag.startswith("-") and _SECRET_NAME.search(flag)
+        follows = index > 0 and args[index - 1].startswith("-") and _SECRET_NAME.search(args[index - 1])
+        if (flagged and equals and value) or (follows and not arg.startswith("-")) or _TOKEN_ARGUMENT.fullmatch(arg):
+            return "one of its arguments looks like a secret: pass it through env instead, then import again"
+    return None
+
+
+def _local(
+    converter: _Converter, source: Source, original: str, entry: dict[str, Any], taken: set[str]
+) -> Upstream | Skipped:
+    """A stdio server entry as a `command` upstream (or why it is not imported)."""
+    command = str(entry["command"])
+    args = [str(arg) for arg in entry.get("args", []) if isinstance(arg, str | int | float)]
+    why = _unusable_arguments(command, args)
+    if why is not None:
+        return Skipped(original, source, f"a stdio server ({Path(command).name}): {why}")
+    upstream = Upstream(_unique(original, taken), original, source, command=command, args=args)
+    env = entry.get("env") if isinstance(entry.get("env"), dict) else {}
+    assert isinstance(env, dict)
+    plain_is_env = source.client in ("claude-code", "claude-desktop", "codex")
+    for name, value in env.items():
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            converter.environment(upstream, str(name), str(value), env, plain_is_env=plain_is_env)
+    cwd = entry.get("cwd")
+    if isinstance(cwd, str) and cwd:
+        if _ANY_PLACEHOLDER.search(cwd) or not (cwd.startswith(("/", "~"))):
+            upstream.notes.append(f"cwd {cwd!r} left out: mcpx needs an absolute path (it runs it from your home)")
+        else:
+            upstream.cwd = cwd
+    return upstream
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -410,9 +478,16 @@ def convert(
         if url is None and isinstance(command, str):
             remote = _mcp_remote(command, args)
             if remote is None:
-                result.skipped.append(
-                    Skipped(original, source, f"a stdio server ({Path(command).name}): {STDIO_NOT_YET}")
-                )
+                key = command_key(command, args)
+                if key in seen_urls:
+                    result.skipped.append(Skipped(original, source, f"already in mcpx's config as '{seen_urls[key]}'"))
+                    continue
+                local = _local(converter, source, original, entry, taken)
+                if isinstance(local, Skipped):
+                    result.skipped.append(local)
+                else:
+                    seen_urls[key] = local.name
+                    result.upstreams.append(local)
                 continue
             url, headers, flags = remote
             via_mcp_remote = True
@@ -489,7 +564,17 @@ def render_toml(result: Result) -> str:
     for upstream in result.upstreams:
         lines = [f"# imported from {upstream.source.label}, where it was {upstream.original!r}"]
         lines += [f"# note: {note}" for note in upstream.notes]
-        lines += ["[[proxy.upstream]]", f"name = {toml_string(upstream.name)}", f"url = {toml_string(upstream.url)}"]
+        lines += ["[[proxy.upstream]]", f"name = {toml_string(upstream.name)}"]
+        if upstream.url is not None:
+            lines.append(f"url = {toml_string(upstream.url)}")
+        if upstream.command is not None:
+            lines.append(f"command = {toml_string(upstream.command)}")
+        if upstream.args:
+            lines.append("args = [" + ", ".join(map(toml_string, upstream.args)) + "]")
+        if upstream.env:
+            lines.append(f"env = {_inline(upstream.env)}")
+        if upstream.cwd is not None:
+            lines.append(f"cwd = {toml_string(upstream.cwd)}")
         if upstream.auth is not None:
             lines.append(f"auth = {_inline(upstream.auth)}")
         if upstream.headers:
@@ -559,7 +644,8 @@ def report(result: Result, config_path: Path, *, written: bool) -> list[str]:
 
 
 def existing_upstreams(config_path: Path) -> dict[str, str]:
-    """url → name of the upstreams already configured (empty when the file is missing or unreadable)."""
+    """url (or `command_key`) → name of the upstreams already configured (empty when the file is missing or
+    unreadable)."""
     try:
         document = tomllib.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -568,11 +654,16 @@ def existing_upstreams(config_path: Path) -> dict[str, str]:
     upstreams = proxy.get("upstream") if isinstance(proxy, dict) else None
     if not isinstance(upstreams, list):
         return {}
-    return {
-        str(item.get("url")): str(item.get("name"))
-        for item in upstreams
-        if isinstance(item, dict) and isinstance(item.get("name"), str)
-    }
+    existing: dict[str, str] = {}
+    for item in upstreams:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            continue
+        command, args = item.get("command"), item.get("args", [])
+        if isinstance(command, str) and isinstance(args, list):
+            existing[command_key(command, [str(arg) for arg in args])] = item["name"]
+        else:
+            existing[str(item.get("url"))] = item["name"]
+    return existing
 
 
 def combined(config_path: Path, addition: str) -> tuple[str, str]:
@@ -620,7 +711,7 @@ def run(choice: str | None, config_path: Path, *, write_it: bool) -> int:
     result = convert(entries, existing_upstreams(config_path), sources)
     addition = render_toml(result)
     if not result.upstreams:
-        print("# nothing to import: no remote MCP servers that mcpx does not already have")
+        print("# nothing to import: no MCP servers that mcpx does not already have")
         print("\n".join(report(result, config_path, written=False)))
         return 0
     header = f"# --- imported by mcpxctl import from {', '.join(dict.fromkeys(s.label for s in sources))} ---\n"
