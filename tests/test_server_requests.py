@@ -1,0 +1,105 @@
+"""An upstream's own requests to the client (elicitation, sampling) during a call reach the agent that made the call,
+its answer goes back to that upstream, and an agent that did not declare the capability makes the upstream get
+the protocol's error. Real SDK upstream (SSE responses, where the requests ride the call's stream), real SDK
+agents through the shim."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mcp.client import ClientRequestContext
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp.types import (
+    CreateMessageRequestParams,
+    CreateMessageResult,
+    ElicitRequestParams,
+    ElicitResult,
+    SamplingMessage,
+    TextContent,
+)
+from pydantic import BaseModel
+
+from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
+from tests.support.results import text_of
+from tests.support.upstream import Upstream, running
+
+
+class Name(BaseModel):
+    name: str
+
+
+def with_questions(server: MCPServer) -> None:
+    @server.tool()
+    async def greet(ctx: Context) -> str:
+        """Ask the user for a name (form elicitation) and greet them."""
+        answer = await ctx.elicit("Who are you?", Name)
+        return f"hello {answer.data.name}" if answer.action == "accept" and answer.data else f"no name ({answer.action})"
+
+    @server.tool()
+    async def summarize(text: str, ctx: Context) -> str:
+        """Ask the client's model (sampling) to summarize `text`."""
+        try:
+            reply = await ctx.request_context.session.create_message(
+                messages=[SamplingMessage(role="user", content=TextContent(type="text", text=text))],
+                max_tokens=20,
+                related_request_id=ctx.request_id,
+            )
+        except MCPError as exc:
+            return f"sampling refused: {exc.error.code} {exc.error.message}"
+        content = reply.content
+        return f"summary: {content.text}" if isinstance(content, TextContent) else "summary: ?"
+
+
+def _answering_as(name: str, asked: list[str]):  # type: ignore[no-untyped-def]
+    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"name": name})
+
+    return on_elicit
+
+
+async def test_an_elicitation_during_a_call_is_answered_by_the_calling_agent_only(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=False, customize=with_questions)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    asked_ada: list[str] = []
+    asked_bob: list[str] = []
+    async with (
+        running(alpha),
+        running_daemon(sandbox),
+        agent(sandbox, elicitation_callback=_answering_as("ada", asked_ada)) as ada,
+        agent(sandbox, elicitation_callback=_answering_as("bob", asked_bob)) as bob,
+    ):
+        # Both at once on the one shared upstream session: each question reaches its own caller.
+        results = await asyncio.gather(ada.call_tool("alpha__greet", {}), bob.call_tool("alpha__greet", {}))
+        assert [text_of(result) for result in results] == ["hello ada", "hello bob"]
+        assert asked_ada == asked_bob == ["Who are you?"]
+
+
+async def test_a_sampling_request_is_answered_by_the_agent_and_refused_for_one_without_the_capability(
+    sandbox: Sandbox,
+) -> None:
+    alpha = Upstream("alpha", json_response=False, customize=with_questions)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    sampled: list[CreateMessageRequestParams] = []
+
+    async def on_sampling(context: ClientRequestContext, params: CreateMessageRequestParams) -> CreateMessageResult:
+        sampled.append(params)
+        (message,) = params.messages
+        assert isinstance(message.content, TextContent)
+        return CreateMessageResult(
+            role="assistant", content=TextContent(type="text", text=message.content.text[:5]), model="tiny"
+        )
+
+    async with (
+        running(alpha),
+        running_daemon(sandbox),
+        agent(sandbox, sampling_callback=on_sampling) as able,
+        agent(sandbox) as unable,
+    ):
+        assert text_of(await able.call_tool("alpha__summarize", {"text": "a long story"})) == "summary: a lon"
+        assert sampled[0].max_tokens == 20
+        refused = text_of(await unable.call_tool("alpha__summarize", {"text": "x"}))
+        assert refused.startswith("sampling refused: -32601"), refused
+        assert "did not declare the sampling capability" in refused
+        assert len(sampled) == 1
