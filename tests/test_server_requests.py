@@ -34,7 +34,7 @@ def with_questions(server: MCPServer) -> None:
     async def greet(ctx: Context) -> str:
         """Ask the user for a name (form elicitation) and greet them."""
         answer = await ctx.elicit("Who are you?", Name)
-        return f"hello {answer.data.name}" if answer.action == "accept" and answer.data else f"no name ({answer.action})"
+        return f"hello {answer.data.name}" if answer.action == "accept" else f"no name ({answer.action})"
 
     @server.tool()
     async def summarize(text: str, ctx: Context) -> str:

@@ -126,11 +126,14 @@ class Upstream:
         json_response: bool,
         tokens: TokenCheck | None = None,
         customize: Callable[[MCPServer], None] | None = None,
+        app_options: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.json_response = json_response
         self.tokens = tokens
         self.customize = customize
+        # More keyword arguments of the SDK's `streamable_http_app` (e.g. `event_store`, `retry_interval`).
+        self.app_options = app_options or {}
         self._sock = reserve_port()
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/mcp"
@@ -138,6 +141,8 @@ class Upstream:
         self.requests: list[SeenRequest] = []
         # Set when an MCP session starts (a POST without `mcp-session-id`: an initialize) after the last start().
         self.initialize_received = asyncio.Event()
+        # Set when a DELETE (the end of an MCP session) arrives.
+        self.delete_received = asyncio.Event()
         # Fields no SDK model knows, added to every tools/call result (JSON responses only), and the bodies sent.
         self.extra_result_fields: dict[str, object] = {}
         self.tool_call_bodies: list[bytes] = []
@@ -148,7 +153,7 @@ class Upstream:
         self.server = build_server(self.name, self.tokens, self.port)
         if self.customize is not None:
             self.customize(self.server)
-        inner = self.server.streamable_http_app(json_response=self.json_response)
+        inner = self.server.streamable_http_app(json_response=self.json_response, **self.app_options)
 
         async def recorded(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "http":
@@ -156,6 +161,8 @@ class Upstream:
                 self.requests.append(SeenRequest(scope["method"], headers))
                 if scope["method"] == "POST" and "mcp-session-id" not in headers:
                     self.initialize_received.set()
+                if scope["method"] == "DELETE":
+                    self.delete_received.set()
             if scope["type"] == "http" and self.json_response and scope["method"] == "POST":
                 await inner(scope, receive, self._rewriting(send))
             else:
