@@ -103,3 +103,29 @@ async def test_a_sampling_request_is_answered_by_the_agent_and_refused_for_one_w
         assert refused.startswith("sampling refused: -32601"), refused
         assert "did not declare the sampling capability" in refused
         assert len(sampled) == 1
+
+
+async def test_cancelling_a_call_withdraws_its_pending_elicitation_from_the_agent(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=False, customize=with_questions)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    asked = asyncio.Event()
+    withdrawn = asyncio.Event()
+
+    async def never_answer(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        asked.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            withdrawn.set()
+            raise
+        raise AssertionError("unreachable")
+
+    async with running(alpha), running_daemon(sandbox), agent(sandbox, elicitation_callback=never_answer) as client:
+        call = asyncio.ensure_future(client.call_tool("alpha__greet", {}))
+        async with asyncio.timeout(10):
+            await asked.wait()
+        call.cancel()
+        # The agent cancels its call; mcpx tells the upstream, whose tool ends and withdraws its question
+        # (notifications/cancelled from the upstream), which mcpx passes on to the agent under the agent's id.
+        async with asyncio.timeout(10):
+            await withdrawn.wait()

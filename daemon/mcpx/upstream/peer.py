@@ -166,10 +166,12 @@ class ServerRequests:
         self._reply = reply
         self._timeout = timeout
         self._pending: dict[RequestId, asyncio.Task[None]] = {}
+        # the client request each pending one arrived under (on that request's own stream), where known
+        self._call_of: dict[RequestId, object] = {}
         self._answering: set[asyncio.Task[None]] = set()
         self.asked_roots = False
 
-    def handle(self, message: Message, client: ClientSide) -> None:
+    def handle(self, message: Message, client: ClientSide, call: object = None) -> None:
         request_id: RequestId = message["id"]
         method: str = message["method"]
         params = message.get("params")
@@ -186,7 +188,21 @@ class ServerRequests:
             self._ask(request_id, method, params if isinstance(params, dict) else None, client)
         )
         self._pending[request_id] = task
-        task.add_done_callback(lambda _: self._pending.pop(request_id, None))
+        if call is not None:
+            self._call_of[request_id] = call
+        task.add_done_callback(lambda _: self._forget(request_id))
+
+    def _forget(self, request_id: RequestId) -> None:
+        self._pending.pop(request_id, None)
+        self._call_of.pop(request_id, None)
+
+    def withdraw(self, call: object) -> None:
+        """The client request `call` ended without its answer (cancelled, timed out): the requests the server
+        made under it can no longer be answered, so the agent stops being asked."""
+        for request_id in [request_id for request_id, owner in self._call_of.items() if owner == call]:
+            task = self._pending.pop(request_id, None)
+            if task is not None:
+                task.cancel()
 
     def cancelled(self, params: object) -> bool:
         """The server cancelled one of its requests (`notifications/cancelled`); True when it was one of ours."""
@@ -225,11 +241,13 @@ def route_incoming(
     related: ClientSide | None,
     default: ClientSide,
     requests: ServerRequests,
+    call: object = None,
 ) -> None:
-    """Deliver one message the server sent to the client (a request or a notification, never a response)."""
+    """Deliver one message the server sent to the client (a request or a notification, never a response).
+    `call` is the client request on whose stream it arrived, if any."""
     method = message["method"]
     if "id" in message:
-        requests.handle(message, related if related is not None else default)
+        requests.handle(message, related if related is not None else default, call)
     elif method == "notifications/cancelled" and requests.cancelled(message.get("params")):
         return
     elif related is not None and method in RELATED_NOTIFICATIONS:
