@@ -26,6 +26,7 @@ from mcp.types import (
 )
 
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
+from tests.support.raw import raw_agent
 from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
 
@@ -250,3 +251,64 @@ async def test_instructions_of_the_upstreams_are_combined_under_their_names(sand
         assert "## beta\n\nBeta searches." in instructions
         assert "gamma" not in instructions
         assert instructions.index("## alpha") < instructions.index("## beta")
+
+
+def with_everything(server: MCPServer) -> None:
+    """Prompts, resources, templates, completions and subscriptions beside the usual tools."""
+    Subscriptions().customize(server)
+    with_completions(server)
+
+    @server.prompt()
+    def review(topic: str) -> str:
+        """A prompt."""
+        return f"review {topic}"
+
+
+async def test_every_agent_request_is_answered_under_the_agents_own_id(sandbox: Sandbox) -> None:
+    """The table of the handshake-era client requests: each goes through mcpx (to the upstream where it must) and
+    comes back under exactly the id the agent sent, strings and integers alike, while all are in flight at once."""
+    alpha = Upstream("alpha", json_response=False, customize=with_everything)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    exposed = f"mcpx://alpha/{NOTES}"
+    table: list[tuple[int | str, str, dict[str, Any] | None]] = [
+        ("ping-1", "ping", None),
+        (2, "tools/list", {}),
+        ("call-3", "tools/call", {"name": "alpha__echo", "arguments": {"text": "x"}}),
+        (4, "prompts/list", {}),
+        ("get-5", "prompts/get", {"name": "alpha__review", "arguments": {"topic": "y"}}),
+        (6, "resources/list", {}),
+        ("7", "resources/templates/list", {}),
+        (8, "resources/read", {"uri": exposed}),
+        ("sub-9", "resources/subscribe", {"uri": exposed}),
+        (
+            10,
+            "completion/complete",
+            {
+                "ref": {"type": "ref/resource", "uri": "mcpx://alpha/note://{key}"},
+                "argument": {"name": "key", "value": "a"},
+            },
+        ),
+        ("level-11", "logging/setLevel", {"level": "info"}),
+    ]
+    async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as peer:
+        reply = await peer.request(0, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}})
+        assert reply["result"]["capabilities"]["resources"]["subscribe"] is True
+        await peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for request_id, method, params in table:
+            message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+            if params is not None:
+                message["params"] = params
+            await peer.send(message)
+        replies: dict[int | str, dict[str, Any]] = {}
+        while len(replies) < len(table):
+            reply = await peer.next_response()
+            replies[reply["id"]] = reply
+        assert set(replies) == {request_id for request_id, _, _ in table}
+        for request_id, method, _ in table:
+            assert "result" in replies[request_id], (method, replies[request_id])
+        assert replies["call-3"]["result"]["content"][0]["text"] == "alpha:x"
+        assert replies["get-5"]["result"]["messages"][0]["content"]["text"] == "review y"
+        assert replies[8]["result"]["contents"][0]["uri"] == exposed
+        assert replies[10]["result"]["completion"]["values"] == ["note://{key}:a1"]
+        unsubscribed = await peer.request("unsub-12", "resources/unsubscribe", {"uri": exposed})
+        assert unsubscribed == {"jsonrpc": "2.0", "id": "unsub-12", "result": {}}
