@@ -25,7 +25,7 @@ from mcp.types import (
     UnsubscribeRequestParams,
 )
 
-from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
+from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, running_daemon, upstream_toml
 from tests.support.raw import raw_agent
 from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
@@ -40,6 +40,7 @@ class Subscriptions:
         self.subscribed: list[str] = []
         self.unsubscribed: list[str] = []
         self.unsubscribe_received = asyncio.Event()
+        self.subscribe_received = asyncio.Event()
 
     def customize(self, server: MCPServer) -> None:
         @server.resource(NOTES, name="notes", mime_type="text/plain")
@@ -61,6 +62,7 @@ class Subscriptions:
 
         async def subscribe(ctx: Any, params: SubscribeRequestParams) -> EmptyResult:
             self.subscribed.append(str(params.uri))
+            self.subscribe_received.set()
             return EmptyResult()
 
         async def unsubscribe(ctx: Any, params: UnsubscribeRequestParams) -> EmptyResult:
@@ -312,3 +314,23 @@ async def test_every_agent_request_is_answered_under_the_agents_own_id(sandbox: 
         assert replies[10]["result"]["completion"]["values"] == ["note://{key}:a1"]
         unsubscribed = await peer.request("unsub-12", "resources/unsubscribe", {"uri": exposed})
         assert unsubscribed == {"jsonrpc": "2.0", "id": "unsub-12", "result": {}}
+
+
+async def test_subscriptions_are_renewed_when_the_upstream_comes_back(sandbox: Sandbox) -> None:
+    subscriptions = Subscriptions()
+    alpha = Upstream("alpha", json_response=False, customize=subscriptions.customize)
+    sandbox.write_config(FAST_RECONNECT + upstream_toml("alpha", alpha.url))
+    exposed = f"mcpx://alpha/{NOTES}"
+    seen: list[str] = []
+    async with running(alpha), running_daemon(sandbox), agent(sandbox, message_handler=updates_of(seen)) as client:
+        await client.subscribe_resource(exposed)
+        await alpha.stop()
+        assert (await client.call_tool("alpha__touch", {"uri": NOTES})).is_error  # mcpx finds it down
+        subscriptions.subscribe_received.clear()
+        await alpha.start()
+        async with asyncio.timeout(15):
+            await subscriptions.subscribe_received.wait()  # renewed by mcpx on reconnect, not by the agent
+        assert subscriptions.subscribed == [NOTES, NOTES]
+        await client.call_tool("alpha__touch", {"uri": NOTES})
+        await client.list_tools()
+        assert seen == [exposed]

@@ -469,6 +469,15 @@ class Router:
     def lists_changed(self) -> None:
         self._rebuild_catalog()
 
+    def connected(self, upstream: str) -> None:
+        """A shared upstream's new session knows none of the subscriptions the old one had: renew them."""
+        target = self.upstreams.get(upstream)
+        if target is None:
+            return
+        for name, uri in list(self._subscriptions):
+            if name == upstream:
+                self._spawn(target.request("resources/subscribe", {"uri": uri}, None), upstream)
+
     def server_notification(self, upstream: str, message: Message) -> None:
         """A shared upstream's notification that belongs to no agent's call."""
         method = message.get("method")

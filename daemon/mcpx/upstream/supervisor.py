@@ -2,9 +2,12 @@
 backoff.
 
 A `ManagedUpstream` is what the router talks to. Calls made while the upstream is down fail at once with an
-error naming it and why; nothing waits for a reconnect. The last known lists are kept while it is down, so
-agents do not see tools flicker; fresh lists replace them when the upstream comes back, and a
-`notifications/{tools,prompts}/list_changed` from the upstream refreshes the list it names.
+error naming it and why; nothing waits for a reconnect, but for one case: a session that died on its own (a stdio
+server's process exited) is reconnected at once, and calls wait (bounded) for that one attempt. A session lost
+before it had been up for `reconnect_max` seconds is reconnected only after the backoff delay, so a server that
+keeps crashing is restarted ever more slowly. The last known lists are kept while it is down, so agents do not
+see tools flicker; fresh lists replace them when the upstream comes back (agents are told only when they
+changed), and a `notifications/{tools,prompts}/list_changed` from the upstream refreshes the list it names.
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ class UpstreamHooks(Protocol):
         """One of the upstream's lists changed."""
         ...
 
+    def connected(self, upstream: str) -> None:
+        """The upstream has a (new) session: what lived in the old one (resource subscriptions) must be renewed."""
+        ...
+
     def server_notification(self, upstream: str, message: Message) -> None:
         """A notification that belongs to no agent's call (other than list_changed, handled here)."""
         ...
@@ -124,6 +131,11 @@ class ManagedUpstream:
         self._rejected_credential: str | None = None
         # Set once the first connection attempt has ended, however it ended.
         self.first_attempt_done = asyncio.Event()
+        # When the session last became ready, and the attempt that replaces a session that died on its own (calls
+        # wait for it).
+        self._ready_at = 0.0
+        self._recovery_attempt: int | None = None
+        self._reconnect_at_once = False
         self._keeper: asyncio.Task[None] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._stale: set[str] = set()
@@ -202,7 +214,7 @@ class ManagedUpstream:
                 self.state = UpstreamState.READY
                 self.last_error = None
                 self.retry_at = None
-                delay = self.daemon.reconnect_initial
+                self._ready_at = time.monotonic()
                 _log.info(
                     "upstream ready",
                     upstream=self.name,
@@ -212,18 +224,28 @@ class ManagedUpstream:
                     protocol=self.session.protocol_version,
                 )
                 self._set_lists(lists)
+                self._hooks.connected(self.name)
                 await self._attempt_ended(attempt)
                 # Connect again when a call finds the session broken, or when asked to (a new credential).
                 await _first_of(self._broken, self._wake)
+                if self._wake.is_set() or self._reconnect_at_once:
+                    delay = self.daemon.reconnect_initial
+                else:  # lost soon after it came up (e.g. a stdio server that keeps crashing): back off first
+                    await self._back_off(delay)
+                    delay = min(delay * 2, self.daemon.reconnect_max)
                 continue
             await self._attempt_ended(attempt)
-            self.retry_at = time.time() + delay
-            try:
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await self._back_off(delay)
             delay = min(delay * 2, self.daemon.reconnect_max)
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait `delay` seconds before the next attempt, or less if woken."""
+        self.retry_at = time.time() + delay
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
 
     def _fail(self, exc: UpstreamError) -> None:
         state = UpstreamState.AUTH_FAILED if isinstance(exc, CredentialRejected) else UpstreamState.DOWN
@@ -289,11 +311,17 @@ class ManagedUpstream:
 
     async def ensure_ready(self) -> None:
         """Return when calls can be made; raise why not otherwise. Waits (bounded) only where waiting helps: for
-        the first connection attempt, and for a reconnect when the user changed a rejected credential."""
+        the first connection attempt, for the reconnect of a session that died on its own, and for a reconnect
+        when the user changed a rejected credential."""
         if self.state is UpstreamState.STARTING:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.daemon.connect_timeout):
                     await self.first_attempt_done.wait()
+        recovery = self._recovery_attempt
+        if self.state is UpstreamState.DOWN and recovery is not None and self._attempts_ended < recovery:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.daemon.connect_timeout), self._attempt_changed:
+                    await self._attempt_changed.wait_for(lambda: self._attempts_ended >= recovery)
         if self.state is UpstreamState.AUTH_FAILED and self.credentials.describe() != self._rejected_credential:
             await self.reconnect_now()
         if self.state is not UpstreamState.READY:
@@ -310,13 +338,18 @@ class ManagedUpstream:
         retry = f"; retrying in {max(0, round(self.retry_at - time.time()))} s" if self.retry_at else ""
         return UpstreamUnavailable(self.name, f"{self.last_error or 'unavailable'}{retry}")
 
-    def _mark_broken(self, exc: UpstreamError) -> None:
+    def _mark_broken(self, exc: UpstreamError, *, on_its_own: bool = False) -> None:
         if self.state is UpstreamState.READY:
             self._fail(exc)
+            # A session that had been up a while is replaced at once; one lost soon after it came up, after backoff.
+            self._reconnect_at_once = time.monotonic() - self._ready_at >= self.daemon.reconnect_max
+            if on_its_own and self._reconnect_at_once:
+                self._recovery_attempt = self._attempts_started + 1
             self._broken.set()
 
     def _lost(self, reason: str) -> None:
-        self._mark_broken(UpstreamUnavailable(self.name, reason))
+        """The session died on its own (a stdio server's process exited, a stream ended)."""
+        self._mark_broken(UpstreamUnavailable(self.name, reason), on_its_own=True)
 
     # --- lists ---------------------------------------------------------------------------------------------------
 
