@@ -106,7 +106,8 @@ class AgentSession:
             task.cancel()
         self._in_flight.clear()
         for future in self._asks.values():
-            future.cancel()
+            if not future.done():  # the upstream gets an answer now rather than waiting out its deadline
+                future.set_result(unanswered("request", "the agent has disconnected", code=INTERNAL_ERROR))
         self._asks.clear()
 
     # --- requests ------------------------------------------------------------------------------------------------
