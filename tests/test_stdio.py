@@ -4,7 +4,6 @@ process: spawn, calls, the minimal environment, stderr, garbage on stdout, death
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,8 +19,7 @@ from mcpx.jsonrpc import Message
 from mcpx.redact import redact
 from mcpx.upstream import stdio
 from mcpx.upstream.stdio import INHERITED, StdioSession, child_environment
-
-SERVER = str(Path(__file__).parent / "support" / "stdio_server.py")
+from tests.support.stdio import SERVER, gone
 
 
 class Client:
@@ -77,14 +75,6 @@ async def call(opened: StdioSession, tool: str, **arguments: Any) -> Any:
     if isinstance(structured, dict) and "result" in structured:
         return structured["result"]
     return result["content"][0]["text"]
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @pytest.fixture

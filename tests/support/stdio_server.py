@@ -6,24 +6,37 @@ directory, pid), write to stderr, write a line that is not JSON-RPC (or one that
 the process (`crash`). On start it writes `NAME started` to stderr, with the value of `$STDIO_TEST_SECRET` when
 that is set (so tests can check that secrets are redacted in mcpxd's log).
 
+The rest of the surface, for the tests that run it over stdio: a prompt (`review`), a resource (`note://readme`),
+a question to the client during a call (`ask_name`: elicitation; `summarize`: sampling), progress and a log
+message (`work`), and a call that waits until cancelled (`hang`; `cancelled` says whether one was).
+
 `--stubborn` is the fault: it ignores SIGTERM and, when stdin closes, keeps running until it is killed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
 import threading
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp.types import SamplingMessage, TextContent
+from pydantic import BaseModel
 
 # The protocol's stdout, kept before the SDK diverts fd 1 to stderr (it guards the wire against stray prints).
 _WIRE = os.dup(1)
 
 
+class Name(BaseModel):
+    name: str
+
+
 def build(name: str) -> MCPServer:
     server: MCPServer = MCPServer(name, log_level="WARNING")
+    cancelled = threading.Event()
 
     @server.tool()
     def echo(text: str) -> str:
@@ -67,6 +80,59 @@ def build(name: str) -> MCPServer:
         """End the process at once with `status`."""
         print(f"{name} crashing with {status}", file=sys.stderr, flush=True)
         os._exit(status)
+
+    @server.prompt()
+    def review(topic: str) -> str:
+        """Ask for a review of a topic."""
+        return f"{name} reviews {topic}"
+
+    @server.resource("note://readme", mime_type="text/plain")
+    def readme() -> str:
+        """A note."""
+        return f"{name} readme"
+
+    @server.tool()
+    async def ask_name(ctx: Context) -> str:
+        """Ask the user for a name (form elicitation) and greet them."""
+        answer = await ctx.elicit("Who are you?", Name)
+        return f"hello {answer.data.name}" if answer.action == "accept" and answer.data is not None else "no name"
+
+    @server.tool()
+    async def summarize(text: str, ctx: Context) -> str:
+        """Ask the client's model (sampling) to summarize `text`."""
+        try:
+            reply = await ctx.request_context.session.create_message(
+                messages=[SamplingMessage(role="user", content=TextContent(type="text", text=text))],
+                max_tokens=20,
+                related_request_id=ctx.request_id,
+            )
+        except MCPError as exc:
+            return f"sampling refused: {exc.error.code}"
+        content = reply.content
+        return f"summary: {content.text}" if isinstance(content, TextContent) else "summary: ?"
+
+    @server.tool()
+    async def work(steps: int, ctx: Context) -> str:
+        """Report progress for each step, then log a message."""
+        for step in range(1, steps + 1):
+            await ctx.report_progress(step, steps, f"step {step}")
+        await ctx.info(f"{name} did {steps} steps")
+        return "worked"
+
+    @server.tool()
+    async def hang() -> str:
+        """Wait until cancelled."""
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    @server.tool(name="cancelled")
+    def was_cancelled() -> bool:
+        """Whether a `hang` call was cancelled."""
+        return cancelled.is_set()
 
     return server
 

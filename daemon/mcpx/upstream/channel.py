@@ -95,12 +95,18 @@ class ChannelSession(abc.ABC):
     def asked_roots(self) -> bool:
         return self._server_requests.asked_roots
 
+    @property
+    def _handshake_timeout(self) -> float:
+        """How long the server may take to answer `initialize` (a subclass whose server must first start, such as
+        a child process, allows more)."""
+        return self._timeout
+
     async def connect(self) -> None:
         await self._shut("reconnecting")  # also cleans up after a channel that died on its own
         await self._start_channel()
         self._open = True
         try:
-            result = await self.request("initialize", initialize_params(), timeout=self._timeout)
+            result = await self.request("initialize", initialize_params(), timeout=self._handshake_timeout)
             adopt_hello(self, accept_initialize(self.name, result))
             await self.notify("notifications/initialized")
         except BaseException:

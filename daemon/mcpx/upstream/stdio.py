@@ -16,11 +16,13 @@ I/O. The child is an `asyncio.SubprocessProtocol`: stdout goes through the sans-
 once and `_STDERR_RATE` a second after that (how many were left out is logged). A write waits for the pipe to
 drain at most the upstream's `timeout`: a child that stops reading fails the call instead of hanging it.
 
-Death and stop. When the child exits on its own (or closes its stdout), the session is lost with the exit status
-and the child's last stderr line; the supervisor starts a new child, with backoff if it keeps dying. Closing the
-session (shutdown, reload, the end of a per-agent session) closes stdin, waits `STDIN_GRACE` seconds, sends
-SIGTERM to the process group, waits `TERM_GRACE` seconds, sends SIGKILL, and reaps the child. The stop runs in a
-task of its own, so a caller cancelled meanwhile never leaves a child half-stopped.
+Death and stop. The child has the daemon's `connect_timeout` plus the upstream's `timeout` to answer `initialize`
+(it may have to start an interpreter, or download its package). When the child exits on its own (or closes its
+stdout), the session is lost with the exit status and the child's last stderr line; the supervisor starts a new
+child, with backoff if it keeps dying. Closing the session (shutdown, reload, the end of a per-agent session)
+closes stdin, waits `STDIN_GRACE` seconds, sends SIGTERM to the process group, waits `TERM_GRACE` seconds, sends
+SIGKILL, and reaps the child. The stop runs in a task of its own, so a caller cancelled meanwhile never leaves a
+child half-stopped.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from mcpx.auth.credentials import expand_env
-from mcpx.config.model import UpstreamConfig
+from mcpx.config.model import DaemonConfig, UpstreamConfig
 from mcpx.errors import CredentialRejected, UpstreamTimeout, UpstreamUnavailable
 from mcpx.framing.ndjson import LineFramer, Oversized
 from mcpx.log import get_logger
@@ -45,6 +47,8 @@ from mcpx.upstream.channel import ChannelSession
 from mcpx.upstream.peer import ClientSide
 
 _log = get_logger("mcpx.upstream.stdio")
+
+DEFAULT_CONNECT_TIMEOUT: Final[float] = DaemonConfig.model_fields["connect_timeout"].default
 
 # What a child inherits from mcpxd's environment (when set there); everything else it gets from `env`.
 INHERITED: Final = frozenset(
@@ -175,8 +179,8 @@ class _Child(asyncio.SubprocessProtocol):
         self._budget = _LineBudget(_STDERR_BURST, _STDERR_RATE)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.transport = transport
+        # uvloop's process transport has the interface without the class: no isinstance check.
+        self.transport = cast(asyncio.SubprocessTransport, transport)
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -251,8 +255,10 @@ class StdioSession(ChannelSession):
         max_message_bytes: int,
         client: ClientSide,
         on_lost: Callable[[str], None],
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         super().__init__(config.name, timeout=config.timeout, client=client, on_lost=on_lost)
+        self._connect_timeout = connect_timeout
         if config.command is None:
             raise ValueError(f"upstream {config.name!r} has no command")
         self._config = config
@@ -261,6 +267,12 @@ class StdioSession(ChannelSession):
         self._child: _Child | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
+
+    @property
+    def _handshake_timeout(self) -> float:
+        # The child must start first (an `npx`/`uvx` one may even download its package): it has the daemon's
+        # connect_timeout on top of the upstream's timeout to answer initialize.
+        return self._connect_timeout + self._timeout
 
     @property
     def pid(self) -> int | None:
@@ -316,8 +328,8 @@ class StdioSession(ChannelSession):
     async def _send(self, data: bytes) -> None:
         child = self._child
         transport = child.transport if child is not None else None
-        stdin = transport.get_pipe_transport(0) if transport is not None else None
-        if child is None or child.stdin_lost or not isinstance(stdin, asyncio.WriteTransport) or stdin.is_closing():
+        stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0) if transport is not None else None)
+        if child is None or child.stdin_lost or stdin is None or stdin.is_closing():
             raise UpstreamUnavailable(self.name, "the server process is not running")
         try:
             stdin.writelines((data, b"\n"))
