@@ -34,7 +34,7 @@ from mcpx.downstream.listener import (
 )
 from mcpx.downstream.server import AgentConnection, AgentListener
 from mcpx.errors import ConfigError, InvalidParams, LoginFailed
-from mcpx.log import configure_logging, get_logger
+from mcpx.log import configure_logging, get_logger, journal_stream
 from mcpx.notify import reloading, watchdog, watchdog_interval
 from mcpx.router.router import Router
 from mcpx.upstream.supervisor import ManagedUpstream
@@ -253,15 +253,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _complain(*lines: str) -> None:
+    """Startup errors on stderr; as errors (`<3>`) in the journal when stderr goes there."""
+    prefix = "<3>" if journal_stream() else ""
+    for line in lines:
+        print(f"{prefix}{line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     config_path = paths.config_path(args.config)
     try:
         config = load_config(config_path, missing_ok=not paths.config_is_explicit(args.config))
     except ConfigError as exc:
-        print("mcpxd: the configuration is invalid:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _complain("mcpxd: the configuration is invalid:", *(f"  {problem}" for problem in exc.problems))
         return EXIT_CONFIG
     socket_path = args.socket or paths.socket_path(config.daemon.socket)
     state_dir = paths.state_dir(config.daemon.state_dir)
@@ -272,14 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         lock = SocketLock(socket_path)
         lock.acquire()
     except StartupError as exc:
-        print(f"mcpxd: {exc}", file=sys.stderr)
+        _complain(f"mcpxd: {exc}")
         return EXIT_ALREADY_RUNNING if isinstance(exc, AlreadyRunning) else EXIT_STARTUP
     configure_logging(args.log_level or config.daemon.log_level, log_file=state_dir / paths.LOG_FILE_NAME)
     daemon = Daemon(config, config_path, socket_path, state_dir, inherited)
     try:
         return _run(daemon.run(lock))
     except StartupError as exc:
-        print(f"mcpxd: {exc}", file=sys.stderr)
+        _complain(f"mcpxd: {exc}")
         return EXIT_ALREADY_RUNNING if isinstance(exc, AlreadyRunning) else EXIT_STARTUP
 
 

@@ -1,16 +1,23 @@
-"""Logging: structlog, JSON lines to `<state dir>/mcpxd.log`, readable lines on stderr when it is a terminal.
+"""Logging: structlog, JSON lines to `<state dir>/mcpxd.log`, and on stderr readable lines when it is a terminal
+or journal lines when systemd connected it to the journal.
 
 Every event passes through the redactor before it is written, so a secret that slipped into an event (an
 upstream echoing a token in an error) still never reaches a log. Per-message events are DEBUG, which costs
 next to nothing when filtered out.
+
+Under systemd (`$JOURNAL_STREAM` names stderr's device and inode) each event is one line on stderr: a syslog
+priority prefix (`<3>` error … `<7>` debug, which journald turns into the entry's priority, so `journalctl -p`
+filters work), the event and its fields as `key=value`, without colours or a timestamp (journald stamps entries).
+Newlines inside values are escaped, so an event is always one journal entry.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +27,11 @@ import structlog
 from mcpx.redact import redact
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# syslog priorities (sd-daemon(3) prefixes) by structlog level name.
+_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "exception": 3, "critical": 2}
+# Fields the journal records by itself.
+_JOURNAL_SKIPS = frozenset({"event", "level", "timestamp"})
+_PLAIN_VALUE = re.compile(r"[^\s\"'=\\]+")
 
 
 def get_logger(name: str) -> Any:
@@ -35,32 +47,73 @@ def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
 
 
 class _TeeLogger:
-    """Final sink: one JSON line to the log file, and a readable line to stderr when attached to a terminal."""
+    """Final sink: one JSON line to the log file, and on stderr a readable line (a terminal) or a journal line."""
 
-    def __init__(self, file: IO[bytes] | None, console: IO[str] | None) -> None:
+    def __init__(self, file: IO[bytes] | None, console: IO[str] | None, *, journal: bool = False) -> None:
         self._file = file
         self._console = console
-        self._render_console = structlog.dev.ConsoleRenderer(colors=False) if console is not None else None
+        self._journal = journal
+        self._render_console = (
+            structlog.dev.ConsoleRenderer(colors=False) if console is not None and not journal else None
+        )
 
     def msg(self, **event: Any) -> None:
         if self._file is not None:
             self._file.write(orjson.dumps(event, default=str, option=orjson.OPT_APPEND_NEWLINE))
             self._file.flush()
-        if self._console is not None and self._render_console is not None:
+        if self._console is None:
+            return
+        if self._journal:
+            self._console.write(journal_line(event) + "\n")
+        elif self._render_console is not None:
             self._console.write(str(self._render_console(None, "", dict(event))) + "\n")
-            self._console.flush()
+        self._console.flush()
 
     debug = info = warning = error = critical = exception = msg
 
 
-def configure_logging(level: str, *, log_file: Path | None, console: bool | None = None) -> None:
-    """Set up structlog for the daemon. `console=None` means: only when stderr is a terminal."""
+def journal_line(event: Mapping[str, Any]) -> str:
+    """One event as one journal line: `<priority>event key=value ...`, redacted as a whole (values nested in lists
+    and mappings included)."""
+    priority = _PRIORITIES.get(str(event.get("level", "info")), 6)
+    fields = " ".join(f"{key}={_journal_value(value)}" for key, value in event.items() if key not in _JOURNAL_SKIPS)
+    text = str(event.get("event", "")).replace("\r", "\\r").replace("\n", "\\n")
+    return redact(f"<{priority}>{text} {fields}" if fields else f"<{priority}>{text}")
+
+
+def _journal_value(value: Any) -> str:
+    if isinstance(value, str) and _PLAIN_VALUE.fullmatch(value):
+        return value
+    # JSON: quoted where needed, newlines escaped, one line whatever the value.
+    return orjson.dumps(value, default=str).decode()
+
+
+def journal_stream(stream: IO[str] | None = None, env: Mapping[str, str] = os.environ) -> bool:
+    """True when systemd connected `stream` (default: stderr) to the journal: `$JOURNAL_STREAM` is the
+    `device:inode` of that very stream (systemd.exec(5)). A child that inherited the variable but writes elsewhere
+    (a pipe to the shim, a terminal) does not match."""
+    expected = env.get("JOURNAL_STREAM", "")
+    device, _, inode = expected.partition(":")
+    stream = sys.stderr if stream is None else stream
+    try:
+        info = os.fstat(stream.fileno())
+        return (info.st_dev, info.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def configure_logging(
+    level: str, *, log_file: Path | None, console: bool | None = None, journal: bool | None = None
+) -> None:
+    """Set up structlog for the daemon. `journal=None` means: when stderr is systemd's journal stream (then it gets
+    journal lines); `console=None` means: when stderr is a terminal (then it gets readable lines)."""
     file: IO[bytes] | None = None
     if log_file is not None:
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         file = os.fdopen(fd, "ab", buffering=0)
-    show_console = sys.stderr.isatty() if console is None else console
-    sink = _TeeLogger(file, sys.stderr if show_console else None)
+    to_journal = journal_stream() if journal is None else journal
+    show_console = to_journal or (sys.stderr.isatty() if console is None else console)
+    sink = _TeeLogger(file, sys.stderr if show_console else None, journal=to_journal)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
