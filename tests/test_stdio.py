@@ -146,7 +146,11 @@ async def test_an_unset_variable_in_env_is_named() -> None:
 async def test_a_missing_command_or_cwd_is_reported() -> None:
     missing = UpstreamConfig(name="nope", command="mcpx-test-no-such-command")
     opened = StdioSession(missing, max_message_bytes=1 << 20, client=Client(), on_lost=Lost())
-    with pytest.raises(UpstreamUnavailable, match="cannot start 'mcpx-test-no-such-command'"):
+    with pytest.raises(UpstreamUnavailable, match="cannot start 'mcpx-test-no-such-command': not found on PATH"):
+        await opened.connect()
+    absent = UpstreamConfig(name="nope", command="/nonexistent-mcpx-test-dir/server")
+    opened = StdioSession(absent, max_message_bytes=1 << 20, client=Client(), on_lost=Lost())
+    with pytest.raises(UpstreamUnavailable, match="no such file"):
         await opened.connect()
     nowhere = config(cwd=Path("/nonexistent-mcpx-test-dir"))
     opened = StdioSession(nowhere, max_message_bytes=1 << 20, client=Client(), on_lost=Lost())

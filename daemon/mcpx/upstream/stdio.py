@@ -311,6 +311,12 @@ class StdioSession(ChannelSession):
                 cwd=cwd,
                 start_new_session=True,
             )
+        except FileNotFoundError:
+            if os.sep in self._command:
+                why = "no such file"
+            else:  # mcpxd's PATH (a service's is short) is the child's, unless `env` sets one
+                why = f"not found on PATH ({env['PATH']}): give its full path, or set PATH in `env`"
+            raise UpstreamUnavailable(self.name, f"cannot start {self._command!r}: {why}") from None
         except OSError as exc:
             why = exc.strerror or type(exc).__name__
             raise UpstreamUnavailable(self.name, f"cannot start {self._command!r}: {why}") from None
