@@ -231,3 +231,17 @@ async def test_prompts_resources_questions_progress_and_cancellation_over_stdio(
                 assert told.structured_content is not None
                 if told.structured_content["result"] is True:
                     break
+
+
+async def test_doctor_says_how_to_fix_a_stdio_server_that_does_not_run(sandbox: Sandbox) -> None:
+    sandbox.write_config(
+        stdio_toml("local", sharing="shared")
+        + '[[proxy.upstream]]\nname = "broken"\ncommand = "mcpx-test-no-such-server"\n'
+    )
+    async with running_daemon(sandbox), agent(sandbox) as client:
+        assert "local__echo" in {tool.name for tool in (await client.list_tools()).tools}
+        code, out, _ = await mcpxctl(sandbox, "doctor")
+    assert code == 1
+    assert "FAIL  upstream broken: not running: cannot start 'mcpx-test-no-such-server': not found on PATH" in out
+    assert "fix: check that `mcpx-test-no-such-server` runs (its stderr is in `mcpxctl logs`" in out
+    assert "ok    upstream local: ready" in out

@@ -162,6 +162,7 @@ class Doctor:
 
     def check_upstreams(self, status: dict[str, Any], config: Any) -> None:
         auth = {upstream.name: upstream.auth for upstream in getattr(config, "upstreams", ())}
+        local = {upstream.name for upstream in getattr(config, "upstreams", ()) if upstream.command is not None}
         for upstream in status["upstreams"]:
             name, state, error = upstream["name"], upstream["state"], upstream.get("last_error")
             subject = f"upstream {name}"
@@ -170,6 +171,14 @@ class Doctor:
                 self.add(FAIL, subject, f"needs a login ({upstream['url']})", f"mcpxctl login {name}")
             elif state == "auth_failed":
                 self.add(FAIL, subject, f"credential rejected: {error}", *self._credential_fixes(auth.get(name)))
+            elif state == "down" and name in local:
+                self.add(
+                    FAIL,
+                    subject,
+                    f"not running: {error}",
+                    f"check that `{upstream['url']}` runs (its stderr is in `mcpxctl logs`; mcpxd restarts it by "
+                    "itself), or fix command, args, env or cwd in the config",
+                )
             elif state == "down":
                 self.add(
                     FAIL,
