@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.daemon import Sandbox
+from tests.support.lifecycle import stop_stray_daemons
 
 
 @pytest.fixture
@@ -15,4 +16,6 @@ def sandbox() -> Iterator[Sandbox]:
     try:
         yield box
     finally:
+        # A daemon that a shim started when the test's own one stopped under its agent must not outlive the test.
+        stop_stray_daemons(box)
         box.remove()

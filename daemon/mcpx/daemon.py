@@ -3,6 +3,12 @@
 Runs in the foreground (systemd, launchd and `mcpx-shim` start it). SIGHUP reloads the config. Readiness is
 reported with sd_notify (READY=1) once the socket is served, which is also how tests wait for it; reloads,
 the watchdog and socket activation are in `notify.py` and `downstream/listener.py`.
+
+SIGTERM and SIGINT stop gracefully: no new connections; agents are told (a `notifications/message` where the
+logging capability is offered); the calls in flight get `--stop-timeout` seconds to finish, and those that do not
+are answered with an error; agents attached through `mcpx-shim` are handed back to it (see
+`downstream/server.py`), which reconnects them to the next mcpxd once this one has exited; upstream sessions are
+closed (DELETE); exit status 0.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 import sdnotify
 
-from mcpx import __version__, paths
+from mcpx import __version__, jsonrpc, paths
 from mcpx.auth.oauth.credential import LoginError, OAuthCredential
 from mcpx.config import Config, load_config
 from mcpx.downstream.listener import (
@@ -46,6 +52,10 @@ EXIT_STARTUP = 3
 EXIT_ALREADY_RUNNING = 4
 EXIT_SERVING_FAILED = 5  # the accept loop failed: a restart may help (systemd: Restart=on-failure)
 
+# Seconds the calls in flight get to finish at a stop. With the flush and the upstream DELETEs (2 s each, in
+# parallel) it stays within the units' stop timeouts (systemd TimeoutStopSec=20, launchd ExitTimeOut=20).
+STOP_TIMEOUT = 10.0
+
 
 class Daemon:
     def __init__(
@@ -55,6 +65,8 @@ class Daemon:
         socket_path: Path,
         state_dir: Path,
         inherited: socket.socket | None = None,
+        *,
+        stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -68,6 +80,9 @@ class Daemon:
         self._notifier = sdnotify.SystemdNotifier()
         self._inherited = inherited  # the socket unit's listening socket (socket activation)
         self._serving_failed = False
+        self.stop_timeout = stop_timeout
+        # Lifelines of the agents handed back to their shims: closed when this daemon is done (lock released).
+        self._handed_over: list[socket.socket] = []
 
     async def run(self, lock: SocketLock) -> int:
         loop = asyncio.get_running_loop()
@@ -81,33 +96,84 @@ class Daemon:
             lambda peer, lifeline: AgentConnection(
                 self.router, self, self.connections, max_bytes, peer=peer, lifeline=lifeline
             ),
+            max_resume_bytes=4 * max_bytes,
         )
         serving = loop.create_task(listener.serve())
         serving.add_done_callback(self._serving_ended)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signum, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_from_signal()))
         _log.info("mcpxd serving", socket=str(self.socket_path), config=str(self.config_path), pid=os.getpid())
         self._notifier.notify(f"READY=1\nSTATUS={self._summary()}\nMAINPID={os.getpid()}")
         pinging = loop.create_task(watchdog(self._notifier, watchdog_interval()))
         try:
             await self._stop.wait()
-        finally:
             self._notifier.notify("STOPPING=1")
-            _log.info("mcpxd stopping")
+            # Stop accepting: a shim that connects from now on finds no daemon (or, under socket activation, waits
+            # in the socket unit's queue for the next one).
+            serving.cancel()
+            listener.close()
+            self._remove_socket_file(bound)
+            await self._wind_down()
+        finally:
             serving.cancel()
             pinging.cancel()
             listener.close()
             for connection in list(self.connections):
                 connection.close()
             await self.router.stop()
-            # Remove the socket file only if it is still ours (a newer daemon may have replaced it).
-            with contextlib.suppress(OSError):
-                current = os.stat(self.socket_path)
-                if bound is not None and (current.st_dev, current.st_ino) == (bound.st_dev, bound.st_ino):
-                    self.socket_path.unlink()
+            self._remove_socket_file(bound)
             lock.release()
+            # Only now may the shims reconnect (and start the next mcpxd, which needs the lock).
+            for lifeline in self._handed_over:
+                lifeline.close()
+            self._handed_over.clear()
         return EXIT_SERVING_FAILED if self._serving_failed else 0
+
+    def _stop_signal(self) -> None:
+        if self._stop.is_set():
+            _log.warning("already stopping: calls in flight get their time", stop_timeout_s=self.stop_timeout)
+        self._stop.set()
+
+    async def _wind_down(self) -> None:
+        """Let every agent's calls finish (bounded), answer the rest, hand attached agents back to their shims."""
+        connections = list(self.connections)
+        _log.info("mcpxd stopping", agents=self._agent_count(), stop_timeout_s=self.stop_timeout)
+        tell = "logging" in self.router.capabilities()  # MCP: log messages only from servers that offer logging
+        outcomes = await asyncio.gather(
+            *(
+                connection.stop(self.stop_timeout, self._stop_notice(connection.attached) if tell else None)
+                for connection in connections
+            ),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, socket.socket):
+                self._handed_over.append(outcome)
+            elif isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                _log.error("an agent connection failed to stop", error=repr(outcome))
+        if connections:
+            _log.info("agents handed back to their shims", count=len(self._handed_over), connections=len(connections))
+
+    def _stop_notice(self, attached: bool) -> bytes:
+        then = (
+            "requests sent from now on are answered by the next mcpxd, which mcpx-shim reconnects this session to"
+            if attached
+            else "this connection then closes"
+        )
+        text = f"mcpxd is stopping: calls in progress get up to {self.stop_timeout:g} s to finish; {then}"
+        notice = jsonrpc.notification("notifications/message", {"level": "warning", "logger": "mcpx", "data": text})
+        return jsonrpc.dumps(notice)
+
+    def _remove_socket_file(self, bound: os.stat_result | None) -> None:
+        """Remove the socket file if this daemon bound it and it is still that one (a newer daemon may have replaced
+        it; a socket unit keeps its own)."""
+        if bound is None:
+            return
+        with contextlib.suppress(OSError):
+            current = os.stat(self.socket_path)
+            if (current.st_dev, current.st_ino) == (bound.st_dev, bound.st_ino):
+                self.socket_path.unlink()
 
     def _serving_ended(self, serving: asyncio.Task[None]) -> None:
         """The accept loop ends only when cancelled at shutdown; anything else leaves agents unable to connect, so
@@ -156,6 +222,8 @@ class Daemon:
             return {**changes, "notes": notes}
 
     async def _reload_from_signal(self) -> None:
+        if self._stop.is_set():
+            return
         try:
             await self.reload()
         except ConfigError as exc:
@@ -249,8 +317,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="config file (default: $MCPX_CONFIG, else XDG config)")
     parser.add_argument("--socket", type=Path, help="socket path (overrides the config and $MCPX_SOCKET)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        default=STOP_TIMEOUT,
+        metavar="SECONDS",
+        help=f"at SIGTERM/SIGINT, how long calls in progress may take to finish (default {STOP_TIMEOUT:g})",
+    )
     parser.add_argument("--version", action="version", version=f"mcpxd {__version__}")
     return parser.parse_args(argv)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
+    return value
 
 
 def _complain(*lines: str) -> None:
@@ -280,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         _complain(f"mcpxd: {exc}")
         return EXIT_ALREADY_RUNNING if isinstance(exc, AlreadyRunning) else EXIT_STARTUP
     configure_logging(args.log_level or config.daemon.log_level, log_file=state_dir / paths.LOG_FILE_NAME)
-    daemon = Daemon(config, config_path, socket_path, state_dir, inherited)
+    daemon = Daemon(config, config_path, socket_path, state_dir, inherited, stop_timeout=args.stop_timeout)
     try:
         return _run(daemon.run(lock))
     except StartupError as exc:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 from mcpx import __version__, paths
 from mcpx.cli.files import atomic_write
-from mcpx.control.client import ControlError, DaemonNotRunning, call, daemon_answers, lock_is_free
+from mcpx.control.client import ControlError, DaemonNotRunning, call, lock_is_free
 
 MARKER = "Written by mcpxctl install"
 LABEL = "io.github.mcpx.mcpxd"
 SOCKET_UNIT = "mcpx.socket"
 SERVICE_UNIT = "mcpx.service"
 _COMMAND_TIMEOUT = 60.0
-_STOP_TIMEOUT = 10.0
+_STOP_TIMEOUT = 20.0  # a stopping mcpxd lets its calls finish first (mcpxd --stop-timeout, 10 s)
 
 
 def _installed_header(comment: str) -> str:
@@ -399,10 +399,14 @@ def _run(command: Command) -> None:
         print("  " + output.replace("\n", "\n  "))
 
 
-def _stop_foreign_daemon(socket_path: Path) -> None:
+def _stop_foreign_daemon(socket_path: Path, manager: str) -> None:
     """A daemon the service manager did not start (a shim starts one when none answers) would keep serving the
     socket path and hold its lock, so the service could not start: ask it to stop, and wait (bounded) until it
-    has let go of both (it closes the socket first and holds the lock until its upstreams are shut down)."""
+    has let go of its lock (held until its upstreams are shut down, after it has closed its socket).
+
+    Its agents' shims reconnect once it has exited. Under systemd the socket unit is started first, so that they
+    reach the service's socket (and wait there for the service's mcpxd) instead of starting another daemon that
+    would take the lock from the service."""
     try:
         status = call(socket_path, "mcpx/status", timeout=5.0)
     except (DaemonNotRunning, ControlError, OSError):
@@ -410,6 +414,8 @@ def _stop_foreign_daemon(socket_path: Path) -> None:
     pid = status.get("pid") if isinstance(status, dict) else None
     if not isinstance(pid, int):
         return
+    if manager == "systemd":
+        _run(Command(("systemctl", "--user", "start", SOCKET_UNIT), must_succeed=False))
     print(f"stopping the mcpxd running outside the service manager (pid {pid}); the service takes over")
     try:
         os.kill(pid, signal.SIGTERM)
@@ -417,7 +423,7 @@ def _stop_foreign_daemon(socket_path: Path) -> None:
         return
     lock = paths.socket_lock(socket_path)
     deadline = time.monotonic() + _STOP_TIMEOUT
-    while time.monotonic() < deadline and (daemon_answers(socket_path) or not lock_is_free(lock)):
+    while time.monotonic() < deadline and not lock_is_free(lock):
         time.sleep(0.05)
 
 
@@ -450,7 +456,7 @@ def carry_out_install(plan: Plan, target: Target) -> None:
     try:
         for command in plan.commands:
             if command.starts:
-                _stop_foreign_daemon(target.socket)
+                _stop_foreign_daemon(target.socket, plan.manager)
             _run(command)
     except Refused as exc:
         raise Refused(
