@@ -39,6 +39,12 @@ class SSEDecoder:
     def last_event_id(self) -> str | None:
         return self._last_id
 
+    @property
+    def retry(self) -> int | None:
+        """The last `retry:` value read (milliseconds), whether or not an event with data followed it (SSE priming
+        events carry only an id and a retry)."""
+        return self._retry
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if self._at_start:
             self._line += chunk

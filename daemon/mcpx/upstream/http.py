@@ -5,38 +5,47 @@ JSON body or by an SSE stream that ends with the response, so responses can neve
 What it handles: `Mcp-Session-Id` and `MCP-Protocol-Version`, re-initialize and retry once when the server
 forgot the session (404), re-read the credential and retry once on 401, the per-call deadline (with
 `notifications/cancelled` sent upstream, since over HTTP a disconnect is not a cancellation), DELETE on close.
+
+Streams (SSE) and their resumption:
+- A POST's SSE stream that ends or breaks before the response, after the server gave it an event id (a priming
+  event, SEP-1699 polling), is resumed with GET + `Last-Event-ID` once the server's `retry` has passed, as often
+  as needed within the call's deadline.
+- After initialize, a standalone GET stream carries the server's messages that belong to no request (list
+  changes, log messages, requests to the client, which are answered by POST). 405 means the server has none.
+  When it drops it is reopened with `Last-Event-ID`, after the server's `retry` or a capped backoff. It is owned
+  by the session (replaced on re-initialize, cancelled on close) and never delays a call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import itertools
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Final
 
 from mcpx import jsonrpc
-from mcpx.auth.credentials import CredentialProvider, expand_env
-from mcpx.auth.oauth.metadata import Challenge, parse_bearer_challenge
+from mcpx.auth.credentials import CredentialProvider
 from mcpx.config.model import UpstreamConfig
 from mcpx.errors import (
-    CredentialRejected,
     FrameTooLarge,
     InvalidRequest,
     McpxError,
+    NeedsLogin,
     ParseError,
     SessionExpired,
-    UpstreamHTTPError,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamRpcError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mcpx.framing.sse import SSEDecoder
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
-from mcpx.redact import any_registered, redact
-from mcpx.upstream.h1 import BodyTooLarge, ConnectError, HttpClient, HttpClientError, Response, Target
+from mcpx.redact import any_registered
+from mcpx.upstream.h1 import BodyTooLarge, HttpClient, HttpClientError, Response
+from mcpx.upstream.httpbase import EventStream, HttpPeer, describe_connection_error, event_data
 from mcpx.upstream.peer import (
     ClientSide,
     ServerRequests,
@@ -48,16 +57,25 @@ from mcpx.upstream.peer import (
 
 _log = get_logger("mcpx.upstream")
 
-_T = TypeVar("_T")
+# Reopening a stream the server closed without saying when (`retry`): first wait, doubling on each failure up to
+# the cap (seconds).
+STREAM_RETRY_INITIAL: Final = 1.0
+STREAM_RETRY_MAX: Final = 30.0
 
 
-class _Unauthorized(Exception):
-    """HTTP 401 from the upstream; internal to the retry logic."""
+class _Listen(enum.Enum):
+    """How one attempt at the GET stream ended."""
 
-    def __init__(self, sent: dict[str, str], challenge: Challenge) -> None:
-        super().__init__("HTTP 401")
-        self.sent = sent
-        self.challenge = challenge
+    STOP = "stop"  # no GET stream for this session (405, a permanent error): do not reopen
+    RECEIVED = "received"  # the stream delivered something, then ended: reopen after `retry`
+    FAILED = "failed"  # nothing came through: reopen after a growing backoff
+
+
+def reconnect_delay(retry_ms: int | None, failures: int) -> float:
+    """Seconds to wait before reopening a stream: the server's `retry` (else the default), doubled for each
+    consecutive failure, capped."""
+    base = retry_ms / 1000 if retry_ms is not None else STREAM_RETRY_INITIAL
+    return float(min(base * 2 ** max(failures - 1, 0), max(base, STREAM_RETRY_MAX)))
 
 
 class HttpSession:
@@ -75,17 +93,18 @@ class HttpSession:
         self.name = config.name
         self._config = config
         self._http = http
-        self._target = Target.parse(config.http_url)
+        self._peer = HttpPeer(config, http, credentials)
+        self._target = self._peer.target
         self._credentials = credentials
         self._max_message_bytes = max_message_bytes
         self._client = client
         self._server_requests = ServerRequests(config.name, self._post_expecting_accepted, config.timeout)
         self._ids = itertools.count(1)
         self._session_id: str | None = None
-        self._static_headers: dict[str, str] | None = None
         self._generation = 0
         self._init_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Task[None] | None = None
         self.protocol_version: str | None = None
         self.server_info: dict[str, Any] = {}
         self.capabilities: dict[str, Any] = {}
@@ -97,10 +116,14 @@ class HttpSession:
         """(Re-)run the initialize handshake. Raises an `UpstreamError` subclass on failure."""
         async with self._init_lock:
             await self._credentials.prepare()
-            await self._with_auth_retry(self._initialize)
+            await self._peer.with_auth_retry(self._initialize)
 
     async def close(self) -> None:
-        """End the session: DELETE it on the server (best effort, bounded) and stop background sends."""
+        """End the session: DELETE it on the server (best effort, bounded) and stop background work."""
+        listener = self._listener
+        self._stop_listener()
+        if listener is not None:
+            await asyncio.wait({listener}, timeout=1.0)  # it only releases its stream
         for task in list(self._background):
             task.cancel()
         self._server_requests.close()
@@ -162,7 +185,7 @@ class HttpSession:
             generation = self._generation
             try:
                 exchange = functools.partial(self._exchange, request_id, body, on_related, forward_raw=forward_raw)
-                return await self._with_auth_retry(exchange)
+                return await self._peer.with_auth_retry(exchange)
             except SessionExpired:
                 if expired_once:
                     raise
@@ -175,30 +198,7 @@ class HttpSession:
             if self._generation != seen_generation:
                 return  # another caller already re-initialized
             self._session_id = None
-            await self._with_auth_retry(self._initialize)
-
-    async def _with_auth_retry(self, attempt: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-        # At most one renewal and one replay per request (TOK-3): a 401 after that is final.
-        try:
-            return await attempt()
-        except _Unauthorized as unauthorized:
-            if not await self._credentials.renew(unauthorized.sent, unauthorized.challenge):
-                raise self._rejected() from None
-            _log.info("credential changed after a 401, retrying once", upstream=self.name)
-        try:
-            return await attempt()
-        except _Unauthorized:
-            raise self._rejected() from None
-
-    def _forbidden(self, response: Response) -> None:
-        challenge = parse_bearer_challenge(response.headers.get("www-authenticate"))
-        if challenge.error == "insufficient_scope":
-            step_up = self._credentials.insufficient_scope(challenge)
-            if step_up is not None:
-                raise step_up
-
-    def _rejected(self) -> CredentialRejected:
-        return CredentialRejected(self.name, f"the credential was rejected (HTTP 401): {self._credentials.fix_hint()}")
+            await self._peer.with_auth_retry(self._initialize)
 
     @property
     def asked_roots(self) -> bool:
@@ -207,27 +207,37 @@ class HttpSession:
     async def _initialize(self) -> None:
         request_id = next(self._ids)
         body = jsonrpc.dumps(jsonrpc.request(request_id, "initialize", initialize_params()))
+        self._stop_listener()
         self._session_id = None
         adopt_hello(self, accept_initialize(self.name, await self._exchange(request_id, body, None, initializing=True)))
         self._generation += 1
         await self._post_expecting_accepted(jsonrpc.dumps(jsonrpc.notification("notifications/initialized")))
+        self._listener = asyncio.get_running_loop().create_task(
+            self._listen(self._generation), name=f"upstream:{self.name}:get-stream"
+        )
 
     # --- one HTTP exchange ---------------------------------------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:
-        if self._static_headers is None:
-            # The daemon's environment does not change while it runs: expand `${VAR}` once.
-            self._static_headers = {
-                name: expand_env(value, upstream=self.name, what=f"the {name} header")
-                for name, value in self._config.headers.items()
-            }
-        headers = {**self._static_headers, **self._credentials.headers()}
+        headers = self._peer.headers()
         headers["Accept"] = "application/json, text/event-stream"
         headers["Content-Type"] = "application/json"
         if self._session_id is not None:
             headers["Mcp-Session-Id"] = self._session_id
         if self.protocol_version is not None:
             headers["MCP-Protocol-Version"] = self.protocol_version
+        return headers
+
+    def _stream_headers(self, last_event_id: str | None) -> dict[str, str]:
+        """The headers of a GET that opens or resumes an SSE stream."""
+        headers = self._peer.headers()
+        headers["Accept"] = "text/event-stream"
+        if self._session_id is not None:
+            headers["Mcp-Session-Id"] = self._session_id
+        if self.protocol_version is not None:
+            headers["MCP-Protocol-Version"] = self.protocol_version
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
         return headers
 
     async def _exchange(
@@ -244,18 +254,18 @@ class HttpSession:
         try:
             response = await self._http.request("POST", self._target, headers, body)
         except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
+            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
         # The connection goes back to the pool when this returns, unless an SSE stream is handed to a drainer.
         handed_off = False
         try:
             if response.status == 401:
-                raise _Unauthorized(headers, parse_bearer_challenge(response.headers.get("www-authenticate")))
+                raise self._peer.unauthorized(headers, response)
             if response.status == 403:
-                self._forbidden(response)
+                self._peer.forbidden(response)
             if response.status == 404 and sent_session is not None:
                 raise SessionExpired(self.name, "the upstream no longer knows our session")
             if response.status != 200:
-                raise await self._http_error(response)
+                raise await self._peer.http_error(response)
             if initializing:
                 session_id = response.headers.get("mcp-session-id")
                 if session_id is not None and not _visible_ascii(session_id):
@@ -274,7 +284,7 @@ class HttpSession:
         except BodyTooLarge as exc:
             raise UpstreamProtocolError(self.name, str(exc)) from None
         except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
+            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
         finally:
             if not handed_off:
                 response.release()
@@ -287,28 +297,76 @@ class HttpSession:
     async def _read_stream(
         self, response: Response, request_id: int, on_related: ClientSide | None, forward_raw: bool
     ) -> Any:
-        decoder = SSEDecoder(self._max_message_bytes)
+        """Read a POST's SSE stream up to the response, resuming it with GET + `Last-Event-ID` when it ends or
+        breaks first after the server gave it an event id (the call's deadline bounds the whole)."""
+        stream = EventStream(self._max_message_bytes)
+        current = response
+        resumed: Response | None = None
         try:
-            async for chunk in response.chunks():
-                for event in decoder.feed(chunk):
-                    if event.event != "message" or not event.data:
-                        continue
-                    data = event.data.encode()
-                    if forward_raw and (spliced := _spliced(data, request_id)) is not None:
-                        return spliced
-                    message = self._parse(data)
-                    if "method" not in message:
-                        if message.get("id") == request_id:
-                            return self._result_of(message, request_id)
-                        _log.debug("ignoring unrelated response on stream", upstream=self.name)
-                    else:
-                        # On a request's own stream, the server's messages belong to that request (SEP-2260).
-                        route_incoming(
-                            message, related=on_related, default=self._client, requests=self._server_requests
-                        )
-        except FrameTooLarge as exc:
-            raise UpstreamProtocolError(self.name, f"SSE event too large: {exc}") from None
-        raise UpstreamProtocolError(self.name, "the SSE stream ended before the response")
+            while True:
+                try:
+                    async for event in stream.events(current):
+                        if event.event != "message" or not event.data:
+                            continue
+                        data = event_data(event)
+                        if forward_raw and (spliced := _spliced(data, request_id)) is not None:
+                            return spliced
+                        message = self._parse(data)
+                        if "method" not in message:
+                            if message.get("id") == request_id:
+                                return self._result_of(message, request_id)
+                            _log.debug("ignoring unrelated response on stream", upstream=self.name)
+                        else:
+                            # On a request's own stream, the server's messages belong to that request (SEP-2260).
+                            route_incoming(
+                                message,
+                                related=on_related,
+                                default=self._client,
+                                requests=self._server_requests,
+                                call=request_id,
+                            )
+                except FrameTooLarge as exc:
+                    raise UpstreamProtocolError(self.name, f"SSE event too large: {exc}") from None
+                except HttpClientError:
+                    if stream.last_event_id is None:
+                        raise
+                if stream.last_event_id is None:
+                    raise UpstreamProtocolError(self.name, "the SSE stream ended before the response")
+                # The server closed the stream (or it broke) before the response, but it can be resumed.
+                if resumed is not None:
+                    resumed.release()
+                    resumed = None
+                await asyncio.sleep(reconnect_delay(stream.retry_ms, 0))
+                resumed = current = await self._peer.with_auth_retry(
+                    functools.partial(self._resume_stream, stream.last_event_id)
+                )
+        finally:
+            if resumed is not None:
+                resumed.release()
+
+    async def _resume_stream(self, last_event_id: str) -> Response:
+        """GET + `Last-Event-ID`: the rest of a request's stream (2025-11-25 `basic/transports`, resumability)."""
+        headers = self._stream_headers(last_event_id)
+        try:
+            response = await self._http.request("GET", self._target, headers)
+        except HttpClientError as exc:
+            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+        try:
+            if response.status == 401:
+                raise self._peer.unauthorized(headers, response)
+            if response.status == 403:
+                self._peer.forbidden(response)
+            if response.status == 404 and self._session_id is not None:
+                raise SessionExpired(self.name, "the upstream no longer knows our session")
+            if response.status != 200:
+                error = await self._peer.http_error(response)
+                raise UpstreamUnavailable(self.name, f"the response stream could not be resumed: {error.reason}")
+            if response.content_type != "text/event-stream":
+                raise UpstreamProtocolError(self.name, "a resumed stream is not text/event-stream")
+        except BaseException:
+            response.release()
+            raise
+        return response
 
     async def _drain(self, response: Response) -> None:
         """Read what follows the response on an SSE stream (normally just its end), so that the keep-alive
@@ -338,34 +396,124 @@ class HttpSession:
         except (ParseError, InvalidRequest) as exc:
             raise UpstreamProtocolError(self.name, f"not a JSON-RPC message: {exc}") from None
 
-    async def _http_error(self, response: Response) -> UpstreamHTTPError:
-        detail = ""
-        try:
-            async with asyncio.timeout(2.0):
-                text = (await response.read_prefix(2048)).decode("utf-8", "replace")
-            message = jsonrpc.loads(text).get("error", {}).get("message") if text.startswith("{") else None
-            detail = f": {message}" if isinstance(message, str) else ""
-        except (TimeoutError, HttpClientError, ParseError, AttributeError):
-            pass
-        reason = f"HTTP {response.status} {response.reason or ''}".rstrip() + redact(detail)[:300]
-        return UpstreamHTTPError(self.name, response.status, reason)
-
     async def _post_expecting_accepted(self, body: bytes) -> None:
         try:
             response = await self._http.request("POST", self._target, self._headers(), body)
             try:
                 if response.status == 401:
-                    raise self._rejected()
+                    raise self._peer.rejected()
                 if response.status not in (200, 202, 204):
-                    raise await self._http_error(response)
+                    raise await self._peer.http_error(response)
             finally:
                 response.release()
         except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, _describe_connection_error(exc)) from None
+            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+
+    # --- the standalone GET stream ---------------------------------------------------------------------------------
+
+    def _stop_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
+
+    async def _listen(self, generation: int) -> None:
+        """Keep the session's GET stream open (task top: it ends only when there is none, or is cancelled)."""
+        stream = EventStream(self._max_message_bytes)
+        failures = 0
+        opened_before = False
+        try:
+            while True:
+                outcome = await self._listen_once(stream, generation, opened_before=opened_before)
+                if outcome is _Listen.STOP:
+                    return
+                if outcome is _Listen.RECEIVED:
+                    opened_before = True
+                    failures = 0
+                else:
+                    failures += 1
+                await asyncio.sleep(reconnect_delay(stream.retry_ms, failures))
+        except Exception:  # noqa: BLE001 - task top: the GET stream must never take the session down
+            _log.exception("GET stream failed", upstream=self.name)
+
+    async def _listen_once(self, stream: EventStream, generation: int, *, opened_before: bool) -> _Listen:
+        try:
+            headers = self._stream_headers(stream.last_event_id)
+        except (UpstreamError, NeedsLogin) as exc:  # the credential cannot be read: calls will say why
+            _log.debug("GET stream not opened", upstream=self.name, error=str(exc))
+            return _Listen.STOP
+        try:
+            async with asyncio.timeout(self._config.timeout):
+                response = await self._http.request("GET", self._target, headers)
+        except (TimeoutError, HttpClientError) as exc:
+            _log.debug("GET stream could not be opened", upstream=self.name, error=str(exc))
+            return _Listen.FAILED
+        chunks_before = stream.chunks
+        try:
+            status = response.status
+            if status == 405:
+                _log.debug("upstream offers no GET stream", upstream=self.name)
+                return _Listen.STOP
+            if status == 401:
+                try:
+                    renewed = await self._credentials.renew(
+                        headers, self._peer.unauthorized(headers, response).challenge
+                    )
+                except (McpxError, TimeoutError) as exc:
+                    _log.debug("GET stream: credential not renewed", upstream=self.name, error=str(exc))
+                    renewed = False
+                # Renewed: try again (a new 401 backs off); else the next call reports the rejected credential.
+                return _Listen.FAILED if renewed else _Listen.STOP
+            if status == 404 and self._session_id is not None:
+                if opened_before and generation == self._generation:
+                    # It had a GET stream in this session: the server forgot the session. A ping finds out and
+                    # re-initializes (which opens a new GET stream).
+                    _log.debug("GET stream: upstream session expired, checking", upstream=self.name)
+                    self._spawn(self._check_session)
+                return _Listen.STOP
+            if status in (408, 409, 425, 429) or status >= 500:
+                _log.debug("GET stream refused for now", upstream=self.name, status=status)
+                return _Listen.FAILED
+            if status != 200 or response.content_type != "text/event-stream":
+                _log.warning(
+                    "upstream's GET stream is unusable; server notifications outside calls are not received",
+                    upstream=self.name,
+                    status=status,
+                    content_type=response.content_type,
+                )
+                return _Listen.STOP
+            async for event in stream.events(response):
+                if event.event == "message" and event.data:
+                    self._from_get_stream(event_data(event))
+            _log.debug("GET stream ended", upstream=self.name)
+        except FrameTooLarge as exc:
+            _log.warning("GET stream dropped: event too large", upstream=self.name, error=str(exc))
+        except HttpClientError as exc:
+            _log.debug("GET stream broke", upstream=self.name, error=str(exc))
+        finally:
+            response.release()
+        # A stream that brought something (even a comment or a priming event) is reopened after the server's
+        # `retry`; one that ended empty counts as a failure, so a server that closes at once is not hammered.
+        return _Listen.RECEIVED if stream.chunks > chunks_before else _Listen.FAILED
+
+    def _from_get_stream(self, raw: bytes) -> None:
+        try:
+            message = self._parse(raw)
+        except UpstreamProtocolError as exc:
+            _log.warning("upstream sent something that is not JSON-RPC", upstream=self.name, error=exc.reason)
+            return
+        if "method" not in message:
+            _log.debug("ignoring a response on the GET stream", upstream=self.name)
+            return
+        # Nothing relates a message on the standalone stream to a call: it goes to the session's client side.
+        route_incoming(message, related=None, default=self._client, requests=self._server_requests)
+
+    async def _check_session(self) -> None:
+        await self.request("ping", None, timeout=self._config.timeout)
 
     # --- background sends ----------------------------------------------------------------------------------------
 
     def _cancel_upstream(self, request_id: int, reason: str) -> None:
+        self._server_requests.withdraw(request_id)
         if self._session_id is not None:
             params = {"requestId": request_id, "reason": reason}
             self._spawn(lambda: self.notify("notifications/cancelled", params))
@@ -390,9 +538,3 @@ def _spliced(raw: bytes, request_id: int) -> jsonrpc.RawJson | None:
 
 def _visible_ascii(value: str) -> bool:
     return bool(value) and all(0x21 <= ord(char) <= 0x7E for char in value)
-
-
-def _describe_connection_error(exc: HttpClientError) -> str:
-    if isinstance(exc, ConnectError):
-        return f"cannot connect: {exc}"
-    return str(exc)

@@ -1,0 +1,150 @@
+"""What the HTTP transports of one upstream share (streamable HTTP in `http.py`, legacy HTTP+SSE in
+`legacy_sse.py`): the upstream's URL, the headers every request carries (configured ones, `${VAR}` expanded once,
+plus the credential's), the 401 rule (renew the credential once, replay once), the 403 step-up, readable HTTP
+errors, and reading one server-sent-event stream through the bounded decoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+from mcpx import jsonrpc
+from mcpx.auth.credentials import CredentialProvider, expand_env
+from mcpx.auth.oauth.metadata import Challenge, parse_bearer_challenge
+from mcpx.config.model import UpstreamConfig
+from mcpx.errors import CredentialRejected, ParseError, UpstreamHTTPError
+from mcpx.framing.sse import SSEDecoder, SSEEvent
+from mcpx.log import get_logger
+from mcpx.redact import redact
+from mcpx.upstream.h1 import ConnectError, HttpClient, HttpClientError, Response, Target
+
+_log = get_logger("mcpx.upstream")
+
+_T = TypeVar("_T")
+
+# The longest `retry:` a server may ask mcpx to wait before reconnecting a stream (milliseconds).
+MAX_RETRY_MS = 60_000
+
+
+class Unauthorized(Exception):
+    """HTTP 401 from the upstream; internal to the retry logic (`HttpPeer.with_auth_retry`)."""
+
+    def __init__(self, sent: dict[str, str], challenge: Challenge) -> None:
+        super().__init__("HTTP 401")
+        self.sent = sent
+        self.challenge = challenge
+
+
+class HttpPeer:
+    """One upstream reached over HTTP: its URL, credential and configured headers, and the rules for their use."""
+
+    def __init__(self, config: UpstreamConfig, http: HttpClient, credentials: CredentialProvider) -> None:
+        self.name = config.name
+        self.config = config
+        self.http = http
+        self.url = config.http_url
+        self.target = Target.parse(config.http_url)
+        self.credentials = credentials
+        self._static_headers: dict[str, str] | None = None
+
+    def headers(self) -> dict[str, str]:
+        """A fresh dict of the headers every request to this upstream carries (configured, then credential)."""
+        if self._static_headers is None:
+            # The daemon's environment does not change while it runs: expand `${VAR}` once.
+            self._static_headers = {
+                name: expand_env(value, upstream=self.name, what=f"the {name} header")
+                for name, value in self.config.headers.items()
+            }
+        return {**self._static_headers, **self.credentials.headers()}
+
+    async def with_auth_retry(self, attempt: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """Run `attempt`; when it raises `Unauthorized`, renew the credential and run it once more.
+
+        At most one renewal and one replay per request (TOK-3): a 401 after that is final (`CredentialRejected`).
+        """
+        try:
+            return await attempt()
+        except Unauthorized as unauthorized:
+            if not await self.credentials.renew(unauthorized.sent, unauthorized.challenge):
+                raise self.rejected() from None
+            _log.info("credential changed after a 401, retrying once", upstream=self.name)
+        try:
+            return await attempt()
+        except Unauthorized:
+            raise self.rejected() from None
+
+    def unauthorized(self, sent: dict[str, str], response: Response) -> Unauthorized:
+        return Unauthorized(sent, parse_bearer_challenge(response.headers.get("www-authenticate")))
+
+    def forbidden(self, response: Response) -> None:
+        """A 403: raise the credential's step-up error when the server asks for more scopes."""
+        challenge = parse_bearer_challenge(response.headers.get("www-authenticate"))
+        if challenge.error == "insufficient_scope":
+            step_up = self.credentials.insufficient_scope(challenge)
+            if step_up is not None:
+                raise step_up
+
+    def rejected(self) -> CredentialRejected:
+        return CredentialRejected(self.name, f"the credential was rejected (HTTP 401): {self.credentials.fix_hint()}")
+
+    async def http_error(self, response: Response) -> UpstreamHTTPError:
+        """The error for an HTTP status mcpx cannot use, with the JSON-RPC error message of the body if any."""
+        detail = ""
+        try:
+            async with asyncio.timeout(2.0):
+                text = (await response.read_prefix(2048)).decode("utf-8", "replace")
+            message = jsonrpc.loads(text).get("error", {}).get("message") if text.startswith("{") else None
+            detail = f": {message}" if isinstance(message, str) else ""
+        except (TimeoutError, HttpClientError, ParseError, AttributeError):
+            pass
+        reason = f"HTTP {response.status} {response.reason or ''}".rstrip() + redact(detail)[:300]
+        return UpstreamHTTPError(self.name, response.status, reason)
+
+
+def describe_connection_error(exc: HttpClientError) -> str:
+    if isinstance(exc, ConnectError):
+        return f"cannot connect: {exc}"
+    return str(exc)
+
+
+class EventStream:
+    """One `text/event-stream` body read event by event, remembering what a reconnection needs: the last event id
+    and the server's `retry` (both also set by events without data, such as SSE priming events).
+
+    Raises `FrameTooLarge` for an event beyond `max_event` bytes and `HttpClientError` when the connection fails.
+    """
+
+    def __init__(self, max_event: int) -> None:
+        self._decoder = SSEDecoder(max_event)
+        self.last_event_id: str | None = None
+        self.retry_ms: int | None = None
+        self.chunks = 0  # body chunks read so far, over every response read
+
+    async def events(self, response: Response) -> AsyncIterator[SSEEvent]:
+        """The events of `response`: the stream's first body, or one that resumes it (the decoder carries on)."""
+        decoder = self._decoder
+        async for chunk in response.chunks():
+            self.chunks += 1
+            events = decoder.feed(chunk)
+            # The decoder's fields are updated as lines are read, dispatched event or not.
+            if decoder.last_event_id is not None:
+                self.last_event_id = decoder.last_event_id
+            if decoder.retry is not None:
+                self.retry_ms = min(decoder.retry, MAX_RETRY_MS)
+            for event in events:
+                yield event
+
+
+def event_data(event: SSEEvent) -> bytes:
+    """An event's data as bytes (the decoder may hand out text or bytes)."""
+    return as_bytes(event.data)
+
+
+def as_bytes(data: str | bytes) -> bytes:
+    return data if isinstance(data, bytes) else data.encode()
+
+
+def as_text(data: str | bytes) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
