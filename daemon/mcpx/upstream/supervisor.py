@@ -148,6 +148,7 @@ class ManagedUpstream:
             http=self._http,
             credentials=self.credentials,
             max_message_bytes=self.daemon.max_message_bytes,
+            connect_timeout=self.daemon.connect_timeout,
             client=client,
             on_lost=on_lost,
         )

@@ -1,0 +1,148 @@
+"""`transport = "auto"`: streamable HTTP, falling back to legacy HTTP+SSE (protocol 2025-11-25 `basic/transports`,
+backwards compatibility).
+
+The first connect POSTs `initialize` to the URL. When that fails with HTTP 400, 404 or 405, the URL is tried as
+an HTTP+SSE stream (GET, expecting an `endpoint` event). The transport that worked is kept for this session; it
+is probed again only when a later reconnect over it fails (the server may have been replaced by a newer or older
+one). Everything else is delegated to the chosen session.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from mcpx.errors import CredentialRejected, NeedsLogin, UpstreamError, UpstreamHTTPError, UpstreamUnavailable
+from mcpx.log import get_logger
+from mcpx.upstream.peer import ClientSide, UpstreamSession
+
+_log = get_logger("mcpx.upstream")
+
+# What a legacy HTTP+SSE server answers to a POST on its SSE URL (2025-11-25 `basic/transports`).
+FALLBACK_STATUSES: Final = frozenset({400, 404, 405})
+
+
+class AutoSession:
+    """A session that picks its transport on connect: streamable HTTP, else HTTP+SSE."""
+
+    def __init__(self, name: str, streamable: UpstreamSession, legacy: UpstreamSession) -> None:
+        self.name = name
+        self._streamable = streamable
+        self._legacy = legacy
+        self._chosen: UpstreamSession | None = None
+
+    @property
+    def transport(self) -> str | None:
+        """The transport in use ("streamable-http" or "sse"), None before the first successful connect."""
+        if self._chosen is None:
+            return None
+        return "sse" if self._chosen is self._legacy else "streamable-http"
+
+    # --- what the server said, from the chosen session --------------------------------------------------------------
+
+    @property
+    def _current(self) -> UpstreamSession:
+        return self._chosen if self._chosen is not None else self._streamable
+
+    @property
+    def protocol_version(self) -> str | None:
+        return self._current.protocol_version
+
+    @protocol_version.setter
+    def protocol_version(self, value: str | None) -> None:
+        self._current.protocol_version = value
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        return self._current.server_info
+
+    @server_info.setter
+    def server_info(self, value: dict[str, Any]) -> None:
+        self._current.server_info = value
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        return self._current.capabilities
+
+    @capabilities.setter
+    def capabilities(self, value: dict[str, Any]) -> None:
+        self._current.capabilities = value
+
+    @property
+    def instructions(self) -> str | None:
+        return self._current.instructions
+
+    @instructions.setter
+    def instructions(self, value: str | None) -> None:
+        self._current.instructions = value
+
+    @property
+    def asked_roots(self) -> bool:
+        return self._chosen is not None and self._chosen.asked_roots
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        chosen = self._chosen
+        if chosen is not None:
+            try:
+                await chosen.connect()
+                return
+            except (CredentialRejected, NeedsLogin):
+                raise
+            except UpstreamError as exc:
+                _log.info("upstream's transport failed, probing again", upstream=self.name, error=exc.reason)
+                await chosen.close()
+                self._chosen = None
+        await self._probe()
+
+    async def _probe(self) -> None:
+        try:
+            await self._streamable.connect()
+        except UpstreamHTTPError as exc:
+            if exc.status not in FALLBACK_STATUSES:
+                raise
+            streamable_error = exc
+            await self._streamable.close()
+        else:
+            self._chosen = self._streamable
+            return
+        _log.info(
+            "upstream refused streamable HTTP, trying HTTP+SSE", upstream=self.name, status=streamable_error.status
+        )
+        try:
+            await self._legacy.connect()
+        except (CredentialRejected, NeedsLogin):
+            raise
+        except UpstreamError as exc:
+            raise UpstreamUnavailable(
+                self.name, f"streamable HTTP: {streamable_error.reason}; HTTP+SSE: {exc.reason}"
+            ) from None
+        self._chosen = self._legacy
+        _log.info("upstream speaks HTTP+SSE", upstream=self.name)
+
+    async def close(self) -> None:
+        # Both: a connect cancelled halfway may have left either one partly open (closing an unused one is free).
+        await self._streamable.close()
+        await self._legacy.close()
+
+    # --- calls ---------------------------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        *,
+        timeout: float,
+        on_related: ClientSide | None = None,
+        forward_raw: bool = False,
+    ) -> Any:
+        if self._chosen is None:
+            raise UpstreamUnavailable(self.name, "not connected")
+        return await self._chosen.request(
+            method, params, timeout=timeout, on_related=on_related, forward_raw=forward_raw
+        )
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        if self._chosen is None:
+            raise UpstreamUnavailable(self.name, "not connected")
+        await self._chosen.notify(method, params)
