@@ -1,0 +1,249 @@
+"""Upstreams for the transport tests: a real legacy HTTP+SSE server (the `mcp` SDK's `SseServerTransport`, through
+`MCPServer.sse_app`) under uvicorn on 127.0.0.1, an in-memory SSE event store for the SDK's resumable streamable
+HTTP server, and a scripted raw-HTTP server for faults the SDK never makes (a foreign `endpoint`, `retry:`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
+from mcp_types import JSONRPCMessage
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tests.support.upstream import build_server, reserve_port
+
+
+@dataclass(frozen=True)
+class SeenHttp:
+    """One HTTP request as a test server received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class LegacyUpstream:
+    """An MCP server speaking the legacy HTTP+SSE transport: GET `/sse` (the stream), POST `/messages/`."""
+
+    def __init__(self, name: str, *, customize: Callable[[MCPServer], None] | None = None) -> None:
+        self.name = name
+        self.customize = customize
+        self._sock = reserve_port()
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/sse"
+        self.requests: list[SeenHttp] = []
+        self._changed = asyncio.Condition()
+        self._drops: set[asyncio.Event] = set()
+        self._uvicorn: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def app(self) -> ASGIApp:
+        server = build_server(self.name, None, self.port)
+        if self.customize is not None:
+            self.customize(server)
+        inner = server.sse_app(sse_path="/sse", message_path="/messages/")
+
+        async def recorded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await inner(scope, receive, send)
+                return
+            headers = {key.decode().lower(): value.decode() for key, value in scope["headers"]}
+            async with self._changed:
+                self.requests.append(SeenHttp(scope["method"], scope["path"], headers))
+                self._changed.notify_all()
+            if scope["method"] == "GET" and scope["path"] == "/sse":
+                await self._droppable(inner, scope, receive, send)
+            else:
+                await inner(scope, receive, send)
+
+        return recorded
+
+    async def _droppable(self, inner: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one SSE stream that `drop_streams` can end: the SDK is told the client went away (so the session
+        is gone on the server) and the body ends cleanly, as when a server restarts its stream handler."""
+        dropped = asyncio.Event()
+        self._drops.add(dropped)
+        ended = False
+
+        async def receiving() -> Message:
+            received = asyncio.ensure_future(receive())
+            drop = asyncio.ensure_future(dropped.wait())
+            try:
+                await asyncio.wait({received, drop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                drop.cancel()
+            if received.done():
+                return received.result()
+            received.cancel()
+            return {"type": "http.disconnect"}
+
+        async def tracking(message: Message) -> None:
+            nonlocal ended
+            if ended or dropped.is_set():
+                return  # after a drop the SDK's handler still answers the "disconnected" request: not sent
+            ended = message["type"] == "http.response.body" and not message.get("more_body", False)
+            await send(message)
+
+        try:
+            await inner(scope, receiving, tracking)
+        finally:
+            self._drops.discard(dropped)
+        if dropped.is_set() and not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def drop_streams(self) -> None:
+        """End every open SSE stream (and its session)."""
+        for dropped in self._drops:
+            dropped.set()
+
+    def seen(self, method: str, path: str) -> list[SeenHttp]:
+        return [r for r in self.requests if r.method == method and r.path == path]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait (bounded) until `predicate` holds over the recorded requests."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def start(self) -> None:
+        if self._sock.fileno() < 0:
+            self._sock = reserve_port_at(self.port)
+        self._sock.listen(128)
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        self._uvicorn = uvicorn.Server(config)
+        self._task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[self._sock]))
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None and self._task is not None:
+            self._uvicorn.should_exit = True
+            await asyncio.wait_for(self._task, 10)
+        self._uvicorn = None
+        self._task = None
+        self._sock.close()
+
+
+def reserve_port_at(port: int) -> socket.socket:
+    """The loopback port `port` bound again (after `stop`), not yet listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serving(upstream: LegacyUpstream) -> AsyncIterator[LegacyUpstream]:
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.stop()
+
+
+class MemoryEventStore(EventStore):
+    """Every SSE event the SDK server sends, kept so that a stream resumed with `Last-Event-ID` is replayed."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, JSONRPCMessage | None]] = []
+
+    async def store_event(self, stream_id: str, message: JSONRPCMessage | None) -> str:
+        event_id = f"{stream_id}:{len(self.events) + 1}"
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
+        ids = [event_id for event_id, _, _ in self.events]
+        if last_event_id not in ids:
+            return None
+        position = ids.index(last_event_id)
+        stream_id = self.events[position][1]
+        for event_id, stream, message in self.events[position + 1 :]:
+            if stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
+
+
+# --- scripted raw HTTP ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawRequest:
+    """One request a `ScriptedHttp` server read: request line, lower-cased headers, body, and when it arrived."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+# A handler answers one request by writing to the connection; returning closes it.
+Handler = Callable[[RawRequest, asyncio.StreamWriter], Awaitable[None]]
+
+
+class ScriptedHttp:
+    """An HTTP/1.1 server on 127.0.0.1 whose every answer a test writes by hand (`handler`, one connection per
+    request)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[RawRequest] = []
+        self._changed = asyncio.Condition()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> ScriptedHttp:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            request_line, *lines = head.split("\r\n")
+            method, path, _ = request_line.split(" ", 2)
+            headers = {}
+            for line in lines:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            request = RawRequest(method, path, headers, body, asyncio.get_running_loop().time())
+            async with self._changed:
+                self.requests.append(request)
+                self._changed.notify_all()
+            await self.handler(request, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
