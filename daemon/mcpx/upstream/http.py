@@ -182,6 +182,9 @@ class HttpSession:
         body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
         expired_once = False
         while True:
+            if self._init_lock.locked():
+                async with self._init_lock:
+                    pass  # a re-initialize is under way (say the GET stream's): send with the session it makes
             generation = self._generation
             try:
                 exchange = functools.partial(self._exchange, request_id, body, on_related, forward_raw=forward_raw)
@@ -468,7 +471,7 @@ class HttpSession:
                     # It had a GET stream in this session: the server forgot the session. A ping finds out and
                     # re-initializes (which opens a new GET stream).
                     _log.debug("GET stream: upstream session expired, checking", upstream=self.name)
-                    self._spawn(self._check_session)
+                    self._check_session_soon()
                 return _Listen.STOP
             if status in (408, 409, 425, 429) or status >= 500:
                 _log.debug("GET stream refused for now", upstream=self.name, status=status)
@@ -507,8 +510,18 @@ class HttpSession:
         # Nothing relates a message on the standalone stream to a call: it goes to the session's client side.
         route_incoming(message, related=None, default=self._client, requests=self._server_requests)
 
-    async def _check_session(self) -> None:
-        await self.request("ping", None, timeout=self._config.timeout)
+    def _check_session_soon(self) -> None:
+        """Ping in the background: a forgotten session makes the ping re-initialize (and reopen the GET stream)."""
+
+        async def check() -> None:
+            try:
+                await self.request("ping", None, timeout=self._config.timeout)
+            except McpxError as exc:
+                _log.debug("session check failed", upstream=self.name, error=str(exc))
+
+        task = asyncio.get_running_loop().create_task(check())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- background sends ----------------------------------------------------------------------------------------
 
