@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +20,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http import GET_STREAM_KEY
 from mcp_types import ListRootsRequest, ListRootsResult
 
-from mcpx.auth.credentials import NoCredential
+from mcpx.auth.credentials import BearerFromFile, CredentialProvider, NoCredential
 from mcpx.config.model import UpstreamConfig
-from mcpx.errors import UpstreamProtocolError, UpstreamUnavailable
+from mcpx.errors import CredentialRejected, UpstreamProtocolError, UpstreamUnavailable
 from mcpx.jsonrpc import Message
 from mcpx.upstream import http as http_transport
 from mcpx.upstream.auto import AutoSession
@@ -38,7 +40,7 @@ from tests.support.sse_upstream import (
     ScriptedHttp,
     serving,
 )
-from tests.support.upstream import TOOLS, Upstream, running
+from tests.support.upstream import TOOLS, TokenCheck, Upstream, running
 
 WAIT = 10.0
 
@@ -83,6 +85,7 @@ async def session_for(
     *,
     on_lost: Callable[[str], None] | None = None,
     connect_timeout: float = 5.0,
+    credentials: CredentialProvider | None = None,
 ) -> AsyncIterator[tuple[UpstreamSession, Recorder]]:
     http = HttpClient(connect_timeout=connect_timeout)
     config = UpstreamConfig(name="alpha", url=url, transport=transport, timeout=WAIT)  # type: ignore[arg-type]
@@ -90,7 +93,7 @@ async def session_for(
     session = open_session(
         config,
         http=http,
-        credentials=NoCredential(),
+        credentials=credentials or NoCredential(),
         max_message_bytes=1 << 20,
         client=client,
         on_lost=on_lost or (lambda _: None),
@@ -160,6 +163,32 @@ async def test_auto_reports_both_transports_when_neither_works() -> None:
         assert "streamable HTTP: HTTP 404" in failed.value.reason
         assert "HTTP+SSE: HTTP 404" in failed.value.reason
         assert [r.method for r in server.requests] == ["POST", "GET"]
+
+
+async def test_legacy_sse_renews_a_rejected_credential_once(tmp_path: Path) -> None:
+    tokens = TokenCheck({"token-one-AAAA"})
+    token_file = tmp_path / "legacy.token"
+    token_file.write_text("token-one-AAAA\n")
+    credentials = BearerFromFile("alpha", token_file)
+    async with (
+        serving(LegacyUpstream("legacy", tokens=tokens)) as server,
+        session_for(server.url, "sse", credentials=credentials) as (session, _),
+    ):
+        await session.connect()
+        assert await call_text(session, "echo", text="1") == "legacy:1"
+        # Rotated in place with the same size and mtime: only the POST's 401 can make mcpx read the file again.
+        stat = os.stat(token_file)
+        tokens.valid = {"token-two-BBBB"}
+        token_file.write_text("token-two-BBBB\n")
+        os.utime(token_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert await call_text(session, "echo", text="2") == "legacy:2"
+        assert tokens.seen[-2:] == ["token-one-AAAA", "token-two-BBBB"]
+        assert server.seen("POST", "/messages/")[-1].headers["authorization"] == "Bearer token-two-BBBB"
+
+        # A credential that stays wrong: the stream's GET is refused once more after the renewal, then reported.
+        tokens.valid = set()
+        with pytest.raises(CredentialRejected, match=str(token_file)):
+            await session.connect()
 
 
 @pytest.mark.parametrize(
@@ -298,6 +327,22 @@ async def test_a_closed_get_stream_is_resumed_with_last_event_id(monkeypatch: py
         delivered = [event_id for event_id, stream, message in store.events if stream == GET_STREAM_KEY and message]
         assert resumed in delivered
         assert "last-event-id" not in gets[0].headers
+
+
+async def test_an_idle_session_the_server_forgot_is_renewed_by_its_get_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_transport, "STREAM_RETRY_INITIAL", 0.01)
+    alpha = Upstream("alpha", json_response=True, customize=announcing)
+    async with running(alpha), session_for(alpha.url, "streamable-http") as (session, client):
+        await session.connect()
+        await get_stream_ready(session, client)
+        await alpha.restart()  # every session forgotten; the GET stream ends
+        # No call is made: the GET stream's reopening gets 404, a ping confirms, the session is initialized again.
+        async with asyncio.timeout(WAIT):
+            await alpha.initialize_received.wait()
+        client.messages.clear()
+        await get_stream_ready(session, client)  # and its new GET stream works
+        sessions = [r.headers.get("mcp-session-id") for r in alpha.requests if r.method == "GET"]
+        assert len(set(sessions)) >= 2
 
 
 async def test_the_get_stream_honours_retry_and_sends_last_event_id(monkeypatch: pytest.MonkeyPatch) -> None:

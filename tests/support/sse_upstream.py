@@ -18,7 +18,7 @@ from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp_types import JSONRPCMessage
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tests.support.upstream import build_server, reserve_port
+from tests.support.upstream import TokenCheck, build_server, reserve_port
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,18 @@ class SeenHttp:
 
 
 class LegacyUpstream:
-    """An MCP server speaking the legacy HTTP+SSE transport: GET `/sse` (the stream), POST `/messages/`."""
+    """An MCP server speaking the legacy HTTP+SSE transport: GET `/sse` (the stream), POST `/messages/`; with
+    `tokens`, both require one of its bearer tokens (HTTP 401 otherwise)."""
 
-    def __init__(self, name: str, *, customize: Callable[[MCPServer], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        tokens: TokenCheck | None = None,
+        customize: Callable[[MCPServer], None] | None = None,
+    ) -> None:
         self.name = name
+        self.tokens = tokens
         self.customize = customize
         self._sock = reserve_port()
         self.port: int = self._sock.getsockname()[1]
@@ -46,7 +54,7 @@ class LegacyUpstream:
         self._task: asyncio.Task[None] | None = None
 
     def app(self) -> ASGIApp:
-        server = build_server(self.name, None, self.port)
+        server = build_server(self.name, self.tokens, self.port)
         if self.customize is not None:
             self.customize(server)
         inner = server.sse_app(sse_path="/sse", message_path="/messages/")
