@@ -34,7 +34,9 @@ def open_session(
     `connect_timeout` bounds opening a connection-like channel (the HTTP+SSE stream up to its endpoint event).
     """
     if config.command is not None:
-        return StdioSession(config, max_message_bytes=max_message_bytes, client=client, on_lost=on_lost)
+        return StdioSession(
+            config, max_message_bytes=max_message_bytes, client=client, on_lost=on_lost, connect_timeout=connect_timeout
+        )
     return _url_session(
         config,
         http=http,
