@@ -376,6 +376,18 @@ async def test_a_server_without_a_get_stream_is_not_asked_again(monkeypatch: pyt
         assert [r.method for r in http.requests].count("GET") == 1
 
 
+def test_reconnect_delays() -> None:
+    delay, initial, cap = http_transport.reconnect_delay, http_transport.STREAM_RETRY_INITIAL, 30.0
+    assert delay(None, 0) == initial  # a stream that brought something, no `retry:`
+    assert delay(250, 0) == 0.25  # the server's `retry:` honoured
+    assert delay(0, 0) == 0.0
+    assert [delay(None, n) for n in (1, 2, 3)] == [initial, 2 * initial, 4 * initial]
+    assert delay(0, 1) == initial  # `retry: 0` and nothing coming through: no loop
+    assert delay(5000, 2) == 10.0  # never sooner than `retry:`
+    assert delay(None, 50) == cap
+    assert delay(60_000, 9) == 60.0  # the cap is never below the server's `retry:`
+
+
 class FakeStreamableServer:
     """A scripted streamable-HTTP server: JSON answers to POSTs, and one scripted SSE body per GET (closed after
     it, except the last, which stays open); `get_status` other than 200 refuses every GET."""

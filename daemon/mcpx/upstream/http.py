@@ -72,10 +72,14 @@ class _Listen(enum.Enum):
 
 
 def reconnect_delay(retry_ms: int | None, failures: int) -> float:
-    """Seconds to wait before reopening a stream: the server's `retry` (else the default), doubled for each
-    consecutive failure, capped."""
-    base = retry_ms / 1000 if retry_ms is not None else STREAM_RETRY_INITIAL
-    return float(min(base * 2 ** max(failures - 1, 0), max(base, STREAM_RETRY_MAX)))
+    """Seconds to wait before reopening a stream. After one that brought something: the server's `retry` (else
+    STREAM_RETRY_INITIAL). After `failures` attempts in a row that brought nothing: at least that much, and at least
+    STREAM_RETRY_INITIAL (a `retry: 0` must not make a loop), doubled for each, capped at STREAM_RETRY_MAX."""
+    retry = retry_ms / 1000 if retry_ms is not None else None
+    if failures == 0:
+        return retry if retry is not None else STREAM_RETRY_INITIAL
+    base = max(retry or 0.0, STREAM_RETRY_INITIAL)
+    return float(min(base * 2 ** (failures - 1), max(base, STREAM_RETRY_MAX)))
 
 
 class HttpSession:
@@ -305,8 +309,10 @@ class HttpSession:
         stream = EventStream(self._max_message_bytes)
         current = response
         resumed: Response | None = None
+        fruitless = 0  # resumed streams in a row that brought nothing
         try:
             while True:
+                chunks_before = stream.chunks
                 try:
                     async for event in stream.events(current):
                         if event.event != "message" or not event.data:
@@ -339,7 +345,8 @@ class HttpSession:
                 if resumed is not None:
                     resumed.release()
                     resumed = None
-                await asyncio.sleep(reconnect_delay(stream.retry_ms, 0))
+                fruitless = 0 if current is response or stream.chunks > chunks_before else fruitless + 1
+                await asyncio.sleep(reconnect_delay(stream.retry_ms, fruitless))
                 resumed = current = await self._peer.with_auth_retry(
                     functools.partial(self._resume_stream, stream.last_event_id)
                 )
