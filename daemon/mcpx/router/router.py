@@ -101,6 +101,8 @@ class Router:
         # (upstream, elicitationId) of a URL-mode elicitation → the agent that was asked (for its completion)
         self._elicitations: dict[tuple[str, str], Agent] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # upstreams a reload replaced, stopping once their calls in flight are done
+        self._retiring: set[ManagedUpstream] = set()
         self._generation = 0
         self._pages: dict[str, tuple[bytes, ...]] = dict.fromkeys(LISTS, (b"[]",))
 
@@ -152,7 +154,8 @@ class Router:
         await asyncio.gather(*(session.close() for session in private))
         for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*(upstream.stop() for upstream in self.upstreams.values()))
+        retiring, self._retiring = list(self._retiring), set()
+        await asyncio.gather(*(upstream.stop() for upstream in (*self.upstreams.values(), *retiring)))
         self.upstreams.clear()
         if self._http is not None:
             await self._http.close()
@@ -192,7 +195,11 @@ class Router:
         private = [self._private.pop(key) for key in list(self._private) if key[1] in removed or key[1] in changed]
         for key in [key for key in self._subscriptions if key[0] in removed or key[0] in changed]:
             del self._subscriptions[key]
-        await asyncio.gather(*(session.close() for session in private), *(upstream.stop() for upstream in stopping))
+        # Calls in flight finish on the session they started on; new calls go to the new one.
+        await asyncio.gather(*(session.close() for session in private))
+        for upstream in stopping:
+            self._retiring.add(upstream)
+            self._retire(upstream)
         for name, upstream_config in new.items():
             if name in added or name in changed:
                 self._add(upstream_config)
@@ -533,6 +540,17 @@ class Router:
                     self._elicitations.pop(next(iter(self._elicitations)))
                 self._elicitations[config.name, elicitation_id] = agent
         return await agent.ask(method, params, timeout)
+
+    def _retire(self, upstream: ManagedUpstream) -> None:
+        async def retire() -> None:
+            try:
+                await upstream.retire()
+            finally:
+                self._retiring.discard(upstream)
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _spawn(self, work: Coroutine[Any, Any, Any], upstream: str) -> None:
         async def guarded() -> None:

@@ -140,6 +140,9 @@ class ManagedUpstream:
         self._refresh: asyncio.Task[None] | None = None
         self._stale: set[str] = set()
         self._login_needed: NeedsLogin | None = None
+        self._calls = 0  # requests in flight
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def open_session(self, client: ClientSide, *, on_lost: Callable[[str], None]) -> UpstreamSession:
         """A new session with this upstream, with its credentials (for the shared one, and per-agent ones)."""
@@ -296,6 +299,8 @@ class ManagedUpstream:
         """Forward one request. Raises an `UpstreamError` (never hangs on a down upstream)."""
         if self.state is not UpstreamState.READY:
             await self.ensure_ready()
+        self._calls += 1
+        self._idle.clear()
         try:
             return await self.session.request(
                 method, params, timeout=self.config.timeout, on_related=on_related, forward_raw=forward_raw
@@ -309,6 +314,18 @@ class ManagedUpstream:
                 self._needs_login(exc)
                 self._broken.set()
             raise
+        finally:
+            self._calls -= 1
+            if not self._calls:
+                self._idle.set()
+
+    async def retire(self) -> None:
+        """Stop once the calls in flight have ended (bounded by the per-call timeout): a reload replaced this
+        upstream, and its calls still finish on the session they started on."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.timeout):
+                await self._idle.wait()
+        await self.stop()
 
     async def ensure_ready(self) -> None:
         """Return when calls can be made; raise why not otherwise. Waits (bounded) only where waiting helps: for
