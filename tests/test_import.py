@@ -153,10 +153,9 @@ def test_claude_desktop_mcp_remote_servers_become_upstreams_and_their_secrets_va
         "exclude_tools": ["delete*"],
     }
     assert upstreams["atlassian"]["url"] == "https://mcp.atlassian.com/v1/sse"
-    assert "# note: the URL ends in /sse" in out
+    assert "# note: the URL ends in /sse: mcpx tries streamable HTTP first" in out
     assert "mcpxctl login atlassian" in out  # mcp-remote without a credential: probably an OAuth login
-    assert "old" not in upstreams
-    assert "'old' in ~/.config/Claude/claude_desktop_config.json: uses the legacy HTTP+SSE transport" in out
+    assert upstreams["old"] == {"name": "old", "url": "https://old.example.com/sse", "transport": "sse"}
     # Local servers become command upstreams; secret-looking env values become variables.
     assert upstreams["sqlite"] == {
         "name": "sqlite",
@@ -188,7 +187,7 @@ def test_claude_desktop_mcp_remote_servers_become_upstreams_and_their_secrets_va
     replace = _section(out, "Then point each agent at mcpx")
     assert replace[0] == (
         '~/.config/Claude/claude_desktop_config.json: in "mcpServers", replace "internal", "tenant", "atlassian", '
-        '"sqlite", "github", "search" with:'
+        '"old", "sqlite", "github", "search" with:'
     )
     assert replace[1].startswith('"mcpx": {"command": ')
 
@@ -220,12 +219,13 @@ def test_claude_code_user_and_project_servers(home: Home, capsys: pytest.Capture
 
     out, upstreams = _imported(capsys, tmp_path, "--from", "claude-code")
 
-    assert set(upstreams) == {"sentry", "gh"}
+    assert set(upstreams) == {"sentry", "gh", "legacy"}
     assert upstreams["gh"]["auth"] == {"type": "bearer_env", "env": "GITHUB_PAT"}
+    assert upstreams["legacy"] == {"name": "legacy", "url": "https://legacy.example.com/sse", "transport": "sse"}
     assert "'sentry' in ~/.claude.json (project /home/me/proj): already in mcpx's config as 'sentry'" in out
-    assert "'legacy' in ~/.claude.json: uses the legacy HTTP+SSE transport" in out
     replace = _section(out, "Then point each agent at mcpx")
-    assert "~/.claude.json: claude mcp remove sentry -s user" in replace  # mcpx is already listed there
+    removals = "~/.claude.json: claude mcp remove sentry -s user; claude mcp remove legacy -s user"
+    assert removals in replace  # mcpx is already listed there
     assert "~/.claude.json (project /home/me/proj): in /home/me/proj: claude mcp remove gh -s local" in replace
 
 

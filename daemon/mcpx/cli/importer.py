@@ -82,6 +82,7 @@ class Upstream:
     original: str
     source: Source
     url: str | None = None
+    transport: str | None = None
     command: str | None = None
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -499,15 +500,12 @@ def convert(
             result.skipped.append(Skipped(original, source, f"{url!r} is not an http(s) URL"))
             continue
         kind = str(entry.get("type") or entry.get("transport") or "").lower()
-        if kind == "sse" or flags.get("--transport") == "sse-only":
-            result.skipped.append(
-                Skipped(original, source, "uses the legacy HTTP+SSE transport; mcpx speaks streamable HTTP only")
-            )
-            continue
         if url in seen_urls:
             result.skipped.append(Skipped(original, source, f"already in mcpx's config as '{seen_urls[url]}'"))
             continue
         upstream = Upstream(_unique(original, taken), original, source, url)
+        if kind == "sse" or flags.get("--transport") == "sse-only":
+            upstream.transport = "sse"  # the legacy HTTP+SSE transport, as the agent's config says
         seen_urls[url] = upstream.name
         if isinstance(entry.get("headers"), dict):
             headers += [(str(k), str(v)) for k, v in entry["headers"].items()]
@@ -531,9 +529,9 @@ def convert(
                 f'mcp-remote may have logged in for it: if it asks for a login, set auth = {{ type = "oauth" }} '
                 f"and run `mcpxctl login {upstream.name}`"
             )
-        if parts.path.rstrip("/").endswith("/sse"):
+        if upstream.transport is None and parts.path.rstrip("/").endswith("/sse"):
             upstream.notes.append(
-                "the URL ends in /sse: if the server speaks only the legacy SSE transport, mcpx cannot reach it"
+                "the URL ends in /sse: mcpx tries streamable HTTP first and falls back to the legacy SSE transport"
             )
         result.upstreams.append(upstream)
     return result
@@ -567,6 +565,8 @@ def render_toml(result: Result) -> str:
         lines += ["[[proxy.upstream]]", f"name = {toml_string(upstream.name)}"]
         if upstream.url is not None:
             lines.append(f"url = {toml_string(upstream.url)}")
+        if upstream.transport is not None:
+            lines.append(f"transport = {toml_string(upstream.transport)}")
         if upstream.command is not None:
             lines.append(f"command = {toml_string(upstream.command)}")
         if upstream.args:
