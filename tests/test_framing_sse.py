@@ -13,7 +13,7 @@ BOM = b"\xef\xbb\xbf"
 
 
 def _message(data: str, event_id: str | None = None, retry: int | None = None) -> SSEEvent:
-    return SSEEvent("message", data, event_id, retry)
+    return SSEEvent("message", data.encode(), event_id, retry)
 
 
 def _feed_all(decoder: SSEDecoder, chunks: list[bytes]) -> list[SSEEvent]:
@@ -102,13 +102,13 @@ def test_a_field_without_a_colon_has_an_empty_value() -> None:
 
 def test_event_id_and_retry_fields_are_reported_with_the_event() -> None:
     stream = b"event: update\nid: 7\nretry: 3000\ndata: {}\n\n"
-    assert SSEDecoder(1000).feed(stream) == [SSEEvent("update", "{}", "7", 3000)]
+    assert SSEDecoder(1000).feed(stream) == [SSEEvent("update", b"{}", "7", 3000)]
 
 
 def test_the_event_type_resets_after_each_event_but_the_id_persists() -> None:
     decoder = SSEDecoder(1000)
     assert decoder.feed(b"event: special\nid: 1\ndata: a\n\ndata: b\n\n") == [
-        SSEEvent("special", "a", "1", None),
+        SSEEvent("special", b"a", "1", None),
         _message("b", "1"),
     ]
     assert decoder.last_event_id == "1"
@@ -226,7 +226,7 @@ def _random_stream(rng: random.Random) -> tuple[bytes, list[SSEEvent]]:
         lines += [f"data: {value}" for value in data]
         lines.append("")
         if "\n".join(data):
-            expected.append(SSEEvent(event_type or "message", "\n".join(data), last_id, retry))
+            expected.append(SSEEvent(event_type or "message", "\n".join(data).encode(), last_id, retry))
     stream = bytearray(BOM if rng.random() < 0.3 else b"")
     previous = b""
     for line in lines:
@@ -255,3 +255,45 @@ def test_any_chunking_of_a_stream_yields_the_same_events_as_feeding_it_whole() -
         assert SSEDecoder(1 << 20).feed(stream) == expected, stream
         assert _feed_all(SSEDecoder(1 << 20), _random_chunks(rng, stream)) == expected, stream
         assert _feed_all(SSEDecoder(1 << 20), [stream[i : i + 1] for i in range(len(stream))]) == expected, stream
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"data: abc\n\n",
+        b"data:abc\n\n",
+        b"data:  two spaces\n\n",
+        b"event: e\ndata: x\n\n",
+        b"id: 5\nretry: 20\ndata: y\n\n",
+        b": comment\nfoo: bar\ndata\ndata: z\n\n",
+        b"datax: no\ndata: yes\n\n",
+        b"retrying: 5\ndata: v\n\n",
+    ],
+)
+def test_a_stream_split_in_two_anywhere_decodes_as_when_whole(stream: bytes) -> None:
+    expected = SSEDecoder(1000).feed(stream)
+    for cut in range(len(stream) + 1):
+        decoder = SSEDecoder(1000)
+        assert _feed_all(decoder, [stream[:cut], stream[cut:]]) == expected, cut
+
+
+def test_a_long_data_line_over_many_chunks_arrives_whole() -> None:
+    value = bytes(range(32, 127)) * 2000
+    stream = b"data: " + value + b"\ndata: end\n\n"
+    chunks = [stream[i : i + 1000] for i in range(0, len(stream), 1000)]
+    assert _feed_all(SSEDecoder(1 << 20), chunks) == [SSEEvent("message", value + b"\nend", None, None)]
+
+
+def test_invalid_utf8_in_a_line_over_several_chunks_is_replaced() -> None:
+    stream = b"data: a\xffb" + "é".encode() + b"\n\n"
+    events = _feed_all(SSEDecoder(1000), [stream[i : i + 3] for i in range(0, len(stream), 3)])
+    assert events == [_message("a\ufffdbé")]
+
+
+def test_a_long_unknown_field_split_across_chunks_is_not_held_but_counts_against_the_limit() -> None:
+    decoder = SSEDecoder(100)
+    assert decoder.feed(b"unknownfield") == []
+    assert decoder.feed(b": " + b"x" * 50) == []
+    assert decoder.feed(b"\ndata: ok\n\n") == [_message("ok")]
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(b"unknown: " + b"x" * 200)
