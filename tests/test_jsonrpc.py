@@ -64,3 +64,51 @@ def test_escapes_that_could_hide_a_secret_are_left_to_the_ordinary_parse_when_se
     assert spliced_result(raw, 7, secrets_registered=True) is None
     spliced = spliced_result(raw, 7, secrets_registered=False)
     assert spliced is not None and spliced.data == escaped
+
+
+@pytest.mark.parametrize("buffer", [bytes, bytearray])
+def test_a_large_result_is_spliced_without_being_copied_out(buffer: type[bytes | bytearray]) -> None:
+    value = b'{"content":[{"type":"text","text":"' + b"x" * 100_000 + b'"}],"isError":true}'
+    raw = buffer(b'{"jsonrpc":"2.0","id":7,"result":' + value + b"}")
+    spliced = spliced_result(raw, 7, secrets_registered=False)
+    assert spliced is not None
+    view = spliced.view()
+    assert isinstance(view, memoryview) and view.obj is raw
+    assert jsonrpc.top_level_field(spliced, "isError") is True
+    assert jsonrpc.dumps(jsonrpc.result_response(3, spliced)) == b'{"jsonrpc":"2.0","id":3,"result":' + value + b"}"
+    assert spliced.data == value
+
+
+def test_a_small_result_in_a_bytearray_is_spliced_as_bytes() -> None:
+    spliced = spliced_result(bytearray(b'{"jsonrpc":"2.0","id":7,"result":[1]}'), 7, secrets_registered=False)
+    assert spliced is not None and type(spliced.view()) is bytes and spliced.data == b"[1]"
+
+
+@pytest.mark.parametrize(
+    ("value", "is_error"),
+    [(b'{"content":[],"isError":true}', True), (b'{"isError":false}', False), (b"{}", None), (b"[1]", None)],
+)
+def test_the_is_error_field_is_read_while_validating_and_not_parsed_again(value: bytes, is_error: bool | None) -> None:
+    spliced = spliced_result(b'{"jsonrpc":"2.0","id":7,"result":' + value + b"}", 7, secrets_registered=False)
+    assert spliced is not None
+    assert jsonrpc.top_level_field(spliced, "isError") is is_error
+    assert jsonrpc.top_level_field(RawJson(value), "isError") is is_error  # made elsewhere: parsed when asked
+
+
+def test_other_top_level_fields_of_raw_values_are_read_on_demand() -> None:
+    spliced = spliced_result(b'{"jsonrpc":"2.0","id":7,"result":{"a":{"b":[1]},"c":2}}', 7, secrets_registered=False)
+    assert spliced is not None
+    assert jsonrpc.top_level_field(spliced, "a") == {"b": [1]}
+    assert jsonrpc.top_level_field(spliced, "missing") is None
+
+
+@pytest.mark.parametrize("request_id", ['a"b', 0, -5, 2**63, 10**30])
+@pytest.mark.parametrize("padding", [0, 100_000], ids=["small", "large"])
+def test_a_response_with_a_raw_result_serializes_as_the_ordinary_path(request_id: int | str, padding: int) -> None:
+    raw = bytearray(b'{"result":{"k":"\\u00e9","p":"' + b"x" * padding + b'"},"jsonrpc":"2.0","id":7}')
+    spliced = spliced_result(raw, 7, secrets_registered=False)
+    assert spliced is not None
+    written = jsonrpc.dumps(jsonrpc.result_response(request_id, spliced))
+    assert json.loads(written) == {"jsonrpc": "2.0", "id": request_id, "result": {"k": "é", "p": "x" * padding}}
+    if padding or request_id != 10**30:  # (orjson refuses that id: a small value takes the standard library's path)
+        assert written.endswith(b'"result":{"k":"\\u00e9","p":"' + b"x" * padding + b'"}}')

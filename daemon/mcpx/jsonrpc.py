@@ -31,20 +31,52 @@ def loads(data: bytes | str) -> Any:
             raise ParseError(f"invalid JSON: {exc}") from None
 
 
+_UNKNOWN: Final = object()
+
+
 class RawJson:
     """A JSON value kept as the bytes it arrived in, so that forwarding it costs no parse-and-serialize round trip.
 
-    Only `spliced_result` makes one, after checking that the bytes are exactly one JSON value."""
+    Only `spliced_result` makes one, after checking that the bytes are exactly one JSON value. A large value stays
+    a slice of the buffer it arrived in (the upstream's whole response), not copied: `dumps` writes it out from
+    there, and `data` makes the bytes of the value alone only when something asks for them.
+    """
 
-    __slots__ = ("data",)
+    __slots__ = ("_data", "_is_error", "_view")
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, data: bytes, *, is_error: object = _UNKNOWN) -> None:
+        self._data: bytes | None = data
+        self._view: memoryview | None = None
+        # The top-level `isError` (absent: None), when read while the value was validated: the audit log asks it of
+        # every tool result, and parsing the value again for it would cost as much as validating it.
+        self._is_error = is_error
+
+    @classmethod
+    def in_buffer(cls, view: memoryview, *, is_error: object = _UNKNOWN) -> RawJson:
+        """The value `view` of a buffer that no one changes any more, kept without copying."""
+        raw = cls.__new__(cls)
+        raw._data, raw._view, raw._is_error = None, view, is_error
+        return raw
+
+    @property
+    def data(self) -> bytes:
+        """The value's bytes."""
+        if self._data is None:
+            assert self._view is not None
+            self._data = bytes(self._view)
+        return self._data
+
+    def view(self) -> bytes | memoryview:
+        """The value's bytes, without copying them out of the buffer they arrived in."""
+        if self._data is not None:
+            return self._data
+        assert self._view is not None
+        return self._view
 
 
 def _raw_for_orjson(value: object) -> orjson.Fragment:
     if isinstance(value, RawJson):
-        return orjson.Fragment(value.data)
+        return orjson.Fragment(value._data if value._data is not None else value.data)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -56,6 +88,14 @@ def _raw_for_json(value: object) -> Any:
 
 def dumps(obj: Any) -> bytes:
     """Serialize compactly as UTF-8, newline-free. `RawJson` values are written out as they are."""
+    if type(obj) is dict and type(result := obj.get("result")) is RawJson and result._view is not None:
+        # A response carrying a large upstream result still in the buffer it arrived in: copied once, straight
+        # into the output (orjson would need it as bytes of its own first).
+        request_id = obj.get("id")
+        if len(obj) == 3 and type(request_id) is int and obj.get("jsonrpc") == JSONRPC_VERSION:
+            return b"".join((_HEAD % request_id, result.view(), b"}"))
+        if len(obj) == 3 and type(request_id) is str and obj.get("jsonrpc") == JSONRPC_VERSION:
+            return b"".join((_RESPONSE_HEAD_STR, orjson.dumps(request_id), _RESULT_KEY, result.view(), b"}"))
     try:
         return orjson.dumps(obj, default=_raw_for_orjson)
     except TypeError:
@@ -63,11 +103,16 @@ def dumps(obj: Any) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
+_RESPONSE_HEAD_STR: Final = b'{"jsonrpc":"2.0","id":'
+_RESULT_KEY: Final = b',"result":'
 _JSON_WHITESPACE: Final = b" \t\r\n"
 _RESULT_FIRST: Final = b'{"result":'
+_HEAD: Final = b'{"jsonrpc":"2.0","id":%d,"result":'
+_TAIL: Final = b',"jsonrpc":"2.0","id":%d}'
+_COPIED_VALUE_LIMIT: Final = 64 * 1024
 
 
-def spliced_result(raw: bytes, request_id: int, *, secrets_registered: bool) -> RawJson | None:
+def spliced_result(raw: bytes | bytearray, request_id: int, *, secrets_registered: bool) -> RawJson | None:
     """The `result` of `raw`, a response to `request_id`, as its own bytes; None unless `raw` has one of the two
     compact shapes SDK servers write (`{"jsonrpc":"2.0","id":N,"result":V}` or `{"result":V,"jsonrpc":"2.0","id":N}`).
 
@@ -75,26 +120,46 @@ def spliced_result(raw: bytes, request_id: int, *, secrets_registered: bool) -> 
     early, and the caller falls back to an ordinary parse whenever this says None. With secrets registered, V
     must also be free of `\\/` and `\\u` escapes: secret scrubbing matches plain bytes, and only re-serializing
     turns an escaped secret back into them.
+
+    A large V is not copied: the `RawJson` refers to it inside `raw`, which must not change afterwards.
     """
-    id_bytes = b"%d" % request_id
     end = len(raw)
     while end and raw[end - 1] in _JSON_WHITESPACE:
         end -= 1
-    head = b'{"jsonrpc":"2.0","id":' + id_bytes + b',"result":'
+    head = _HEAD % request_id
     if raw.startswith(head) and raw[end - 1 : end] == b"}":
-        value = raw[len(head) : end - 1]
+        start, stop = len(head), end - 1
     else:
-        tail = b',"jsonrpc":"2.0","id":' + id_bytes + b"}"
+        tail = _TAIL % request_id
         if not (raw.startswith(_RESULT_FIRST) and raw.endswith(tail, 0, end)):
             return None
-        value = raw[len(_RESULT_FIRST) : end - len(tail)]
-    if b"\n" in value:
-        return None  # whitespace newlines would break the agent's line framing
-    if secrets_registered and (b"\\/" in value or b"\\u" in value):
+        start, stop = len(_RESULT_FIRST), end - len(tail)
+    if stop - start <= _COPIED_VALUE_LIMIT:  # a small value is cheaper to copy than to view
+        value: bytes | memoryview = bytes(raw[start:stop]) if isinstance(raw, bytearray) else raw[start:stop]
+        if b"\n" in value:
+            return None  # whitespace newlines would break the agent's line framing
+        if secrets_registered and (b"\\/" in value or b"\\u" in value):
+            return None
+    else:
+        if raw.find(b"\n", start, stop) >= 0:
+            return None
+        if secrets_registered and (raw.find(b"\\/", start, stop) >= 0 or raw.find(b"\\u", start, stop) >= 0):
+            return None
+        value = memoryview(raw)[start:stop]
+    try:
+        document = (_parser if stop - start <= _REUSED_PARSER_LIMIT else simdjson.Parser()).parse(value)
+    except (ValueError, RuntimeError):  # not JSON, or beyond simdjson (integers over 64 bits): the slow path decides
         return None
-    if not _is_one_json_value(value):
-        return None
-    return RawJson(value)
+    # simdjson validates at several GB/s without building Python objects (orjson.loads of an 8 MiB text costs
+    # about three times as much). The top-level isError is read on the way (the audit log asks it of every tool
+    # result); the document is dropped at once so the parser can be reused.
+    is_error: object = document.get("isError") if type(document) is simdjson.Object else None
+    del document
+    if is_error is not None and type(is_error) is not bool:
+        is_error = _UNKNOWN  # a container would refer to the document: read again when asked
+    if isinstance(value, bytes):
+        return RawJson(value, is_error=is_error)
+    return RawJson.in_buffer(value, is_error=is_error)
 
 
 _parser = simdjson.Parser()
@@ -103,31 +168,23 @@ _parser = simdjson.Parser()
 _REUSED_PARSER_LIMIT: Final = 1 << 20
 
 
-def _parser_for(data: bytes) -> simdjson.Parser:
-    return _parser if len(data) <= _REUSED_PARSER_LIMIT else simdjson.Parser()
-
-
-def _is_one_json_value(data: bytes) -> bool:
-    # simdjson validates at several GB/s without building Python objects (orjson.loads of an 8 MiB text costs
-    # about three times as much); the parsed document is dropped at once so the parser can be reused.
-    try:
-        _parser_for(data).parse(data)
-    except (ValueError, RuntimeError):  # not JSON, or beyond simdjson (integers over 64 bits): the slow path decides
-        return False
-    return True
+def _plain(field: Any) -> Any:
+    if isinstance(field, simdjson.Object):
+        return field.as_dict()
+    return field.as_list() if isinstance(field, simdjson.Array) else field
 
 
 def top_level_field(value: Any, key: str) -> Any:
     """`value[key]` when `value` is an object (parsed, or `RawJson` read without building the rest), else None."""
     if isinstance(value, RawJson):
-        document = _parser_for(value.data).parse(value.data)
+        if key == "isError" and value._is_error is not _UNKNOWN:
+            return value._is_error
+        data = value.view()
+        document = (_parser if len(data) <= _REUSED_PARSER_LIMIT else simdjson.Parser()).parse(data)
         try:
-            field = document.get(key) if isinstance(document, simdjson.Object) else None
-            if isinstance(field, simdjson.Object):
-                return field.as_dict()
-            return field.as_list() if isinstance(field, simdjson.Array) else field
+            return _plain(document.get(key)) if isinstance(document, simdjson.Object) else None
         finally:
-            del document  # the parser can be reused only once its document is gone
+            del document
     return value.get(key) if isinstance(value, dict) else None
 
 
