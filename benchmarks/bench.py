@@ -184,7 +184,7 @@ class RawHttpAgent(Agent):
         await self.http.close()
 
 
-def _result(raw: bytes, content_type: str) -> Any:
+def _result(raw: bytes | bytearray, content_type: str) -> Any:
     if content_type == "text/event-stream":
         raw = next(line[6:] for line in raw.split(b"\n") if line.startswith(b"data: "))
     return orjson.loads(raw)["result"]

@@ -295,3 +295,140 @@ def test_a_header_beyond_latin_1_is_a_client_error_not_a_crash() -> None:
     target = Target.parse("https://example.test/mcp")
     with pytest.raises(HttpClientError, match="beyond latin-1"):
         encode_request("POST", target, {"X-Team": "équipe ✓"}, b"{}")
+
+
+async def test_a_large_declared_body_is_read_straight_into_one_buffer(client: HttpClient) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB, sent in pieces with pauses between them
+    sent_first = asyncio.Event()
+
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        message = ok(body)
+        writer.write(message[:1000])
+        await writer.drain()
+        sent_first.set()
+        for start in range(1000, len(message), 100_000):
+            await asyncio.sleep(0.005)
+            writer.write(message[start : start + 100_000])
+        while True:  # the connection stays usable
+            request = await server.read_request(reader)
+            writer.write(ok(b"again:" + request))
+
+    async with scripted(serve) as (server, target):
+        response = await client.request("POST", target, {}, b"{}")
+        await sent_first.wait()
+        received = await response.read(len(body))
+        assert type(received) is bytearray
+        assert received == body
+        response.release()
+        second = await client.request("POST", target, {}, b"2")
+        assert await second.read(100) == b"again:2"
+        second.release()
+    assert server.connections == 1
+
+
+async def test_a_large_declared_body_past_the_limit_is_refused_before_it_arrives(client: HttpClient) -> None:
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\nxx")
+        await reader.read()
+
+    async with scripted(serve) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        with pytest.raises(BodyTooLarge):
+            await response.read(1_000_000)
+        response.release()
+
+
+async def test_a_large_declared_body_cut_short_is_an_error(client: HttpClient) -> None:
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 1000)
+
+    async with scripted(serve) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        with pytest.raises(ConnectionClosed):
+            await response.read(1_000_000)
+        response.release()
+
+
+async def test_a_response_released_before_its_end_returns_its_connection_at_the_end(
+    client: HttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    end_may_go = asyncio.Event()
+    returned = asyncio.Event()
+    checkin = client._checkin
+
+    def checkin_and_tell(connection: _Connection) -> None:
+        checkin(connection)
+        returned.set()
+
+    monkeypatch.setattr(client, "_checkin", checkin_and_tell)
+
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
+        await end_may_go.wait()
+        writer.write(b"5\r\nmore\n\r\n0\r\n\r\n")
+        while True:
+            request = await server.read_request(reader)
+            writer.write(ok(b"next:" + request))
+
+    async with scripted(serve) as (server, target):
+        response = await client.request("POST", target, {}, b"{}")
+        assert await anext(response.chunks()) == b"first\n"
+        response.release_at_end(5.0)
+        end_may_go.set()
+        async with asyncio.timeout(5):
+            await returned.wait()
+        second = await client.request("POST", target, {}, b"2")
+        assert await second.read(100) == b"next:2"
+        second.release()
+    assert server.connections == 1
+
+
+async def test_a_response_released_before_an_end_that_never_comes_closes_its_connection(
+    client: HttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = asyncio.Event()
+    close = _Connection.close
+
+    def close_and_tell(connection: _Connection) -> None:
+        close(connection)
+        closed.set()
+
+    monkeypatch.setattr(_Connection, "close", close_and_tell)
+
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
+        await reader.read()  # never ends the body
+
+    async with scripted(serve) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        assert await anext(response.chunks()) == b"first\n"
+        response.release_at_end(0.05)
+        assert not closed.is_set()
+        async with asyncio.timeout(5):
+            await closed.wait()
+        assert response._connection.closed
+    assert not client._idle.get(target.origin)
+
+
+async def test_request_heads_are_reused_per_set_of_headers_and_a_changed_header_is_sent(client: HttpClient) -> None:
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            body = await server.read_request(reader)
+            writer.write(ok(body))
+
+    async with scripted(serve) as (server, target):
+        for token in ("one", "one", "two", "one"):
+            response = await client.request("POST", target, {"Authorization": f"Bearer {token}"}, b"{}")
+            await response.read(100)
+            response.release()
+        with pytest.raises(HttpClientError, match="line break"):
+            await client.request("POST", target, {"Authorization": "a\r\nX-Injected: 1"}, b"{}")
+    sent = [next(line for line in head.split(b"\r\n") if line.startswith(b"Authorization")) for head in server.requests]
+    assert sent == [b"Authorization: Bearer one", b"Authorization: Bearer one", b"Authorization: Bearer two",
+                    b"Authorization: Bearer one"]  # fmt: skip
+    assert all(request.endswith(b"Content-Length: 2\r\n\r\n{}") for request in server.requests)

@@ -20,7 +20,7 @@ RequestId = str | int
 Message = dict[str, Any]
 
 
-def loads(data: bytes | str) -> Any:
+def loads(data: bytes | bytearray | str) -> Any:
     """Parse one JSON text. Raises `ParseError` (blame: the sender) when it is not JSON."""
     try:
         return orjson.loads(data)

@@ -8,7 +8,11 @@ redirects, no cookies, no compression (mcpx never sends `Accept-Encoding`). aioh
 
 Deadlines are the caller's (`asyncio.timeout` around `request` and the body reads), except connecting, which
 has its own. A response that is abandoned before its end closes its connection; a complete one returns it to
-the pool.
+the pool; one whose end is still to come can be left to finish on its own (`release_at_end`, bounded).
+
+Per request, the work is kept small: the request head is encoded once per distinct set of headers and reused,
+a body already complete when it is read is handed over without waiting, and a large body with a declared length
+is written straight into one buffer of that size as it arrives (no queue of chunks to join, no wake-up per chunk).
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import asyncio
 import collections
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 MAX_HEADER_BYTES: Final = 64 * 1024
+# Bodies declared at least this long are read straight into a buffer of their size.
+_DIRECT_BODY: Final = 64 * 1024
+# Encoded request heads kept for reuse (an upstream's headers change only with its session or credential).
+_CACHED_HEADS: Final = 64
 # Body bytes buffered before the socket stops being read (the reader is slower than the network).
 _HIGH_WATER: Final = 1024 * 1024
 _LOW_WATER: Final = 256 * 1024
@@ -58,6 +66,10 @@ class Target:
     port: int
     path: str  # path and query, as sent on the request line
     host_header: str
+    origin: tuple[str, str, int] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origin", (self.scheme, self.host, self.port))
 
     @classmethod
     def parse(cls, url: str) -> Target:
@@ -72,25 +84,32 @@ class Target:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         return cls(parts.scheme, host, port, path, host_header)
 
-    @property
-    def origin(self) -> tuple[str, str, int]:
-        return (self.scheme, self.host, self.port)
-
 
 def encode_request(method: str, target: Target, headers: Mapping[str, str], body: bytes | None) -> bytes:
     """The request head and body as bytes. Refuses line breaks in headers (header injection)."""
+    return _with_body(encode_head(method, target, headers), method, body)
+
+
+def encode_head(method: str, target: Target, headers: Mapping[str, str]) -> bytes:
+    """The request line and headers, each line ending in CRLF, without `Content-Length` and the blank line."""
     lines = [f"{method} {target.path} HTTP/1.1", f"Host: {target.host_header}"]
     for name, value in headers.items():
         if _has_control(name) or _has_control(value):
             raise HttpClientError(f"the {name!r} header contains a line break or control character")
         lines.append(f"{name}: {value}")
-    if body is not None or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body or b'')}")
+    lines.append("")
     try:
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return "\r\n".join(lines).encode("latin-1")
     except UnicodeEncodeError:
         raise HttpClientError("a header name or value has characters HTTP/1.1 cannot carry (beyond latin-1)") from None
-    return head + body if body else head
+
+
+def _with_body(head: bytes, method: str, body: bytes | None) -> bytes:
+    if body:
+        return b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        return head + b"Content-Length: 0\r\n\r\n"
+    return head + b"\r\n"
 
 
 def _ends_at_eof(headers: Mapping[str, str]) -> bool:
@@ -104,21 +123,44 @@ def _has_control(text: str) -> bool:
 class Response:
     """One response: status and headers at once, the body as it arrives."""
 
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_chunks",
+        "_complete",
+        "_connection",
+        "_content_type",
+        "_drain_timer",
+        "_error",
+        "_filled",
+        "_released",
+        "_waiter",
+        "headers",
+        "reason",
+        "status",
+    )
+
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
         self.status = 0
         self.reason = ""
         self.headers: dict[str, str] = {}  # keys in lower case
+        self._content_type: str | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
+        self._body: bytearray | None = None  # the body's buffer while `read` fills it directly
+        self._filled = 0
         self._complete = False
         self._error: HttpClientError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     @property
     def content_type(self) -> str:
-        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if self._content_type is None:
+            self._content_type = self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        return self._content_type
 
     @property
     def content_length(self) -> int | None:
@@ -143,17 +185,22 @@ class Response:
                 raise self._error
             if self._complete:
                 return
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._connection.loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
 
-    async def read(self, limit: int) -> bytes:
-        """The whole body; `BodyTooLarge` beyond `limit` bytes."""
+    async def read(self, limit: int) -> bytes | bytearray:
+        """The whole body; `BodyTooLarge` beyond `limit` bytes. A large body with a declared length comes as the
+        bytearray it was received into (no one else holds it)."""
         declared = self.content_length
         if declared is not None and declared > limit:
             raise BodyTooLarge(f"response larger than the {limit}-byte limit")
+        if self._complete or self._error is not None:
+            return self._take_all(limit)  # all there already (the common case for small bodies): no waiting
+        if declared is not None and declared >= _DIRECT_BODY:
+            return await self._read_into(bytearray(declared))
         parts: list[bytes] = []
         size = 0
         async for chunk in self.chunks():
@@ -162,6 +209,45 @@ class Response:
                 raise BodyTooLarge(f"response larger than the {limit}-byte limit")
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _take_all(self, limit: int) -> bytes:
+        chunks = self._chunks
+        if self._error is not None:
+            raise self._error
+        size = self._buffered
+        if size > limit:
+            raise BodyTooLarge(f"response larger than the {limit}-byte limit")
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
+
+    async def _read_into(self, body: bytearray) -> bytearray:
+        filled = 0
+        for chunk in self._chunks:
+            body[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        self._chunks.clear()
+        self._buffered = 0
+        self._body, self._filled = body, filled
+        self._connection.resume_reading()  # the buffer is allocated: nothing more to hold back
+        try:
+            while not self._complete:
+                if self._error is not None:
+                    raise self._error
+                await self._wait()
+        finally:
+            self._body = None
+        if self._filled != len(body):  # (the parser enforces the declared length; this is a second guard)
+            raise InvalidResponse("the body does not have its declared length")
+        return body
+
+    async def _wait(self) -> None:
+        self._waiter = self._connection.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     async def read_prefix(self, limit: int) -> bytes:
         """At most `limit` bytes from the start of the body (for error details)."""
@@ -179,11 +265,38 @@ class Response:
         if self._released:
             return
         self._released = True
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         self._connection.finish(reusable=self._complete)
+
+    def release_at_end(self, timeout: float) -> None:
+        """Done with this response, whose end has not come yet (an SSE stream that goes on after the answer):
+        its remaining bytes are dropped as they arrive and its connection goes back to the pool at the end, or is
+        closed if the end has not come within `timeout` seconds. No task: the connection's callbacks do it."""
+        if self._released:
+            return
+        if self._complete or self._error is not None:
+            self.release()
+            return
+        self._chunks.clear()
+        self._buffered = 0
+        self._drain_timer = self._connection.loop.call_later(timeout, self.release)
+        self._connection.resume_reading()
 
     # --- fed by the connection -----------------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        body = self._body
+        if body is not None:
+            end = self._filled + len(data)
+            if end > len(body):
+                raise InvalidResponse("the body is longer than declared")
+            body[self._filled : end] = data
+            self._filled = end
+            return  # the reader waits for the end only
+        if self._drain_timer is not None:
+            return  # released at its end: the rest is not wanted
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
@@ -195,6 +308,9 @@ class Response:
             self._complete = True
         elif not self._complete:
             self._error = error
+        if self._drain_timer is not None:
+            self.release()
+            return
         self._wake()
 
     def _wake(self) -> None:
@@ -208,6 +324,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: HttpClient, origin: tuple[str, str, int]) -> None:
         self._pool = pool
         self.origin = origin
+        self.loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._response: Response | None = None
@@ -224,7 +341,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future[Response]:
         assert self._transport is not None and self._response is None
         self._response = Response(self)
-        self._headers_ready = asyncio.get_running_loop().create_future()
+        self._headers_ready = self.loop.create_future()
         self._header_bytes = 0
         self.received_any = False
         self._transport.write(data)
@@ -344,22 +461,41 @@ class HttpClient:
         self._all: set[_Connection] = set()
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+        # Encoded request heads by method, host, path and headers (values included: a credential that changes
+        # gives a new entry; the whole cache is dropped when full, so old ones do not stay long).
+        self._heads: dict[tuple[object, ...], bytes] = {}
 
     async def request(
         self, method: str, target: Target, headers: Mapping[str, str], body: bytes | None = None
     ) -> Response:
         """Send one request and return once the response's headers are in; call `release()` on it when done."""
-        data = encode_request(method, target, headers, body)
+        key = (method, target.host_header, target.path, *headers.items())
+        head = self._heads.get(key)
+        if head is None:
+            head = encode_head(method, target, headers)
+            if len(self._heads) >= _CACHED_HEADS:
+                self._heads.clear()
+            self._heads[key] = head
+        data = _with_body(head, method, body)
         connection = self._checkout(target.origin)
         if connection is not None:
             try:
-                return await self._send(connection, data)
+                return await connection.send(data)
             except ConnectionClosed:
+                connection.close()
                 if connection.received_any:
                     raise
                 # Not a byte of answer on a reused connection: almost always the server closing it for
                 # idleness as we sent. Like browsers and aiohttp, send once more on a fresh connection.
-        return await self._send(await self._connect(target), data)
+            except BaseException:
+                connection.close()
+                raise
+        connection = await self._connect(target)
+        try:
+            return await connection.send(data)
+        except BaseException:
+            connection.close()
+            raise
 
     async def close(self) -> None:
         self._closed = True
@@ -367,13 +503,7 @@ class HttpClient:
             connection.close()
         self._all.clear()
         self._idle.clear()
-
-    async def _send(self, connection: _Connection, data: bytes) -> Response:
-        try:
-            return await connection.send(data)
-        except BaseException:
-            connection.close()
-            raise
+        self._heads.clear()
 
     async def _connect(self, target: Target) -> _Connection:
         if self._closed:

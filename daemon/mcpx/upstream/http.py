@@ -285,7 +285,7 @@ class HttpSession:
                 result = await self._read_stream(response, request_id, on_related, forward_raw)
                 if not response.at_eof:
                     handed_off = True
-                    self._spawn(lambda: self._drain(response))
+                    response.release_at_end(5.0)  # its end (normally all that follows) comes without a task
                 return result
             raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
         except BodyTooLarge as exc:
@@ -296,7 +296,7 @@ class HttpSession:
             if not handed_off:
                 response.release()
 
-    def _response_result(self, raw: bytes, request_id: int, forward_raw: bool) -> Any:
+    def _response_result(self, raw: bytes | bytearray, request_id: int, forward_raw: bool) -> Any:
         """The result of the response `raw`: as the upstream's own bytes when it is forwarded untouched."""
         spliced = _spliced(raw, request_id) if forward_raw else None
         return spliced if spliced is not None else self._result_of(self._parse(raw), request_id)
@@ -378,16 +378,6 @@ class HttpSession:
             raise
         return response
 
-    async def _drain(self, response: Response) -> None:
-        """Read what follows the response on an SSE stream (normally just its end), so that the keep-alive
-        connection returns to the pool instead of being closed; the caller already has its result."""
-        try:
-            async with asyncio.timeout(5.0):
-                async for _ in response.chunks():
-                    pass
-        finally:
-            response.release()
-
     def _result_of(self, message: Message, request_id: int) -> Any:
         if message.get("id") != request_id:
             raise UpstreamProtocolError(self.name, "response id does not match the request")
@@ -400,7 +390,7 @@ class HttpSession:
             raise UpstreamProtocolError(self.name, "response has neither result nor error")
         return message["result"]
 
-    def _parse(self, raw: bytes) -> Message:
+    def _parse(self, raw: bytes | bytearray) -> Message:
         try:
             return jsonrpc.validate_message(jsonrpc.loads(raw))
         except (ParseError, InvalidRequest) as exc:
@@ -552,7 +542,7 @@ class HttpSession:
         task.add_done_callback(self._background.discard)
 
 
-def _spliced(raw: bytes, request_id: int) -> jsonrpc.RawJson | None:
+def _spliced(raw: bytes | bytearray, request_id: int) -> jsonrpc.RawJson | None:
     return jsonrpc.spliced_result(raw, request_id, secrets_registered=any_registered())
 
 
