@@ -195,9 +195,12 @@ class Router:
         private = [self._private.pop(key) for key in list(self._private) if key[1] in removed or key[1] in changed]
         for key in [key for key in self._subscriptions if key[0] in removed or key[0] in changed]:
             del self._subscriptions[key]
-        # Calls in flight finish on the session they started on; new calls go to the new one.
-        await asyncio.gather(*(session.close() for session in private))
-        for upstream in stopping:
+        # Calls in flight finish on the session they started on (new calls go to the new one); an idle upstream
+        # is stopped before the reload returns.
+        busy = [upstream for upstream in stopping if not upstream.idle]
+        idle = [upstream for upstream in stopping if upstream.idle]
+        await asyncio.gather(*(session.close() for session in private), *(upstream.stop() for upstream in idle))
+        for upstream in busy:
             self._retiring.add(upstream)
             self._retire(upstream)
         for name, upstream_config in new.items():

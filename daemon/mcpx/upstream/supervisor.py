@@ -319,6 +319,11 @@ class ManagedUpstream:
             if not self._calls:
                 self._idle.set()
 
+    @property
+    def idle(self) -> bool:
+        """No request of an agent is in flight."""
+        return not self._calls
+
     async def retire(self) -> None:
         """Stop once the calls in flight have ended (bounded by the per-call timeout): a reload replaced this
         upstream, and its calls still finish on the session they started on."""
