@@ -13,12 +13,17 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import (
     CreateMessageRequestParams,
     CreateMessageResult,
+    ElicitCompleteNotification,
     ElicitRequestParams,
+    ElicitRequestURLParams,
     ElicitResult,
+    ListRootsResult,
+    NotificationParams,
+    Root,
     SamplingMessage,
     TextContent,
 )
-from pydantic import BaseModel
+from pydantic import BaseModel, FileUrl
 
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
 from tests.support.results import text_of
@@ -129,3 +134,71 @@ async def test_cancelling_a_call_withdraws_its_pending_elicitation_from_the_agen
         # (notifications/cancelled from the upstream), which mcpx passes on to the agent under the agent's id.
         async with asyncio.timeout(10):
             await withdrawn.wait()
+
+
+def with_sign_in(server: MCPServer) -> None:
+    @server.tool()
+    async def connect(ctx: Context) -> str:
+        """Send the user to a URL (URL-mode elicitation), then say it is done."""
+        answer = await ctx.elicit_url("Sign in to continue", "https://auth.example.com/start", "sign-in-1")
+        await ctx.request_context.session.send_elicit_complete("sign-in-1")  # outside the call: the GET stream
+        return answer.action
+
+    @server.tool()
+    async def roots(ctx: Context) -> str:
+        """The client's roots (asked outside the call, as the SDK does)."""
+        listed = await ctx.request_context.session.list_roots()
+        return " ".join(str(root.uri) for root in listed.roots)
+
+
+async def test_url_elicitation_and_its_completion_reach_the_agent_that_was_asked(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=False, customize=with_sign_in)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    urls: list[str] = []
+    completed = asyncio.Event()
+
+    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        assert isinstance(params, ElicitRequestURLParams)
+        urls.append(params.url)
+        return ElicitResult(action="accept")
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, ElicitCompleteNotification) and message.params.elicitation_id == "sign-in-1":
+            completed.set()
+
+    async with (
+        running(alpha),
+        running_daemon(sandbox),
+        agent(sandbox, elicitation_callback=on_elicit, message_handler=on_message) as client,
+    ):
+        assert text_of(await client.call_tool("alpha__connect", {})) == "accept"
+        assert urls == ["https://auth.example.com/start"]
+        async with asyncio.timeout(10):
+            await completed.wait()
+
+
+async def test_roots_asked_outside_a_call_and_root_changes_reach_the_upstream(sandbox: Sandbox) -> None:
+    changed = asyncio.Event()
+
+    def customize(server: MCPServer) -> None:
+        with_sign_in(server)
+
+        async def on_roots_changed(ctx: object, params: object) -> None:
+            changed.set()
+
+        server._lowlevel_server.add_notification_handler(  # the SDK's MCPServer has no decorator for it
+            "notifications/roots/list_changed", NotificationParams, on_roots_changed
+        )
+
+    alpha = Upstream("alpha", json_response=True, customize=customize)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+
+    async def list_roots(context: ClientRequestContext) -> ListRootsResult:
+        return ListRootsResult(roots=[Root(uri=FileUrl("file:///work/project"))])
+
+    async with running(alpha), running_daemon(sandbox), agent(sandbox, list_roots_callback=list_roots) as client:
+        # The upstream asks on its GET stream, related to no call: mcpx asks the agent that last called it.
+        assert text_of(await client.call_tool("alpha__roots", {})) == "file:///work/project"
+        await client.send_roots_list_changed()
+        async with asyncio.timeout(10):
+            await changed.wait()
