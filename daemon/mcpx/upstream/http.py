@@ -356,16 +356,8 @@ class HttpSession:
 
     async def _resume_stream(self, last_event_id: str) -> Response:
         """GET + `Last-Event-ID`: the rest of a request's stream (2025-11-25 `basic/transports`, resumability)."""
-        headers = self._stream_headers(last_event_id)
+        response = await self._peer.get(self._stream_headers(last_event_id))
         try:
-            response = await self._http.request("GET", self._target, headers)
-        except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
-        try:
-            if response.status == 401:
-                raise self._peer.unauthorized(headers, response)
-            if response.status == 403:
-                self._peer.forbidden(response)
             if response.status == 404 and self._session_id is not None:
                 raise SessionExpired(self.name, "the upstream no longer knows our session")
             if response.status != 200:

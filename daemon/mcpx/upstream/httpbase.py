@@ -14,7 +14,7 @@ from mcpx import jsonrpc
 from mcpx.auth.credentials import CredentialProvider, expand_env
 from mcpx.auth.oauth.metadata import Challenge, parse_bearer_challenge
 from mcpx.config.model import UpstreamConfig
-from mcpx.errors import CredentialRejected, ParseError, UpstreamHTTPError
+from mcpx.errors import CredentialRejected, ParseError, UpstreamHTTPError, UpstreamUnavailable
 from mcpx.framing.sse import SSEDecoder, SSEEvent
 from mcpx.log import get_logger
 from mcpx.redact import redact
@@ -74,6 +74,23 @@ class HttpPeer:
             return await attempt()
         except Unauthorized:
             raise self.rejected() from None
+
+    async def get(self, headers: dict[str, str]) -> Response:
+        """GET the URL (an SSE stream) with `headers`; a 401 or a step-up 403 raises as on every request. The
+        caller checks the rest of the status and releases the response."""
+        try:
+            response = await self.http.request("GET", self.target, headers)
+        except HttpClientError as exc:
+            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+        try:
+            if response.status == 401:
+                raise self.unauthorized(headers, response)
+            if response.status == 403:
+                self.forbidden(response)
+        except BaseException:
+            response.release()
+            raise
+        return response
 
     def unauthorized(self, sent: dict[str, str], response: Response) -> Unauthorized:
         return Unauthorized(sent, parse_bearer_challenge(response.headers.get("www-authenticate")))

@@ -81,15 +81,8 @@ class SseSession(ChannelSession):
         """GET the stream and read it up to the `endpoint` event; the response is released on any failure."""
         headers = self._peer.headers()
         headers["Accept"] = "text/event-stream"
+        response = await self._peer.get(headers)
         try:
-            response = await self._http.request("GET", self._peer.target, headers)
-        except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
-        try:
-            if response.status == 401:
-                raise self._peer.unauthorized(headers, response)
-            if response.status == 403:
-                self._peer.forbidden(response)
             if response.status != 200:
                 raise await self._peer.http_error(response)
             if response.content_type != "text/event-stream":

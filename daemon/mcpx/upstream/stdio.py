@@ -44,7 +44,7 @@ from mcpx.framing.ndjson import LineFramer, Oversized
 from mcpx.log import get_logger
 from mcpx.redact import redact, register_secret
 from mcpx.upstream.channel import ChannelSession
-from mcpx.upstream.peer import ClientSide
+from mcpx.upstream.peer import ClientSide, first_of
 
 _log = get_logger("mcpx.upstream.stdio")
 
@@ -396,7 +396,7 @@ class StdioSession(ChannelSession):
 
     async def _watch_child(self, child: _Child) -> None:
         """Report the session lost when the child exits or closes its stdout on its own."""
-        await _first(child.exited, child.stdout_closed)
+        await first_of(child.exited, child.stdout_closed)
         # The other half follows at once in the common case: the last messages are read before the loss is told.
         await _within(_both(child.exited, child.stdout_closed), _END_GRACE)
         code = child.returncode
@@ -426,15 +426,6 @@ async def _within(awaitable: Coroutine[Any, Any, Any], seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 async def _both(*events: asyncio.Event) -> None:

@@ -27,7 +27,7 @@ from mcpx.errors import CredentialRejected, NeedsLogin, UpstreamError, UpstreamP
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.upstream.h1 import HttpClient
-from mcpx.upstream.peer import ClientSide, UpstreamSession
+from mcpx.upstream.peer import ClientSide, UpstreamSession, first_of
 from mcpx.upstream.transports import open_session
 
 _log = get_logger("mcpx.upstream")
@@ -231,7 +231,7 @@ class ManagedUpstream:
                 self._hooks.connected(self.name)
                 await self._attempt_ended(attempt)
                 # Connect again when a call finds the session broken, or when asked to (a new credential).
-                await _first_of(self._broken, self._wake)
+                await first_of(self._broken, self._wake)
                 if self._wake.is_set() or self._reconnect_at_once:
                     delay = self.daemon.reconnect_initial
                 else:  # lost soon after it came up (e.g. a stdio server that keeps crashing): back off first
@@ -424,16 +424,6 @@ class ManagedUpstream:
                 self._set_lists({kind: await self._list(kind) for kind in sorted(kinds)})
             except (UpstreamError, NeedsLogin) as exc:
                 _log.warning("list refresh failed", upstream=self.name, error=str(exc))
-
-
-async def _first_of(*events: asyncio.Event) -> None:
-    """Return as soon as any of `events` is set."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 class AgentUpstream:
