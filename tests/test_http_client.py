@@ -17,6 +17,7 @@ from mcpx.upstream.h1 import (
     BodyTooLarge,
     ConnectError,
     ConnectionClosed,
+    Deadline,
     HttpClient,
     HttpClientError,
     InvalidResponse,
@@ -432,3 +433,91 @@ async def test_request_heads_are_reused_per_set_of_headers_and_a_changed_header_
     assert sent == [b"Authorization: Bearer one", b"Authorization: Bearer one", b"Authorization: Bearer two",
                     b"Authorization: Bearer one"]  # fmt: skip
     assert all(request.endswith(b"Content-Length: 2\r\n\r\n{}") for request in server.requests)
+
+
+async def test_headers_after_an_interim_response_and_repeated_headers(client: HttpClient) -> None:
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nContent-Type: text/html\r\nLink: </a>\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 Fine\r\nContent-Type: Application/JSON; charset=utf-8\r\nX-Twice: a\r\nContent-Length: 2\r\n"
+            b"x-twice: b\r\n\r\n{}"
+        )
+        await reader.read()
+
+    async with scripted(serve) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        assert (response.status, response.reason) == (200, "Fine")
+        assert response.content_type == "application/json"
+        assert response.content_length == 2
+        assert response.headers == {
+            "content-type": "Application/JSON; charset=utf-8",
+            "x-twice": "a, b",
+            "content-length": "2",
+        }
+        assert await response.read(10) == b"{}"
+        response.release()
+
+
+async def test_a_repeated_content_type_is_read_joined(client: HttpClient) -> None:
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Type: a/b\r\nContent-Length: 0\r\n\r\n"
+        )
+        await reader.read()
+
+    async with scripted(serve) as (_, target):
+        response = await client.request("POST", target, {}, b"{}")
+        assert response.content_type == "text/event-stream, a/b"
+        response.release()
+
+
+# --- Deadline: asyncio.timeout's rules, cheaper ----------------------------------------------------------------
+
+
+async def test_a_deadline_that_passes_ends_the_block_with_timeout_error() -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(TimeoutError), Deadline(0.01) as deadline:
+        await asyncio.sleep(5)
+    assert deadline.expired
+    assert task.cancelling() == 0
+    await asyncio.sleep(0)  # no cancellation left pending on the task
+
+
+async def test_a_block_that_ends_in_time_is_not_cancelled_later() -> None:
+    with Deadline(0.02) as deadline:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
+    assert not deadline.expired
+
+
+async def test_another_cancellation_passes_through_a_deadline() -> None:
+    entered = asyncio.Event()
+
+    async def guarded() -> None:
+        with Deadline(5):
+            entered.set()
+            await asyncio.sleep(5)
+
+    task = asyncio.create_task(guarded())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("inner_expires", [True, False], ids=["inner-expires", "outer-expires"])
+async def test_deadlines_nest_with_asyncio_timeouts(inner_expires: bool) -> None:
+    inner, outer = (0.01, 5.0) if inner_expires else (5.0, 0.01)
+    reached_after_inner = False
+    with pytest.raises(TimeoutError) as caught, Deadline(outer):
+        try:
+            async with asyncio.timeout(inner):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            reached_after_inner = True
+            raise
+    assert reached_after_inner is inner_expires
+    assert caught.value is not None
