@@ -3,8 +3,10 @@ only when configured, and never a secret."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
-from mcpx.audit import AuditLog
+from mcpx.audit import AuditLog, timestamp
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
 from tests.support.upstream import Upstream, running
 
@@ -79,3 +81,12 @@ async def test_a_tool_that_reports_an_error_is_recorded_as_a_tool_error(sandbox:
     broken, fine = _lines(sandbox.state / "audit.jsonl")
     assert (broken["tool"], broken["outcome"]) == ("alpha__broken", "tool_error")
     assert (fine["tool"], fine["outcome"]) == ("alpha__echo", "ok")
+
+
+@pytest.mark.parametrize("now", [1_700_000_000.0, 1_700_000_000.25, 1_700_000_000.9994, 1_700_000_001.5, 86_399.001])
+def test_record_times_read_as_an_iso_timestamp_with_milliseconds_would(
+    now: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: now)
+    expected = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="milliseconds")
+    assert timestamp() == expected

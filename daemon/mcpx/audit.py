@@ -9,6 +9,7 @@ record in the middle of the file.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,28 @@ from mcpx.log import get_logger
 from mcpx.redact import scrub
 
 _log = get_logger("mcpx.audit")
+
+
+class _Clock:
+    """The time of a record, as `datetime.now(UTC).isoformat(timespec="milliseconds")` writes it, at a fraction of
+    its cost (about 17,000 interpreter instructions per call): the part up to the second is formatted once a second."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{int((now - second) * 1000):03d}+00:00"
+
+
+timestamp = _Clock().now
 
 
 class AuditLog:

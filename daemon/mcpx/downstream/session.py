@@ -10,13 +10,13 @@ answered here too.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from mcpx import __version__, jsonrpc
+from mcpx.audit import timestamp as audit_timestamp
 from mcpx.downstream.peercred import PeerCredentials
 from mcpx.errors import (
     INTERNAL_ERROR,
@@ -254,7 +254,7 @@ class AgentSession:
         name = params.get("name")
         route = self._router.catalog.routes.get(name) if isinstance(name, str) else None
         entry: dict[str, Any] = {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "time": audit_timestamp(),
             "agent": self.client_info.get("name"),
             "pid": self.peer.pid,
             "upstream": route.upstream if route is not None else None,
