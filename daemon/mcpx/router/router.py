@@ -267,7 +267,10 @@ class Router:
             InvalidParams: no such tool in the catalog (MCP: unknown tool is a protocol error, -32602).
             UpstreamError: the upstream could not run it (the session turns this into a tool error).
         """
-        route = await self._route(TOOLS, params.get("name"))
+        name = params.get("name")
+        route = self.catalog.routes.get(name) if self._settled and isinstance(name, str) else None
+        if route is None:
+            route = await self._route(TOOLS, name)
         forwarded = {**params, "name": route.tool}
         return await self._call(route.upstream, "tools/call", forwarded, agent)
 
