@@ -7,14 +7,22 @@
   fallback inside `mcpx.jsonrpc` and in the stdlib-only CLI).
 - No per-message logging above DEBUG in the per-message modules.
 - Upstream requests go through mcpx's own HTTP/1.1 client, not aiohttp's (about 250 µs more per call).
+- Per-message modules do not format times with `datetime` (an aware `now().isoformat()` is about 17,000
+  interpreter instructions; the audit log's `timestamp()` formats the seconds once a second).
+- A response body is read without an async generator (the event loop tracks each one in a weak set, in Python)
+  and a large one is spliced without copying it out of the buffer it arrived in.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
+
+from mcpx import jsonrpc
+from mcpx.upstream import h1
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mcpx"
 PER_MESSAGE_MODULES = [
@@ -80,3 +88,21 @@ def test_per_message_modules_log_messages_at_debug_only() -> None:
 def test_the_upstream_hot_path_does_not_use_aiohttp() -> None:
     for module in ("upstream/http.py", "upstream/h1.py", "upstream/supervisor.py", "router/router.py"):
         assert not any(name.split(".")[0] == "aiohttp" for name in _imports(PACKAGE / module)), module
+
+
+def test_per_message_modules_do_not_format_times_with_datetime() -> None:
+    for module in PER_MESSAGE_MODULES:
+        assert "datetime" not in _imports(PACKAGE / module), module
+
+
+def test_response_bodies_are_read_without_async_generators() -> None:
+    for method in (h1.Response.chunks, h1.Response.read):
+        assert not inspect.isasyncgenfunction(method), method.__qualname__
+
+
+def test_a_large_result_is_spliced_as_a_view_of_the_response_body() -> None:
+    body = bytearray(b'{"jsonrpc":"2.0","id":1,"result":{"text":"' + b"x" * (1 << 20) + b'"}}')
+    spliced = jsonrpc.spliced_result(body, 1, secrets_registered=False)
+    assert spliced is not None
+    view = spliced.view()
+    assert isinstance(view, memoryview) and view.obj is body
