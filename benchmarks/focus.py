@@ -16,6 +16,8 @@ Usage: .venv/bin/python benchmarks/focus.py [--calls N] [--rounds N] [--big N] [
                                             (keep calling, e.g. for py-spy on the daemon)
        .venv/bin/python benchmarks/focus.py --callgrind [--calls N]
                                             (the daemon under valgrind: instructions per small call)
+       .venv/bin/python benchmarks/focus.py --profile FILE [--hold SECONDS] [--mode json|sse]
+                                            (the daemon under cProfile: exact calls per function)
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ for line in sys.stdin.buffer:
         sys.stdout.buffer.write(orjson.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}) + b"\\n")
         sys.stdout.buffer.flush()
 """
+
+
+def turn_audit_off(config: Path) -> None:
+    config.write_text("[daemon]\naudit = false\n\n" + config.read_text())
 
 
 def minor_faults(pid: int) -> int:
@@ -142,8 +148,11 @@ async def hold(bench: b.Bench, mode: str, seconds: float, size: int) -> None:
         name, arguments = ("blob", {"size": size}) if size else ("echo", {"text": "x"})
         tool = bench.tool("mcpx", mode, name)
         deadline = time.monotonic() + seconds
+        calls = 0
         while time.monotonic() < deadline:
             await agent.request("tools/call", {"name": tool, "arguments": arguments})
+            calls += 1
+    print(f"{calls} calls", flush=True)
 
 
 async def direct_p50(bench: b.Bench, mode: str, calls: int) -> float:
@@ -156,11 +165,24 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         bench.upstream_urls = {"json": bench.start_upstream("json"), "sse": bench.start_upstream("sse")}
         bench.mcpx_env = bench.mcpx_environment("main", bench.upstream_urls)
+        if args.no_audit:  # to see what the audit log costs per call
+            turn_audit_off(Path(bench.mcpx_env["MCPX_CONFIG"]))
         for name in ("PYTHONPATH", "GLIBC_TUNABLES"):  # another tree than the installed one; allocator settings
             if name in os.environ:
                 bench.mcpx_env[name] = os.environ[name]
         out = root / "callgrind.out"
-        if args.callgrind:
+        if args.profile:
+            # cProfile in the daemon: exact call counts per function (times are inflated by the profiler).
+            wrapper = (
+                "import cProfile, sys; from mcpx.daemon import main; profile = cProfile.Profile(); "
+                "code = profile.runcall(main, []); profile.dump_stats(sys.argv[1]); sys.exit(code)"
+            )
+            daemon = subprocess.Popen(
+                [sys.executable, "-c", wrapper, args.profile], env=bench.mcpx_env, stdin=subprocess.DEVNULL
+            )
+            bench.processes.append(daemon)
+            await b.wait_until_answers(Path(bench.mcpx_env["MCPX_SOCKET"]), timeout=60)
+        elif args.callgrind:
             command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                        sys.executable, str(b.BIN / "mcpxd")]  # fmt: skip
             daemon = subprocess.Popen(command, env=bench.mcpx_env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -178,8 +200,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 instructions = await callgrind_small(bench, daemon.pid, mode, args.calls, out)
                 print(f"{mode}: {instructions:,.0f} instructions per small call in the daemon")
             return
-        if args.hold:
-            await hold(bench, args.mode, args.hold, args.size)
+        if args.hold or args.profile:
+            await hold(bench, args.mode, args.hold or 10.0, args.size)
             return
         rows: dict[tuple[str, ...], list[float]] = {}
         for _ in range(args.rounds):
@@ -223,6 +245,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("small", "big"))
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--callgrind", action="store_true", help="count the daemon's instructions per small call")
+    parser.add_argument("--no-audit", action="store_true", help="run the daemon with the audit log off")
+    parser.add_argument("--profile", metavar="FILE", help="run the daemon under cProfile (with --hold) into FILE")
     parser.add_argument("--mode", choices=("json", "sse"), default="json", help="with --hold")
     parser.add_argument("--size", type=int, default=0, help="with --hold: call `blob` with this size, not `echo`")
     args = parser.parse_args()
