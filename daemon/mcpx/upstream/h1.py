@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from mcpx import memory
+
 MAX_HEADER_BYTES: Final = 64 * 1024
 # Bodies declared at least this long are read straight into a buffer of their size.
 _DIRECT_BODY: Final = 64 * 1024
@@ -180,6 +182,7 @@ class Response:
         "_raw_content_type",
         "_raw_headers",
         "_raw_reason",
+        "_received",
         "_released",
         "_waiter",
         "status",
@@ -200,6 +203,7 @@ class Response:
         self._buffered = 0
         self._body: bytearray | None = None  # the body's buffer while `read` fills it directly
         self._filled = 0
+        self._received = 0  # body bytes queued in all
         self._complete = False
         self._error: HttpClientError | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -270,6 +274,8 @@ class Response:
         if self._complete or self._error is not None:
             return self._take_all(limit)  # all there already (the common case for small bodies): no waiting
         if declared is not None and declared >= _DIRECT_BODY:
+            if declared >= memory.LARGE:
+                memory.large_message(self._connection.loop)
             return await self._read_into(bytearray(declared))
         parts: list[bytes] = []
         size = 0
@@ -362,6 +368,9 @@ class Response:
             return  # released at its end: the rest is not wanted
         self._chunks.append(data)
         self._buffered += len(data)
+        received = self._received = self._received + len(data)
+        if received >= memory.LARGE > received - len(data):  # (for the allocator: see mcpx.memory)
+            memory.large_message(self._connection.loop)
         if self._buffered > _HIGH_WATER:
             self._connection.pause_reading()
         self._wake()
