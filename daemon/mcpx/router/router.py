@@ -152,6 +152,10 @@ class Router:
     async def stop(self) -> None:
         private, self._private = list(self._private.values()), {}
         await asyncio.gather(*(session.close() for session in private))
+        # Background upkeep is bounded (10 s each); closing the sessions of agents that just left must finish, so
+        # their children are stopped, not orphaned.
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5.0)
         for task in list(self._background):
             task.cancel()
         retiring, self._retiring = list(self._retiring), set()
