@@ -675,7 +675,12 @@ def _with_exposed_uris(config: UpstreamConfig, result: Any) -> Any:
     """A result with its content's resource URIs as the agent reads them back; forwarded bytes are parsed only
     when they may hold such content."""
     if isinstance(result, jsonrpc.RawJson):
-        if b'"resource' not in result.data:
+        raw = result.view()
+        # Searched where it lies (the whole response holding it: a superset), so a large result is not copied.
+        haystack = raw.obj if isinstance(raw, memoryview) else raw
+        if not isinstance(haystack, bytes | bytearray):
+            haystack = result.data
+        if b'"resource' not in haystack:
             return result
         exposed = expose_content_uris(config, jsonrpc.loads(result.data))
         return result if exposed is None else exposed
