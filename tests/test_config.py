@@ -9,6 +9,7 @@ import pytest
 from mcpx.config import BearerEnvAuth, BearerFileAuth, Config, NoAuth, StaticHeaderAuth, load_config
 from mcpx.config.model import AUTH_TYPES, OAuthAuth
 from mcpx.errors import ConfigError
+from tests.support.configs import config_problems, write_config_file
 
 SEED_EXAMPLE = """\
 [[proxy.upstream]]
@@ -24,30 +25,16 @@ timeout = 60                               # optional, seconds per call
 JIRA = '[[proxy.upstream]]\nname = "jira"\nurl = "https://example.com/jira/mcp/"\n'
 
 
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _problems(path: Path) -> list[str]:
-    with pytest.raises(ConfigError) as raised:
-        load_config(path)
-    assert raised.value.problems
-    assert str(raised.value) == "\n".join(raised.value.problems)
-    return raised.value.problems
-
-
 def _only_problem(tmp_path: Path, text: str) -> str:
-    path = _write(tmp_path, text)
-    problems = _problems(path)
+    path = write_config_file(tmp_path, text)
+    problems = config_problems(path)
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{path}: "), problems
     return problems[0]
 
 
 def test_the_seed_example_loads_as_written(tmp_path: Path) -> None:
-    path = _write(tmp_path, SEED_EXAMPLE)
+    path = write_config_file(tmp_path, SEED_EXAMPLE)
     config = load_config(path)
     assert config.source == path
     (jira,) = config.upstreams
@@ -63,7 +50,7 @@ def test_the_seed_example_loads_as_written(tmp_path: Path) -> None:
 
 
 def test_optional_upstream_fields_have_their_defaults(tmp_path: Path) -> None:
-    (jira,) = load_config(_write(tmp_path, JIRA)).upstreams
+    (jira,) = load_config(write_config_file(tmp_path, JIRA)).upstreams
     assert jira.auth == NoAuth()
     assert jira.headers == {}
     assert jira.include_tools is None
@@ -73,7 +60,7 @@ def test_optional_upstream_fields_have_their_defaults(tmp_path: Path) -> None:
 
 
 def test_an_empty_file_is_an_empty_config(tmp_path: Path) -> None:
-    path = _write(tmp_path, "")
+    path = write_config_file(tmp_path, "")
     config = load_config(path)
     assert config.upstreams == ()
     assert config.daemon == Config().daemon
@@ -105,7 +92,7 @@ url = "https://example.com/mcp"
 auth = {{ type = "static_header", header = "X-Api-Key", value = "${{KEY}}" }}
 timeout = 0.5
 """
-    config = load_config(_write(tmp_path, text))
+    config = load_config(write_config_file(tmp_path, text))
     assert config.daemon.socket == tmp_path / "s.sock"
     assert config.daemon.state_dir == tmp_path / "state"
     assert config.daemon.log_level == "debug"
@@ -120,7 +107,7 @@ timeout = 0.5
 
 def test_a_missing_file_is_an_error_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "absent.toml"
-    assert _problems(path) == [f"{path}: no such file"]
+    assert config_problems(path) == [f"{path}: no such file"]
 
 
 def test_a_missing_file_with_missing_ok_is_the_empty_config(tmp_path: Path) -> None:
@@ -131,7 +118,7 @@ def test_a_missing_file_with_missing_ok_is_the_empty_config(tmp_path: Path) -> N
 
 
 def test_missing_ok_does_not_hide_an_invalid_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, "bogus = 1\n")
+    path = write_config_file(tmp_path, "bogus = 1\n")
     with pytest.raises(ConfigError):
         load_config(path, missing_ok=True)
 
@@ -154,48 +141,48 @@ def test_invalid_toml_is_an_error_naming_the_file(tmp_path: Path) -> None:
 def test_a_non_utf8_file_is_an_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_bytes(JIRA.encode() + b'headers = { "X" = "\xff\xfe" }\n')
-    assert _problems(path) == [f"{path}: not UTF-8 text"]
+    assert config_problems(path) == [f"{path}: not UTF-8 text"]
 
 
 def test_an_unknown_top_level_key_is_named(tmp_path: Path) -> None:
-    path = _write(tmp_path, "bogus = 1\n" + JIRA)
-    assert _problems(path) == [f"{path}: bogus: unknown key"]
+    path = write_config_file(tmp_path, "bogus = 1\n" + JIRA)
+    assert config_problems(path) == [f"{path}: bogus: unknown key"]
 
 
 def test_an_unknown_key_in_the_daemon_table_is_named(tmp_path: Path) -> None:
-    path = _write(tmp_path, "[daemon]\nsokcet = '/tmp/x'\n")
-    assert _problems(path) == [f"{path}: daemon.sokcet: unknown key"]
+    path = write_config_file(tmp_path, "[daemon]\nsokcet = '/tmp/x'\n")
+    assert config_problems(path) == [f"{path}: daemon.sokcet: unknown key"]
 
 
 def test_an_unknown_key_in_an_upstream_names_the_upstream_and_key(tmp_path: Path) -> None:
-    path = _write(tmp_path, JIRA + 'colour = "red"\n')
-    assert _problems(path) == [f"{path}: upstream 'jira': colour: unknown key"]
+    path = write_config_file(tmp_path, JIRA + 'colour = "red"\n')
+    assert config_problems(path) == [f"{path}: upstream 'jira': colour: unknown key"]
 
 
 def test_an_unknown_key_in_auth_names_the_upstream_and_auth_field(tmp_path: Path) -> None:
-    path = _write(tmp_path, JIRA + 'auth = { type = "bearer_env", env = "T", file = "x" }\n')
-    assert _problems(path) == [f"{path}: upstream 'jira': auth.file: unknown key"]
+    path = write_config_file(tmp_path, JIRA + 'auth = { type = "bearer_env", env = "T", file = "x" }\n')
+    assert config_problems(path) == [f"{path}: upstream 'jira': auth.file: unknown key"]
 
 
 def test_a_missing_name_names_the_upstream_by_position(tmp_path: Path) -> None:
-    path = _write(tmp_path, JIRA + '[[proxy.upstream]]\nurl = "https://example.com/mcp"\n')
-    assert _problems(path) == [f"{path}: upstream #2: name: required field is missing"]
+    path = write_config_file(tmp_path, JIRA + '[[proxy.upstream]]\nurl = "https://example.com/mcp"\n')
+    assert config_problems(path) == [f"{path}: upstream #2: name: required field is missing"]
 
 
 def test_an_upstream_without_url_or_command_names_the_upstream_and_both_fields(tmp_path: Path) -> None:
-    path = _write(tmp_path, '[[proxy.upstream]]\nname = "jira"\n')
+    path = write_config_file(tmp_path, '[[proxy.upstream]]\nname = "jira"\n')
     expected = "give exactly one of `url` (a remote server) or `command` (a local stdio server)"
-    assert _problems(path) == [f"{path}: upstream 'jira': {expected}"]
+    assert config_problems(path) == [f"{path}: upstream 'jira': {expected}"]
 
 
 def test_a_missing_auth_env_names_the_upstream_and_field(tmp_path: Path) -> None:
-    path = _write(tmp_path, JIRA + 'auth = { type = "bearer_env" }\n')
-    assert _problems(path) == [f"{path}: upstream 'jira': auth.env: required field is missing"]
+    path = write_config_file(tmp_path, JIRA + 'auth = { type = "bearer_env" }\n')
+    assert config_problems(path) == [f"{path}: upstream 'jira': auth.env: required field is missing"]
 
 
 def test_a_missing_bearer_file_path_names_the_upstream_and_field(tmp_path: Path) -> None:
-    path = _write(tmp_path, JIRA + 'auth = { type = "bearer_file" }\n')
-    assert _problems(path) == [f"{path}: upstream 'jira': auth.path: required field is missing"]
+    path = write_config_file(tmp_path, JIRA + 'auth = { type = "bearer_file" }\n')
+    assert config_problems(path) == [f"{path}: upstream 'jira': auth.path: required field is missing"]
 
 
 def test_an_empty_auth_env_is_rejected(tmp_path: Path) -> None:
@@ -204,13 +191,13 @@ def test_an_empty_auth_env_is_rejected(tmp_path: Path) -> None:
 
 
 def test_a_duplicate_upstream_name_is_named(tmp_path: Path) -> None:
-    path = _write(tmp_path, JIRA + JIRA)
-    assert _problems(path) == [f"{path}: upstream 'jira': name: used by more than one upstream"]
+    path = write_config_file(tmp_path, JIRA + JIRA)
+    assert config_problems(path) == [f"{path}: upstream 'jira': name: used by more than one upstream"]
 
 
 def test_a_duplicate_upstream_name_is_named_with_the_other_problems_each_said_once(tmp_path: Path) -> None:
-    path = _write(tmp_path, JIRA + "timeout = 0\n" + JIRA + "timeout = 0\n")
-    timeout, duplicate = _problems(path)
+    path = write_config_file(tmp_path, JIRA + "timeout = 0\n" + JIRA + "timeout = 0\n")
+    timeout, duplicate = config_problems(path)
     assert timeout.startswith(f"{path}: upstream 'jira': timeout: ")
     assert duplicate == f"{path}: upstream 'jira': name: used by more than one upstream"
 
@@ -289,7 +276,9 @@ def test_a_header_repeating_the_static_header_auth_header_is_rejected(tmp_path: 
 
 
 def test_an_authorization_header_without_bearer_auth_is_allowed(tmp_path: Path) -> None:
-    (jira,) = load_config(_write(tmp_path, JIRA + 'headers = { "Authorization" = "Basic eA==" }\n')).upstreams
+    (jira,) = load_config(
+        write_config_file(tmp_path, JIRA + 'headers = { "Authorization" = "Basic eA==" }\n')
+    ).upstreams
     assert jira.headers == {"Authorization": "Basic eA=="}
 
 
@@ -307,8 +296,8 @@ def test_every_problem_in_a_file_is_reported_at_once(tmp_path: Path) -> None:
         + '[[proxy.upstream]]\nname = "wiki"\nurl = "ftp://wiki.example.com/"\n'
         + '[[proxy.upstream]]\nurl = "https://example.com/"\n'
     )
-    path = _write(tmp_path, text)
-    problems = _problems(path)
+    path = write_config_file(tmp_path, text)
+    problems = config_problems(path)
     assert all(problem.startswith(f"{path}: ") for problem in problems)
     assert len(problems) == 5
     joined = "\n".join(problems)
@@ -346,7 +335,7 @@ def test_a_client_metadata_url_is_checked_like_every_oauth_url(tmp_path: Path, u
 )
 def test_a_client_metadata_url_may_be_https_or_loopback_http(tmp_path: Path, url: str) -> None:
     (jira,) = load_config(
-        _write(tmp_path, JIRA + f'auth = {{ type = "oauth", client_metadata_url = "{url}" }}\n')
+        write_config_file(tmp_path, JIRA + f'auth = {{ type = "oauth", client_metadata_url = "{url}" }}\n')
     ).upstreams
     assert isinstance(jira.auth, OAuthAuth) and jira.auth.client_metadata_url == url
 

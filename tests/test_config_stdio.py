@@ -8,24 +8,12 @@ from pathlib import Path
 import pytest
 
 from mcpx.config import load_config
-from mcpx.errors import ConfigError
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _problems(path: Path) -> list[str]:
-    with pytest.raises(ConfigError) as raised:
-        load_config(path)
-    return raised.value.problems
+from tests.support.configs import config_problems, write_config_file
 
 
 def test_a_command_upstream_loads_with_its_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    path = _write(
+    path = write_config_file(
         tmp_path,
         """
 [[proxy.upstream]]
@@ -47,7 +35,7 @@ cwd = "~/work"
 
 
 def test_the_claude_desktop_spelling_becomes_upstreams_beside_proxy_upstream(tmp_path: Path) -> None:
-    path = _write(
+    path = write_config_file(
         tmp_path,
         """
 [[proxy.upstream]]
@@ -97,7 +85,7 @@ url = "https://s.example.com/mcp"
 
 
 def test_mistakes_in_mcp_servers_name_the_file_and_the_entry(tmp_path: Path) -> None:
-    path = _write(
+    path = write_config_file(
         tmp_path,
         """
 [mcpServers.both]
@@ -121,7 +109,7 @@ command = "x"
 env = { "A=B" = "1" }
 """,
     )
-    problems = _problems(path)
+    problems = config_problems(path)
     assert f"{path}: mcpServers 'wrongtype': type: \"stdio\" is for servers given by `command`" in problems
     assert any(p.startswith(f"{path}: mcpServers 'unknowntype': type: must be one of") for p in problems)
     assert f"{path}: mcpServers 'extra': autoApprove: unknown key" in problems
@@ -131,16 +119,16 @@ env = { "A=B" = "1" }
 
 
 def test_an_mcp_servers_entry_that_is_not_a_table_is_named(tmp_path: Path) -> None:
-    path = _write(tmp_path, 'mcpServers = { files = "npx" }\n')
-    assert _problems(path) == [f"{path}: mcpServers 'files': must be a table"]
+    path = write_config_file(tmp_path, 'mcpServers = { files = "npx" }\n')
+    assert config_problems(path) == [f"{path}: mcpServers 'files': must be a table"]
 
 
 def test_a_name_used_in_both_spellings_is_reported(tmp_path: Path) -> None:
-    path = _write(
+    path = write_config_file(
         tmp_path,
         '[[proxy.upstream]]\nname = "files"\ncommand = "a"\n\n[mcpServers.files]\ncommand = "b"\n',
     )
-    assert _problems(path) == [f"{path}: upstream 'files': name: used by more than one upstream"]
+    assert config_problems(path) == [f"{path}: upstream 'files': name: used by more than one upstream"]
 
 
 @pytest.mark.parametrize(
@@ -158,7 +146,7 @@ def test_a_name_used_in_both_spellings_is_reported(tmp_path: Path) -> None:
     ],
 )
 def test_command_upstream_mistakes_name_the_upstream(tmp_path: Path, fields: str, expected: str) -> None:
-    path = _write(tmp_path, f'[[proxy.upstream]]\nname = "local"\n{fields}\n')
-    (problem,) = _problems(path)
+    path = write_config_file(tmp_path, f'[[proxy.upstream]]\nname = "local"\n{fields}\n')
+    (problem,) = config_problems(path)
     assert problem.startswith(f"{path}: upstream 'local': "), problem
     assert expected in problem, problem
