@@ -13,35 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.daemon import SHIM, Sandbox, agent, mcpxctl, run, running_daemon, upstream_toml
+from tests.support.lifecycle import wait_for_exit
 from tests.support.results import text_of
 from tests.support.upstream import TOOLS, Upstream, running
 
 SHIM_DIR = Path(__file__).resolve().parent.parent / "shim"
-
-
-async def _wait_for_exit(pid: int, timeout: float = 10.0) -> None:
-    """Wait until `pid` (not our child: the shim started it in its own session) has exited."""
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        if hasattr(os, "pidfd_open"):
-            # A pidfd becomes readable when the process exits, even while it is an unreaped zombie (an orphan
-            # whose new parent does not reap it), which `os.kill(pid, 0)` cannot tell from a live process.
-            fd = os.pidfd_open(pid)
-            exited = asyncio.Event()
-            loop.add_reader(fd, exited.set)
-            try:
-                await exited.wait()
-            finally:
-                loop.remove_reader(fd)
-                os.close(fd)
-            return
-        # The one tolerated poll: without pidfds there is no event for the exit of a process that is not ours.
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            await asyncio.sleep(0.02)
 
 
 async def _stop_daemon_if_running(sandbox: Sandbox) -> int | None:
@@ -51,7 +27,7 @@ async def _stop_daemon_if_running(sandbox: Sandbox) -> int | None:
         return None
     pid = int(json.loads(stdout)["pid"])
     os.kill(pid, signal.SIGTERM)
-    await _wait_for_exit(pid)
+    await wait_for_exit(pid)
     return pid
 
 

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp_types import JSONRPCMessage
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tests.support.upstream import TokenCheck, build_server, reserve_port
+from tests.support.upstream import Served, TokenCheck, build_server
 
 
 @dataclass(frozen=True)
@@ -30,7 +28,7 @@ class SeenHttp:
     headers: dict[str, str]
 
 
-class LegacyUpstream:
+class LegacyUpstream(Served):
     """An MCP server speaking the legacy HTTP+SSE transport: GET `/sse` (the stream), POST `/messages/`; with
     `tokens`, both require one of its bearer tokens (HTTP 401 otherwise)."""
 
@@ -44,14 +42,11 @@ class LegacyUpstream:
         self.name = name
         self.tokens = tokens
         self.customize = customize
-        self._sock = reserve_port()
-        self.port: int = self._sock.getsockname()[1]
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}/sse"
         self.requests: list[SeenHttp] = []
         self._changed = asyncio.Condition()
         self._drops: set[asyncio.Event] = set()
-        self._uvicorn: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
 
     def app(self) -> ASGIApp:
         server = build_server(self.name, self.tokens, self.port)
@@ -119,30 +114,6 @@ class LegacyUpstream:
         """Wait (bounded) until `predicate` holds over the recorded requests."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(predicate)
-
-    async def start(self) -> None:
-        if self._sock.fileno() < 0:
-            self._sock = reserve_port_at(self.port)
-        self._sock.listen(128)
-        config = uvicorn.Config(self.app(), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-        self._uvicorn = uvicorn.Server(config)
-        self._task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[self._sock]))
-
-    async def stop(self) -> None:
-        if self._uvicorn is not None and self._task is not None:
-            self._uvicorn.should_exit = True
-            await asyncio.wait_for(self._task, 10)
-        self._uvicorn = None
-        self._task = None
-        self._sock.close()
-
-
-def reserve_port_at(port: int) -> socket.socket:
-    """The loopback port `port` bound again (after `stop`), not yet listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    return sock
 
 
 @contextlib.asynccontextmanager

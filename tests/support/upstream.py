@@ -86,6 +86,43 @@ def build_server(name: str, tokens: TokenCheck | None, port: int) -> MCPServer:
     return server
 
 
+class Served:
+    """An ASGI app served by uvicorn on a loopback port of its own that survives stop and start."""
+
+    def __init__(self) -> None:
+        self._sock = reserve_port()
+        self.port: int = self._sock.getsockname()[1]
+        self._uvicorn: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def app(self) -> ASGIApp:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if self._sock.fileno() < 0:
+            self._sock = reserve_port_at(self.port)
+        self._sock.listen(128)
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        self._uvicorn = uvicorn.Server(config)
+        self._task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[self._sock]))
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None and self._task is not None:
+            self._uvicorn.should_exit = True
+            await asyncio.wait_for(self._task, 10)
+        self._uvicorn = None
+        self._task = None
+        self._sock.close()
+
+
+def reserve_port_at(port: int) -> socket.socket:
+    """The loopback port `port` bound again (after a stop), not yet listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
 def reserve_port() -> socket.socket:
     """A bound (not yet listening) loopback socket: connections to it are refused until `listen()`."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -116,7 +153,7 @@ class HangingTool:
         server.tool(name=self.name)(hang)
 
 
-class Upstream:
+class Upstream(Served):
     """One upstream MCP server that tests can start, stop and restart on a fixed port."""
 
     def __init__(
@@ -134,8 +171,7 @@ class Upstream:
         self.customize = customize
         # More keyword arguments of the SDK's `streamable_http_app` (e.g. `event_store`, `retry_interval`).
         self.app_options = app_options or {}
-        self._sock = reserve_port()
-        self.port: int = self._sock.getsockname()[1]
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self.server: MCPServer | None = None
         self.requests: list[SeenRequest] = []
@@ -146,8 +182,6 @@ class Upstream:
         # Fields no SDK model knows, added to every tools/call result (JSON responses only), and the bodies sent.
         self.extra_result_fields: dict[str, object] = {}
         self.tool_call_bodies: list[bytes] = []
-        self._uvicorn: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
 
     def app(self) -> ASGIApp:
         self.server = build_server(self.name, self.tokens, self.port)
@@ -192,23 +226,8 @@ class Upstream:
         return rewrite  # type: ignore[return-value]
 
     async def start(self) -> None:
-        if self._sock.fileno() < 0:
-            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._sock.bind(("127.0.0.1", self.port))
         self.initialize_received.clear()
-        self._sock.listen(128)
-        config = uvicorn.Config(self.app(), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-        self._uvicorn = uvicorn.Server(config)
-        self._task = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[self._sock]))
-
-    async def stop(self) -> None:
-        if self._uvicorn is not None and self._task is not None:
-            self._uvicorn.should_exit = True
-            await asyncio.wait_for(self._task, 10)
-        self._uvicorn = None
-        self._task = None
-        self._sock.close()
+        await super().start()
 
     async def restart(self) -> None:
         """Stop and start again on the same port: every MCP session the server held is forgotten."""
