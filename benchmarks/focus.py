@@ -52,12 +52,19 @@ for line in sys.stdin.buffer:
 """
 
 
-def turn_audit_off(config: Path) -> None:
-    config.write_text("[daemon]\naudit = false\n\n" + config.read_text())
+def set_daemon_options(config: Path, options: dict[str, object]) -> None:
+    values = {key: str(value).lower() if isinstance(value, bool) else value for key, value in options.items()}
+    lines = "".join(f"{key} = {value}\n" for key, value in values.items())
+    config.write_text(f"[daemon]\n{lines}\n" + config.read_text())
 
 
 def minor_faults(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def user_system_ticks(pid: int) -> tuple[int, int]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
 
 
 def cpu_ns(pid: int) -> int:
@@ -74,14 +81,21 @@ async def small(bench: b.Bench, daemon_pid: int, mode: str, calls: int) -> dict[
         for index in range(200):
             await agent.request("tools/call", {"name": tool, "arguments": {"text": f"warm{index}"}})
         samples = []
-        before = cpu_ns(daemon_pid)
+        before, ticks = cpu_ns(daemon_pid), user_system_ticks(daemon_pid)
         for index in range(calls):
             started = time.perf_counter_ns()
             await agent.request("tools/call", {"name": tool, "arguments": {"text": f"c{index}"}})
             samples.append(time.perf_counter_ns() - started)
         used = cpu_ns(daemon_pid) - before
+        user, system = (after - start for after, start in zip(user_system_ticks(daemon_pid), ticks, strict=True))
     samples.sort()
-    return {"cpu_us": used / calls / 1000, "p50_us": samples[len(samples) // 2] / 1000}
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    return {
+        "cpu_us": used / calls / 1000,
+        "user_us": user * tick_us / calls,
+        "system_us": system * tick_us / calls,
+        "p50_us": samples[len(samples) // 2] / 1000,
+    }
 
 
 @contextlib.asynccontextmanager
@@ -165,8 +179,13 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         bench.upstream_urls = {"json": bench.start_upstream("json"), "sse": bench.start_upstream("sse")}
         bench.mcpx_env = bench.mcpx_environment("main", bench.upstream_urls)
+        options: dict[str, object] = {}
         if args.no_audit:  # to see what the audit log costs per call
-            turn_audit_off(Path(bench.mcpx_env["MCPX_CONFIG"]))
+            options["audit"] = False
+        if args.busy_poll_us is not None:
+            options["busy_poll_us"] = args.busy_poll_us
+        if options:
+            set_daemon_options(Path(bench.mcpx_env["MCPX_CONFIG"]), options)
         for name in ("PYTHONPATH", "GLIBC_TUNABLES"):  # another tree than the installed one; allocator settings
             if name in os.environ:
                 bench.mcpx_env[name] = os.environ[name]
@@ -246,6 +265,7 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--callgrind", action="store_true", help="count the daemon's instructions per small call")
     parser.add_argument("--no-audit", action="store_true", help="run the daemon with the audit log off")
+    parser.add_argument("--busy-poll-us", type=int, help="the daemon's [daemon] busy_poll_us")
     parser.add_argument("--profile", metavar="FILE", help="run the daemon under cProfile (with --hold) into FILE")
     parser.add_argument("--mode", choices=("json", "sse"), default="json", help="with --hold")
     parser.add_argument("--size", type=int, default=0, help="with --hold: call `blob` with this size, not `echo`")

@@ -312,6 +312,9 @@ class DaemonConfig(_Strict):
     audit_arguments: bool = False
     audit_max_bytes: Annotated[int, Field(ge=4096)] = 10 * 1024 * 1024
     audit_backups: Annotated[int, Field(ge=0, le=100)] = 3
+    # After sending a message, poll for the next one this many microseconds before sleeping, while that pays off
+    # (see mcpx.busypoll); 0 turns it off.
+    busy_poll_us: Annotated[int, Field(ge=0, le=10_000)] = 500
 
 
 class DuplicateUpstreamName(ValueError):

@@ -107,6 +107,7 @@ class AgentConnection(asyncio.Protocol):
         self._reading_stopped: asyncio.Event | None = None
         self._flushed: asyncio.Event | None = None
         self.session = AgentSession(router, control, self._write, peer)
+        self._busy_poll = router.busy_poll
         connections.add(self)
 
     @property
@@ -125,6 +126,7 @@ class AgentConnection(asyncio.Protocol):
         self._output = transport
 
     def data_received(self, data: bytes) -> None:
+        self._busy_poll.received()
         session = self.session
         for item in self._framer.feed(data):
             try:
@@ -194,6 +196,7 @@ class AgentConnection(asyncio.Protocol):
         if output is None or output.is_closing():
             return
         output.writelines((data, b"\n"))
+        self._busy_poll.sent()
         if output.get_write_buffer_size() > self._max_buffered:
             _log.warning("agent does not read its responses: closing the connection")
             self.close()

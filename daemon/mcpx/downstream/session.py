@@ -70,7 +70,8 @@ class AgentSession:
         self.client_info: dict[str, Any] = {}
         self.protocol_version: str | None = None
         self._client_capabilities: dict[str, Any] = {}
-        self._in_flight: dict[RequestId, asyncio.Task[None]] = {}
+        # Requests in flight: a task, or the future of a tool call that runs without one (the upstream's fast path).
+        self._in_flight: dict[RequestId, asyncio.Future[Any]] = {}
         # mcpx's own requests to the agent (an upstream's elicitation, sampling, roots) awaiting its answer
         self._asks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ask_ids = itertools.count(1)
@@ -119,7 +120,7 @@ class AgentSession:
             return
         try:
             if method == "tools/call":
-                self._spawn(request_id, self._call_tool(request_id, params))
+                self._call_tool_at_once(request_id, params)
             elif method in LIST_METHODS:
                 if self._router.settled:
                     self._send(list_response(request_id, method, self._router, params.get("cursor")))
@@ -222,28 +223,34 @@ class AgentSession:
         else:
             self._reply(request_id, {} if result is None else result)
 
-    async def _call_tool(self, request_id: RequestId, params: dict[str, Any]) -> None:
-        started = time.monotonic()
-        outcome, result = "cancelled", None
-        try:
-            result = await self._router.call_tool(params, self)
-        except UpstreamRpcError as exc:
-            outcome = "upstream_rpc_error"
-            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
-        except NeedsLogin as exc:
-            outcome = "needs_login"
-            self._reply(request_id, tool_error_result(exc))
-        except UpstreamError as exc:
-            outcome = "upstream_error"
-            self._reply(request_id, tool_error_result(exc))
-        except AgentError as exc:
-            outcome = "agent_error"
-            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
-        else:
+    def _call_tool_at_once(self, request_id: RequestId, params: dict[str, Any]) -> None:
+        """Start `tools/call` (without a task where the router can); it is answered the moment it ends."""
+        call = _ToolCall(self, request_id, params)
+        future = self._router.start_call_tool(params, self, call.settled)
+        if not call.ended:
+            call.future = self._in_flight[request_id] = future
+
+    def _answer_call(
+        self, request_id: RequestId, params: dict[str, Any], started: float, result: Any, error: BaseException | None
+    ) -> None:
+        """Answer a tool call and audit it. Upstream failures become tool errors the model can read; the agent's
+        own mistakes and the upstream's JSON-RPC errors are JSON-RPC errors. Anything else is raised."""
+        if error is None:
             outcome = "ok"
             self._reply(request_id, result)
-        finally:
-            self._audit(params, outcome, time.monotonic() - started, result)
+        elif isinstance(error, UpstreamRpcError):
+            outcome = "upstream_rpc_error"
+            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
+        elif isinstance(error, NeedsLogin | UpstreamError):
+            outcome = "needs_login" if isinstance(error, NeedsLogin) else "upstream_error"
+            self._reply(request_id, tool_error_result(error))
+        elif isinstance(error, AgentError):
+            outcome = "agent_error"
+            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
+        else:
+            self._audit(params, "internal_error", time.monotonic() - started, None)
+            raise error
+        self._audit(params, outcome, time.monotonic() - started, result)
 
     def _audit(self, params: dict[str, Any], outcome: str, seconds: float, result: Any) -> None:
         audit = self._router.audit
@@ -273,13 +280,17 @@ class AgentSession:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - task top: one bad request must not end the session
-                _log.exception("request failed unexpectedly", id=request_id)
-                error = {"code": -32603, "message": "internal error in mcpx (see the daemon log)"}
-                self.send_message(jsonrpc.error_response(request_id, error))
+                self._internal_error(request_id)
             finally:
                 self._in_flight.pop(request_id, None)
 
         self._in_flight[request_id] = asyncio.get_running_loop().create_task(run())
+
+    def _internal_error(self, request_id: RequestId) -> None:
+        """Answer a request that failed on a bug in mcpx (logged with its traceback: call from an except block)."""
+        _log.exception("request failed unexpectedly", id=request_id)
+        error = {"code": -32603, "message": "internal error in mcpx (see the daemon log)"}
+        self.send_message(jsonrpc.error_response(request_id, error))
 
     # --- mcpx's requests to the agent (an upstream's elicitation, sampling and roots requests) --------------------
 
@@ -370,3 +381,30 @@ class AgentSession:
             if not self._closed:
                 self._send(scrub(jsonrpc.dumps(jsonrpc.error_response(request_id, error))))
         return len(cut)
+
+
+class _ToolCall:
+    """One agent's `tools/call` in flight: answered and audited when the router says how it ended."""
+
+    __slots__ = ("_session", "ended", "future", "params", "request_id", "started")
+
+    def __init__(self, session: AgentSession, request_id: RequestId, params: dict[str, Any]) -> None:
+        self._session = session
+        self.request_id = request_id
+        self.params = params
+        self.started = time.monotonic()
+        self.future: asyncio.Future[Any] | None = None
+        self.ended = False
+
+    def settled(self, result: Any, error: BaseException | None) -> None:
+        self.ended = True
+        session = self._session
+        if self.future is not None and session._in_flight.get(self.request_id) is self.future:
+            del session._in_flight[self.request_id]
+        if isinstance(error, asyncio.CancelledError):  # MCP: a cancelled request gets no response
+            session._audit(self.params, "cancelled", time.monotonic() - self.started, None)
+            return
+        try:
+            session._answer_call(self.request_id, self.params, self.started, result, error)
+        except Exception:  # noqa: BLE001 - callback top: one bad request must not end the session
+            session._internal_error(self.request_id)

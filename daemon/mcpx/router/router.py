@@ -15,8 +15,9 @@ from typing import Any, Final, Protocol
 from mcpx import jsonrpc
 from mcpx.audit import AuditLog
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
+from mcpx.busypoll import BusyPoll
 from mcpx.config.model import Config, UpstreamConfig
-from mcpx.errors import InvalidParams, unanswered
+from mcpx.errors import InvalidParams, McpxError, unanswered
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.router.catalog import (
@@ -33,6 +34,7 @@ from mcpx.router.catalog import (
     paginate,
 )
 from mcpx.upstream.h1 import HttpClient
+from mcpx.upstream.peer import Settled, settle_from
 from mcpx.upstream.supervisor import (
     LISTS,
     PROMPTS,
@@ -105,9 +107,11 @@ class Router:
         self._retiring: set[ManagedUpstream] = set()
         self._generation = 0
         self._pages: dict[str, tuple[bytes, ...]] = dict.fromkeys(LISTS, (b"[]",))
+        # The daemon's one event loop polls a moment after each message sent (agents and upstreams alike).
+        self.busy_poll = BusyPoll(config.daemon.busy_poll_us)
 
     async def start(self) -> None:
-        self._http = HttpClient(connect_timeout=self.config.daemon.connect_timeout)
+        self._http = HttpClient(connect_timeout=self.config.daemon.connect_timeout, busy_poll=self.busy_poll)
         self._open_audit()
         for upstream_config in self.config.upstreams:
             self._add(upstream_config)
@@ -184,7 +188,7 @@ class Router:
         added = [name for name in new if name not in old]
         changed = [name for name in new if name in old and old[name] != new[name]]
         # These do not reach upstream sessions.
-        session_settings = {"socket", "state_dir", "log_level", *_AUDIT_SETTINGS}
+        session_settings = {"socket", "state_dir", "log_level", "busy_poll_us", *_AUDIT_SETTINGS}
         if config.daemon.model_dump(exclude=session_settings) != self.config.daemon.model_dump(
             exclude=session_settings
         ):
@@ -193,6 +197,7 @@ class Router:
             include=_AUDIT_SETTINGS
         )
         self.config = config
+        self.busy_poll.window = config.daemon.busy_poll_us / 1_000_000
         if audit_changed:
             self._open_audit()
         stopping = [self.upstreams.pop(name) for name in (*removed, *changed)]
@@ -271,12 +276,38 @@ class Router:
             InvalidParams: no such tool in the catalog (MCP: unknown tool is a protocol error, -32602).
             UpstreamError: the upstream could not run it (the session turns this into a tool error).
         """
-        name = params.get("name")
-        route = self.catalog.routes.get(name) if self._settled and isinstance(name, str) else None
+        route = self._settled_route(params)
         if route is None:
-            route = await self._route(TOOLS, name)
+            route = await self._route(TOOLS, params.get("name"))
         forwarded = {**params, "name": route.tool}
         return await self._call(route.upstream, "tools/call", forwarded, agent)
+
+    def start_call_tool(self, params: dict[str, Any], agent: Agent, on_settled: Settled) -> asyncio.Future[Any]:
+        """`call_tool`, started: `on_settled` is told how it ended the moment it ends; the future returned ends
+        then too, and cancels the call when cancelled. A known tool of a shared upstream starts without a task
+        where the transport can (`UpstreamSession.start_request`); anything else runs as a task."""
+        route = self._settled_route(params)
+        if route is None:
+            work = self.call_tool(params, agent)
+        else:
+            upstream = self.upstreams[route.upstream]
+            forwarded = {**params, "name": route.tool}
+            if not upstream.config.shared:
+                work = self._call(route.upstream, "tools/call", forwarded, agent)
+            else:
+                self._last_caller[route.upstream] = agent
+                client = self._client_for(agent, upstream.config, forwarded)
+                told = _exposing(upstream.config, on_settled) if self._exposes(upstream) else on_settled
+                started = upstream.start_request("tools/call", forwarded, client, forward_raw=True, on_settled=told)
+                if started is not None:
+                    return started
+                work = self._call(route.upstream, "tools/call", forwarded, agent, client=client)
+        return asyncio.get_running_loop().create_task(settle_from(work, on_settled))
+
+    def _settled_route(self, params: dict[str, Any]) -> ToolRoute | None:
+        """The tool's route in a settled catalog, looked up without awaiting (None: ask `_route`)."""
+        name = params.get("name")
+        return self.catalog.routes.get(name) if self._settled and isinstance(name, str) else None
 
     async def get_prompt(self, params: dict[str, Any], agent: Agent) -> Any:
         """Route `prompts/get` like a tool call; the result comes back as the upstream wrote it."""
@@ -417,17 +448,24 @@ class Router:
         *,
         raw: bool = True,
         expose: bool = True,
+        client: _AgentClient | None = None,
     ) -> Any:
         """Send one of the agent's requests to upstream `name` (its shared session or the agent's own), with the
-        server's related messages going back to that agent."""
+        server's related messages going back to that agent (through `client`, made here unless given)."""
         upstream = self.upstreams[name]
         self._last_caller[name] = agent
-        client = self._client_for(agent, upstream.config, params)
+        if client is None:
+            client = self._client_for(agent, upstream.config, params)
         target = self._target(upstream, agent)
         result = await target.request(method, params, client, forward_raw=raw)
-        if expose and upstream.config.namespace and "resources" in upstream.session.capabilities:
+        if expose and self._exposes(upstream):
             result = _with_exposed_uris(upstream.config, result)
         return result
+
+    @staticmethod
+    def _exposes(upstream: ManagedUpstream) -> bool:
+        """Whether resource URIs in this upstream's results are rewritten so that agents can read them back."""
+        return upstream.config.namespace and "resources" in upstream.session.capabilities
 
     def _target(self, upstream: ManagedUpstream, agent: Agent) -> ManagedUpstream | AgentUpstream:
         if upstream.config.shared:
@@ -686,6 +724,20 @@ def _with_exposed_uris(config: UpstreamConfig, result: Any) -> Any:
         return result if exposed is None else exposed
     exposed = expose_content_uris(config, result)
     return result if exposed is None else exposed
+
+
+def _exposing(config: UpstreamConfig, on_settled: Settled) -> Settled:
+    """`on_settled`, told a result with its resource URIs exposed (`_with_exposed_uris`)."""
+
+    def told(result: Any, error: BaseException | None) -> None:
+        if error is None:
+            try:
+                result = _with_exposed_uris(config, result)
+            except McpxError as exc:
+                result, error = None, exc
+        on_settled(result, error)
+
+    return told
 
 
 def _with_exposed_update(config: UpstreamConfig, message: Message) -> Message:

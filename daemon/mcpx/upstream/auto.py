@@ -9,11 +9,12 @@ one). Everything else is delegated to the chosen session.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final
 
 from mcpx.errors import CredentialRejected, NeedsLogin, UpstreamError, UpstreamHTTPError, UpstreamUnavailable
 from mcpx.log import get_logger
-from mcpx.upstream.peer import ClientSide, UpstreamSession
+from mcpx.upstream.peer import ClientSide, Settled, UpstreamSession
 
 _log = get_logger("mcpx.upstream")
 
@@ -140,6 +141,22 @@ class AutoSession:
             raise UpstreamUnavailable(self.name, "not connected")
         return await self._chosen.request(
             method, params, timeout=timeout, on_related=on_related, forward_raw=forward_raw
+        )
+
+    def start_request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        *,
+        timeout: float,
+        on_related: ClientSide | None = None,
+        forward_raw: bool = False,
+        on_settled: Settled,
+    ) -> asyncio.Future[Any] | None:
+        if self._chosen is None:
+            return None
+        return self._chosen.start_request(
+            method, params, timeout=timeout, on_related=on_related, forward_raw=forward_raw, on_settled=on_settled
         )
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:

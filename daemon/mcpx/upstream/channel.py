@@ -33,6 +33,7 @@ from mcpx.redact import any_registered
 from mcpx.upstream.peer import (
     ClientSide,
     ServerRequests,
+    Settled,
     accept_initialize,
     adopt_hello,
     initialize_params,
@@ -125,6 +126,18 @@ class ChannelSession(abc.ABC):
         await self._stop_channel()
 
     # --- requests --------------------------------------------------------------------------------------------------
+
+    def start_request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        *,
+        timeout: float,
+        on_related: ClientSide | None = None,
+        forward_raw: bool = False,
+        on_settled: Settled,
+    ) -> asyncio.Future[Any] | None:
+        return None  # one channel: `request` is already a future and a write
 
     async def request(
         self,

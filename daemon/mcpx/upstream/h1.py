@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, cast
@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from mcpx import memory
+from mcpx.busypoll import BusyPoll
 
 MAX_HEADER_BYTES: Final = 64 * 1024
 # Bodies declared at least this long are read straight into a buffer of their size.
@@ -172,6 +173,7 @@ class Response:
         "_buffered",
         "_chunks",
         "_complete",
+        "_completion",
         "_connection",
         "_content_length",
         "_content_type",
@@ -205,6 +207,7 @@ class Response:
         self._filled = 0
         self._received = 0  # body bytes queued in all
         self._complete = False
+        self._completion: asyncio.Future[None] | None = None
         self._error: HttpClientError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
@@ -247,6 +250,20 @@ class Response:
     def at_eof(self) -> bool:
         return self._complete and not self._chunks
 
+    @property
+    def ended(self) -> bool:
+        """All of the body has arrived, or the error that ended it (`read_now` then returns or raises at once)."""
+        return self._complete or self._error is not None
+
+    def when_ended(self) -> asyncio.Future[None]:
+        """A future done once `ended` is true (for a caller that takes the body in a callback, not a task)."""
+        future = self._connection.loop.create_future()
+        if self.ended:
+            future.set_result(None)
+        else:
+            self._completion = future
+        return future
+
     def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (chunked transfer-coding already removed)."""
         return _Chunks(self)
@@ -272,7 +289,7 @@ class Response:
         if declared is not None and declared > limit:
             raise BodyTooLarge(f"response larger than the {limit}-byte limit")
         if self._complete or self._error is not None:
-            return self._take_all(limit)  # all there already (the common case for small bodies): no waiting
+            return self.read_now(limit)  # all there already (the common case for small bodies): no waiting
         if declared is not None and declared >= _DIRECT_BODY:
             if declared >= memory.LARGE:
                 memory.large_message(self._connection.loop)
@@ -286,7 +303,8 @@ class Response:
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _take_all(self, limit: int) -> bytes:
+    def read_now(self, limit: int) -> bytes:
+        """The whole body once it has `ended`; `BodyTooLarge` beyond `limit` bytes, or the error that ended it."""
         chunks = self._chunks
         if self._error is not None:
             raise self._error
@@ -383,6 +401,11 @@ class Response:
         if self._drain_timer is not None:
             self.release()
             return
+        completion = self._completion
+        if completion is not None:
+            self._completion = None
+            if not completion.done():
+                completion.set_result(None)
         self._wake()
 
     def _wake(self) -> None:
@@ -422,12 +445,15 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: HttpClient, origin: tuple[str, str, int]) -> None:
         self._pool = pool
+        self._busy_poll = pool.busy_poll
         self.origin = origin
         self.loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._response: Response | None = None
         self._headers_ready: asyncio.Future[Response] | None = None
+        # Told of each step of the response in flight, synchronously, once the bytes that came are parsed.
+        self.watcher: Callable[[], None] | None = None
         self._header_bytes = 0
         self._keep_alive = True
         self._reading_paused = False
@@ -444,11 +470,14 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self.received_any = False
         self._transport.write(data)
+        if self._busy_poll is not None:
+            self._busy_poll.sent()
         return self._headers_ready
 
     def finish(self, *, reusable: bool) -> None:
         self._response = None
         self._headers_ready = None
+        self.watcher = None
         if reusable and self._keep_alive and not self.closed:
             self.resume_reading()
             self._pool._checkin(self)
@@ -482,6 +511,8 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.received_any = True
+        if self._busy_poll is not None:
+            self._busy_poll.received()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -489,6 +520,8 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             cause = exc.__context__ if isinstance(exc.__context__, HttpClientError) else None
             self._fail(cause or InvalidResponse(f"malformed HTTP response: {exc}"))
+        if self.watcher is not None:
+            self.watcher()
 
     def eof_received(self) -> bool | None:
         return False  # close the transport; connection_lost reports it
@@ -503,6 +536,8 @@ class _Connection(asyncio.Protocol):
             response._end(None)  # a body delimited by the end of the connection (RFC 9112 §6.3)
         else:
             self._fail(ConnectionClosed("the server closed the connection"))
+        if self.watcher is not None:
+            self.watcher()
 
     # --- httptools callbacks ---
 
@@ -554,11 +589,67 @@ class _Connection(asyncio.Protocol):
         self.close()
 
 
+class Sent:
+    """A request written on a pooled connection (`HttpClient.send_now`), its response still to come."""
+
+    __slots__ = ("_client", "_connection", "_data", "_target", "headers", "headers_ready")
+
+    def __init__(
+        self,
+        client: HttpClient,
+        connection: _Connection,
+        headers_ready: asyncio.Future[Response],
+        *,
+        target: Target,
+        data: bytes,
+        headers: Mapping[str, str],
+    ) -> None:
+        self._client = client
+        self._connection = connection
+        self._target = target
+        self._data = data
+        self.headers = headers  # as sent (which credential, which session)
+        self.headers_ready = headers_ready  # done once the response's headers are in, or failed
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._connection.loop
+
+    async def response(self) -> Response:
+        """The response, as `HttpClient.request` gives it (sent once more on a fresh connection when the pooled
+        one was closed before a byte of answer came)."""
+        return await self._client._answer(self._connection, self.headers_ready, self._target, self._data)
+
+    def watch(self, watcher: Callable[[], None] | None) -> None:
+        """Have `watcher` called at each step of the response (headers in, body bytes, its end, a failure of the
+        connection), synchronously, once the bytes that came are parsed: a caller can take a small response without
+        a task or a future's turn of the loop. None stops it; releasing the response does too."""
+        headers_ready = self.headers_ready
+        answered = headers_ready.done() and not headers_ready.cancelled() and headers_ready.exception() is None
+        if answered and headers_ready.result()._released:
+            return  # the connection may be serving another request already
+        self._connection.watcher = watcher
+
+    def abort(self) -> None:
+        """Nobody will read the response: its connection is closed, unless the response was already released
+        (the connection may then be serving another request)."""
+        self.watch(None)
+        headers_ready = self.headers_ready
+        if not headers_ready.done():
+            headers_ready.cancel()  # so that the closing does not leave an exception nobody retrieves
+            self._connection.close()
+        elif not headers_ready.cancelled() and headers_ready.exception() is None:
+            headers_ready.result().release()
+
+
 class HttpClient:
     """Keep-alive connections, pooled per origin, shared by every upstream session."""
 
-    def __init__(self, *, connect_timeout: float, idle_timeout: float = 30.0) -> None:
+    def __init__(
+        self, *, connect_timeout: float, idle_timeout: float = 30.0, busy_poll: BusyPoll | None = None
+    ) -> None:
         self._connect_timeout = connect_timeout
+        self.busy_poll = busy_poll
         self._idle_timeout = idle_timeout
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._all: set[_Connection] = set()
@@ -572,6 +663,24 @@ class HttpClient:
         self, method: str, target: Target, headers: Mapping[str, str], body: bytes | None = None
     ) -> Response:
         """Send one request and return once the response's headers are in; call `release()` on it when done."""
+        data = self._encode(method, target, headers, body)
+        connection = self._checkout(target.origin)
+        if connection is not None:
+            return await self._answer(connection, connection.send(data), target, data)
+        return await self._send_on_new_connection(target, data)
+
+    def send_now(
+        self, method: str, target: Target, headers: Mapping[str, str], body: bytes | None = None
+    ) -> Sent | None:
+        """Write one request on an idle pooled connection without awaiting anything; None when there is none
+        (the caller then uses `request`, which connects)."""
+        data = self._encode(method, target, headers, body)
+        connection = self._checkout(target.origin)
+        if connection is None:
+            return None
+        return Sent(self, connection, connection.send(data), target=target, data=data, headers=headers)
+
+    def _encode(self, method: str, target: Target, headers: Mapping[str, str], body: bytes | None) -> bytes:
         key = (method, target.host_header, target.path, *headers.items())
         head = self._heads.get(key)
         if head is None:
@@ -579,20 +688,26 @@ class HttpClient:
             if len(self._heads) >= _CACHED_HEADS:
                 self._heads.clear()
             self._heads[key] = head
-        data = _with_body(head, method, body)
-        connection = self._checkout(target.origin)
-        if connection is not None:
-            try:
-                return await connection.send(data)
-            except ConnectionClosed:
-                connection.close()
-                if connection.received_any:
-                    raise
-                # Not a byte of answer on a reused connection: almost always the server closing it for
-                # idleness as we sent. Like browsers and aiohttp, send once more on a fresh connection.
-            except BaseException:
-                connection.close()
+        return _with_body(head, method, body)
+
+    async def _answer(
+        self, connection: _Connection, headers_ready: asyncio.Future[Response], target: Target, data: bytes
+    ) -> Response:
+        """The response to `data`, written on the pooled `connection`."""
+        try:
+            return await headers_ready
+        except ConnectionClosed:
+            connection.close()
+            if connection.received_any:
                 raise
+            # Not a byte of answer on a reused connection: almost always the server closing it for
+            # idleness as we sent. Like browsers and aiohttp, send once more on a fresh connection.
+        except BaseException:
+            connection.close()
+            raise
+        return await self._send_on_new_connection(target, data)
+
+    async def _send_on_new_connection(self, target: Target, data: bytes) -> Response:
         connection = await self._connect(target)
         try:
             return await connection.send(data)

@@ -23,7 +23,7 @@ import enum
 import functools
 import itertools
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from mcpx import jsonrpc
 from mcpx.auth.credentials import CredentialProvider
@@ -44,11 +44,12 @@ from mcpx.errors import (
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.redact import any_registered
-from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response
+from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response, Sent
 from mcpx.upstream.httpbase import EventStream, HttpPeer, describe_connection_error, event_data
 from mcpx.upstream.peer import (
     ClientSide,
     ServerRequests,
+    Settled,
     accept_initialize,
     adopt_hello,
     initialize_params,
@@ -107,6 +108,9 @@ class HttpSession:
         self._session_id: str | None = None
         self._generation = 0
         self._init_lock = asyncio.Lock()
+        # Whether the last answer to a POST was a JSON body (else an SSE stream): the fast path, which takes JSON
+        # answers only, is tried while the server answers that way.
+        self._answers_in_json = True
         self._background: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self.protocol_version: str | None = None
@@ -152,18 +156,25 @@ class HttpSession:
         timeout: float,
         on_related: ClientSide | None = None,
         forward_raw: bool = False,
+        started: _Started | None = None,
     ) -> Any:
         """Send one request and return its `result` (a `jsonrpc.RawJson` where `forward_raw` allows and the
-        upstream's bytes can be forwarded untouched).
+        upstream's bytes can be forwarded untouched). `started`: the request is already on its way (the fast path
+        hands it over), its answer not yet read; `params` is then unused.
 
         Raises:
             UpstreamRpcError: the upstream answered with a JSON-RPC error.
             UpstreamError: any other failure (unreachable, timeout, HTTP error, garbage, credential rejected).
         """
-        request_id = next(self._ids)
+        if started is None:
+            request_id = next(self._ids)
+            body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
+            sent = None
+        else:
+            request_id, body, sent = started
         try:
             with Deadline(timeout):  # asyncio.timeout's rules, for a third of its work per call
-                return await self._request_with_recovery(request_id, method, params, on_related, forward_raw)
+                return await self._request_with_recovery(request_id, body, on_related, forward_raw, sent)
         except TimeoutError:
             self._cancel_upstream(request_id, "timed out")
             raise UpstreamTimeout(self.name, f"no answer to {method} within {timeout:g} s") from None
@@ -171,27 +182,64 @@ class HttpSession:
             self._cancel_upstream(request_id, "cancelled by the client")
             raise
 
+    def start_request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        *,
+        timeout: float,
+        on_related: ClientSide | None = None,
+        forward_raw: bool = False,
+        on_settled: Settled,
+    ) -> asyncio.Future[Any] | None:
+        """`request` without a task where it can start at once (an idle pooled connection, no re-initialize
+        under way, a server that answers in JSON): see `UpstreamSession.start_request`."""
+        if self._init_lock.locked() or not self._answers_in_json:
+            return None
+        request_id = next(self._ids)
+        body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
+        try:
+            sent = self._http.send_now("POST", self._target, self._headers(), body)
+        except (HttpClientError, McpxError):
+            return None  # `request` meets the same error and reports it
+        if sent is None:
+            return None
+        call = _FastCall(
+            self,
+            sent,
+            request_id,
+            method,
+            body,
+            timeout=timeout,
+            on_related=on_related,
+            forward_raw=forward_raw,
+            on_settled=on_settled,
+        )
+        return call.future
+
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         body = jsonrpc.dumps(jsonrpc.notification(method, params))
         await self._post_expecting_accepted(body)
 
     async def _request_with_recovery(
-        self,
-        request_id: int,
-        method: str,
-        params: dict[str, Any] | None,
-        on_related: ClientSide | None,
-        forward_raw: bool,
+        self, request_id: int, body: bytes, on_related: ClientSide | None, forward_raw: bool, sent: Sent | None
     ) -> Any:
-        body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
+        """The exchange, retried once with a renewed credential after a 401 and once in a new session after a 404.
+        `sent`: the request is already on its way (the fast path handed it over), its answer not yet read."""
         expired_once = False
         while True:
-            if self._init_lock.locked():
+            if self._init_lock.locked() and sent is None:
                 async with self._init_lock:
                     pass  # a re-initialize is under way (say the GET stream's): send with the session it makes
             generation = self._generation
             try:
-                exchange = functools.partial(self._exchange, request_id, body, on_related, forward_raw=forward_raw)
+                if sent is None:
+                    exchange = functools.partial(self._exchange, request_id, body, on_related, forward_raw=forward_raw)
+                else:
+                    exchange = functools.partial(
+                        self._exchange_once_sent, [sent], request_id, body, on_related, forward_raw
+                    )
+                    sent = None
                 return await self._peer.with_auth_retry(exchange)
             except SessionExpired:
                 if expired_once:
@@ -247,6 +295,13 @@ class HttpSession:
             headers["Last-Event-ID"] = last_event_id
         return headers
 
+    def _exchange_once_sent(
+        self, sent: list[Sent], request_id: int, body: bytes, on_related: ClientSide | None, forward_raw: bool
+    ) -> Coroutine[Any, Any, Any]:
+        """The exchange of a request already sent, the first time; sent anew on a retry."""
+        first = sent.pop() if sent else None
+        return self._exchange(request_id, body, on_related, forward_raw=forward_raw, sent=first)
+
     async def _exchange(
         self,
         request_id: int,
@@ -255,11 +310,15 @@ class HttpSession:
         *,
         initializing: bool = False,
         forward_raw: bool = False,
+        sent: Sent | None = None,
     ) -> Any:
-        sent_session = self._session_id
-        headers = self._headers()
+        headers = dict(sent.headers) if sent is not None else self._headers()
+        sent_session = headers.get("Mcp-Session-Id")
         try:
-            response = await self._http.request("POST", self._target, headers, body)
+            if sent is not None:
+                response = await sent.response()
+            else:
+                response = await self._http.request("POST", self._target, headers, body)
         except HttpClientError as exc:
             raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
         # The connection goes back to the pool when this returns, unless an SSE stream is handed to a drainer.
@@ -279,6 +338,7 @@ class HttpSession:
                     raise UpstreamProtocolError(self.name, "invalid Mcp-Session-Id")
                 self._session_id = session_id
             content_type = response.content_type
+            self._answers_in_json = content_type == "application/json"
             if content_type == "application/json":
                 return self._response_result(await response.read(self._max_message_bytes), request_id, forward_raw)
             if content_type == "text/event-stream":
@@ -532,6 +592,165 @@ class HttpSession:
         task = asyncio.get_running_loop().create_task(guarded())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class _Started(NamedTuple):
+    """A request the fast path wrote, handed to `HttpSession.request` to read its answer."""
+
+    request_id: int
+    body: bytes
+    sent: Sent
+
+
+# A JSON answer up to this size is taken in the connection's callback; a larger one is read by the general path.
+_FAST_BODY: Final = 64 * 1024
+
+
+class _FastCall:
+    """One request on the fast path (`HttpSession.start_request`): written at once on a pooled connection, its
+    answer watched in the connection's own callback, and a complete JSON answer taken there and handed to
+    `on_settled` at once: no task, no chain of coroutines, no turn of the loop between the answer's last byte and
+    the caller. Anything else (an SSE stream, a 401 or 404, another status, a lost connection, a large body) is
+    handed to the general path (`HttpSession.request`), which reads the response already on its way and applies
+    every rule it has. Either way `on_settled` is told what `request` would return or raise, and `future` ends
+    with it; `future.cancel()` cancels the call, upstream too."""
+
+    __slots__ = (
+        "_body",
+        "_forward_raw",
+        "_method",
+        "_on_related",
+        "_on_settled",
+        "_request_id",
+        "_sent",
+        "_session",
+        "_task",
+        "_timeout",
+        "_timer",
+        "future",
+    )
+
+    def __init__(
+        self,
+        session: HttpSession,
+        sent: Sent,
+        request_id: int,
+        method: str,
+        body: bytes,
+        *,
+        timeout: float,
+        on_related: ClientSide | None,
+        forward_raw: bool,
+        on_settled: Settled,
+    ) -> None:
+        self._session = session
+        self._sent = sent
+        self._request_id = request_id
+        self._method = method
+        self._body = body
+        self._timeout = timeout
+        self._on_related = on_related
+        self._forward_raw = forward_raw
+        self._on_settled = on_settled
+        self._task: asyncio.Task[Any] | None = None
+        loop = sent.loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self._timer: asyncio.TimerHandle | None = loop.call_later(timeout, self._timed_out)
+        self.future.add_done_callback(self._on_done)
+        sent.watch(self._progress)
+
+    def _progress(self) -> None:
+        """The connection's news of the response (synchronous, outside the parser)."""
+        headers_ready = self._sent.headers_ready
+        if self.future.done() or not headers_ready.done():
+            return
+        if headers_ready.cancelled() or headers_ready.exception() is not None:
+            self._hand_off()  # (a pooled connection closed before any answer is sent once more there)
+            return
+        response = headers_ready.result()
+        length = response.content_length
+        if (
+            response.status != 200
+            or response.content_type != "application/json"
+            or length is None
+            or length > min(_FAST_BODY, self._session._max_message_bytes)
+        ):
+            self._hand_off()
+        elif response.ended:
+            self._take(response)
+
+    def _take(self, response: Response) -> None:
+        self._sent.watch(None)
+        try:
+            raw = response.read_now(_FAST_BODY)
+        except HttpClientError:
+            self._hand_off()  # the general path reports it as it always does
+            return
+        response.release()
+        try:
+            result = self._session._response_result(raw, self._request_id, self._forward_raw)
+        except Exception as exc:  # noqa: BLE001 - the caller gets it as `request` would raise it
+            self._settle(None, exc)
+        else:
+            self._settle(result, None)
+
+    def _settle(self, result: Any, error: BaseException | None) -> None:
+        self._cancel_timer()
+        if self.future.done():
+            return
+        self.future.set_result(None)  # (the outcome is `on_settled`'s: the future only ends, or is cancelled)
+        self._on_settled(result, error)
+
+    def _hand_off(self) -> None:
+        self._sent.watch(None)
+        timer = self._timer
+        loop = self._sent.loop
+        left = self._timeout if timer is None else max(timer.when() - loop.time(), 0.0)
+        self._cancel_timer()
+        work = self._session.request(
+            self._method,
+            None,
+            timeout=left,
+            on_related=self._on_related,
+            forward_raw=self._forward_raw,
+            started=_Started(self._request_id, self._body, self._sent),
+        )
+        self._task = loop.create_task(work)
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            if not self.future.done():
+                self.future.cancel()  # (its callback reports it)
+        elif (error := task.exception()) is not None:
+            self._settle(None, error)
+        else:
+            self._settle(task.result(), None)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if not self.future.done():
+            self._abandon("timed out")
+            error = UpstreamTimeout(self._session.name, f"no answer to {self._method} within {self._timeout:g} s")
+            self._settle(None, error)
+
+    def _on_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self._abandon("cancelled by the client")
+            self._on_settled(None, asyncio.CancelledError())
+
+    def _abandon(self, reason: str) -> None:
+        self._cancel_timer()
+        if self._task is not None:
+            self._task.cancel()  # the general path cancels upstream itself
+            return
+        self._sent.abort()
+        self._session._cancel_upstream(self._request_id, reason)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _spliced(raw: bytes | bytearray, request_id: int) -> jsonrpc.RawJson | None:

@@ -59,6 +59,8 @@ class ClientSide(Protocol):
 
 
 NotificationHandler = Callable[[Message], None]
+# Told, synchronously, how a started request ended: (result, None), or (None, the error; CancelledError if cancelled).
+Settled = Callable[[Any, BaseException | None], None]
 
 
 class UpstreamSession(Protocol):
@@ -90,12 +92,42 @@ class UpstreamSession(Protocol):
         """Send one request; return its result (a `jsonrpc.RawJson` where `forward_raw` allows)."""
         ...
 
+    def start_request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        *,
+        timeout: float,
+        on_related: ClientSide | None = None,
+        forward_raw: bool = False,
+        on_settled: Settled,
+    ) -> asyncio.Future[Any] | None:
+        """The same request started without a task where the transport can (its fast path): tells `on_settled` how
+        it ended (what `request` returns or raises) the moment it ends, and returns a future that ends then too
+        (with None) and cancels the call, upstream as well, when cancelled. None where it cannot start so: then
+        call `request`."""
+        ...
+
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None: ...
 
     @property
     def asked_roots(self) -> bool:
         """Whether the server ever asked for `roots/list` (it then hears of the agents' root changes)."""
         ...
+
+
+async def settle_from(work: Awaitable[Any], on_settled: Settled) -> None:
+    """Run `work` (as a task's body) and tell `on_settled` how it ended, from inside the task: no turn of the loop
+    between the end and the one told. The task itself ends with None, or cancelled (which is told too)."""
+    try:
+        result = await work
+    except asyncio.CancelledError as cancelled:
+        on_settled(None, cancelled)
+        raise
+    except Exception as exc:  # noqa: BLE001 - handed to the one told, who answers for it
+        on_settled(None, exc)
+    else:
+        on_settled(result, None)
 
 
 # --- the handshake ---------------------------------------------------------------------------------------------------

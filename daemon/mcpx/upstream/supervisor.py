@@ -23,11 +23,18 @@ from typing import Any, Final, Protocol
 from mcpx.auth.credentials import CredentialProvider, credentials_for
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.config.model import DaemonConfig, UpstreamConfig
-from mcpx.errors import CredentialRejected, NeedsLogin, UpstreamError, UpstreamProtocolError, UpstreamUnavailable
+from mcpx.errors import (
+    CredentialRejected,
+    McpxError,
+    NeedsLogin,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamUnavailable,
+)
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.upstream.h1 import HttpClient
-from mcpx.upstream.peer import ClientSide, UpstreamSession, first_of
+from mcpx.upstream.peer import ClientSide, Settled, UpstreamSession, first_of
 from mcpx.upstream.transports import open_session
 
 _log = get_logger("mcpx.upstream")
@@ -305,19 +312,58 @@ class ManagedUpstream:
             return await self.session.request(
                 method, params, timeout=self.config.timeout, on_related=on_related, forward_raw=forward_raw
             )
-        except (UpstreamUnavailable, CredentialRejected) as exc:
-            self._mark_broken(exc)
-            raise
-        except NeedsLogin as exc:
-            logged_out = isinstance(self.credentials, OAuthCredential) and not self.credentials.logged_in
-            if logged_out and self.state is UpstreamState.READY:
-                self._needs_login(exc)
-                self._broken.set()
+        except McpxError as exc:
+            self._call_failed(exc)
             raise
         finally:
-            self._calls -= 1
-            if not self._calls:
-                self._idle.set()
+            self._call_ended()
+
+    def start_request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        on_related: ClientSide | None,
+        *,
+        forward_raw: bool = False,
+        on_settled: Settled,
+    ) -> asyncio.Future[Any] | None:
+        """`request` without a task where the session can start it at once (see `UpstreamSession.start_request`);
+        None when it cannot (not ready, no idle connection, another transport): then call `request`."""
+        if self.state is not UpstreamState.READY:
+            return None
+
+        def settled(result: Any, error: BaseException | None) -> None:
+            if isinstance(error, McpxError):
+                self._call_failed(error)
+            self._call_ended()
+            on_settled(result, error)
+
+        future = self.session.start_request(
+            method,
+            params,
+            timeout=self.config.timeout,
+            on_related=on_related,
+            forward_raw=forward_raw,
+            on_settled=settled,
+        )
+        if future is not None:
+            self._calls += 1
+            self._idle.clear()
+        return future
+
+    def _call_failed(self, error: McpxError) -> None:
+        if isinstance(error, UpstreamUnavailable | CredentialRejected):
+            self._mark_broken(error)
+        elif isinstance(error, NeedsLogin):
+            logged_out = isinstance(self.credentials, OAuthCredential) and not self.credentials.logged_in
+            if logged_out and self.state is UpstreamState.READY:
+                self._needs_login(error)
+                self._broken.set()
+
+    def _call_ended(self) -> None:
+        self._calls -= 1
+        if not self._calls:
+            self._idle.set()
 
     @property
     def idle(self) -> bool:
