@@ -324,19 +324,44 @@ async def connected(bench: Bench, target: str, mode: str) -> AsyncIterator[Agent
 # --- measurements ----------------------------------------------------------------------------------------------
 
 
-async def sequential_latency(bench: Bench, target: str, mode: str, calls: int) -> dict[str, float]:
-    async with connected(bench, target, mode) as agent:
-        tool = bench.tool(target, mode, "echo")
-        for index in range(min(200, calls)):
-            await agent.request("tools/call", {"name": tool, "arguments": {"text": f"warm{index}"}})
-        samples = []
-        for index in range(calls):
-            started = time.perf_counter_ns()
-            result = await agent.request("tools/call", {"name": tool, "arguments": {"text": f"c{index}"}})
-            samples.append(time.perf_counter_ns() - started)
-            assert result["content"][0]["text"] == f"c{index}"
-    samples.sort()
-    return {"p50_us": samples[len(samples) // 2] / 1000, "p99_us": samples[int(len(samples) * 0.99)] / 1000}
+LATENCY_BLOCK = 100  # sequential calls to one target before the next target's turn
+
+
+async def sequential_latency(bench: Bench, targets: list[str], mode: str, calls: int) -> dict[str, dict[str, float]]:
+    """Sequential `tools/call` latency of every target, interleaved: all connected at once, taking turns in blocks
+    of `LATENCY_BLOCK` calls (the order rotating each turn), so a change in the machine's load falls on all of
+    them alike. Per target: p50 and p99 of all its calls, and `added_us`: the median over turns of its block p50
+    minus the `direct` block p50 of the same turn (a paired difference)."""
+    async with contextlib.AsyncExitStack() as stack:
+        agents = {target: await stack.enter_async_context(connected(bench, target, mode)) for target in targets}
+        tools = {target: bench.tool(target, mode, "echo") for target in targets}
+        for target, agent in agents.items():
+            for index in range(min(200, calls)):
+                await agent.request("tools/call", {"name": tools[target], "arguments": {"text": f"warm{index}"}})
+        samples: dict[str, list[int]] = {target: [] for target in targets}
+        block_p50: dict[str, list[int]] = {target: [] for target in targets}
+        for turn in range(max(1, calls // LATENCY_BLOCK)):
+            order = targets[turn % len(targets) :] + targets[: turn % len(targets)]
+            for target in order:
+                agent, tool, block = agents[target], tools[target], []
+                for index in range(LATENCY_BLOCK):
+                    text = f"c{turn}.{index}"
+                    started = time.perf_counter_ns()
+                    result = await agent.request("tools/call", {"name": tool, "arguments": {"text": text}})
+                    block.append(time.perf_counter_ns() - started)
+                    assert result["content"][0]["text"] == text
+                samples[target] += block
+                block_p50[target].append(sorted(block)[len(block) // 2])
+    figures: dict[str, dict[str, float]] = {}
+    for target, values in samples.items():
+        values.sort()
+        paired = [mine - floor for mine, floor in zip(block_p50[target], block_p50["direct"], strict=True)]
+        figures[target] = {
+            "p50_us": values[len(values) // 2] / 1000,
+            "p99_us": values[int(len(values) * 0.99)] / 1000,
+            "added_us": statistics.median(paired) / 1000,
+        }
+    return figures
 
 
 async def pipelined(agent: Agent, tool: str, calls: int, in_flight: int, tag: str) -> int:
@@ -414,10 +439,9 @@ async def run(bench: Bench, rounds: int) -> dict[str, Any]:
     for round_index in range(rounds):
         print(f"round {round_index + 1}/{rounds}", flush=True)
         for mode in modes:
-            for target in targets:
-                latency = await sequential_latency(bench, target, mode, calls)
-                record("latency", mode, target, "p50_us", value=latency["p50_us"])
-                record("latency", mode, target, "p99_us", value=latency["p99_us"])
+            for target, latency in (await sequential_latency(bench, targets, mode, calls)).items():
+                for figure, value in latency.items():
+                    record("latency", mode, target, figure, value=value)
         for target in targets:
             total = 1000 if bench.quick else 6400
             one = await throughput(bench, target, "json", agents=1, in_flight=64, calls=total)
@@ -527,26 +551,20 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"| 100 agents at once: errors / misrouted | {memory['hundred_agents']['errors']} / "
         f"{memory['hundred_agents']['misrouted']} |",
     ]
-    added = {
-        mode: results["latency"][mode]["mcpx"]["p50_us"]["median"]
-        - results["latency"][mode]["direct"]["p50_us"]["median"]
-        for mode in ("json", "sse")
-    }
-    added_aiohttp = {
-        mode: results["latency"][mode]["mcpx"]["p50_us"]["median"]
-        - results["latency"][mode]["direct-aiohttp"]["p50_us"]["median"]
-        for mode in ("json", "sse")
-    }
-    hop = {
-        mode: results["latency"][mode]["null-relay"]["p50_us"]["median"]
-        - results["latency"][mode]["direct"]["p50_us"]["median"]
-        for mode in ("json", "sse")
-    }
+
+    def added(target: str, mode: str) -> str:
+        cell = results["latency"][mode][target]["added_us"]
+        return f"{cell['median']:.0f} µs ({cell['min']:.0f}–{cell['max']:.0f})"
+
     lines += [
         "",
-        f"mcpx added latency p50: {added['json']:.0f} µs (json), {added['sse']:.0f} µs (sse)",
-        f"  (a null relay, one process hop copying bytes, adds {hop['json']:.0f} µs (json), {hop['sse']:.0f} µs (sse))",
-        f"  (against the aiohttp floor: {added_aiohttp['json']:.0f} µs (json), {added_aiohttp['sse']:.0f} µs (sse))",
+        "Added latency p50, paired: per turn of 100 calls, the target's p50 minus the direct floor's p50 of the same",
+        "turn; the median over turns, then over rounds (min–max of the rounds).",
+        f"mcpx added latency p50: {added('mcpx', 'json')} json, {added('mcpx', 'sse')} sse",
+        f"  (a null relay, one process hop copying bytes, adds {added('null-relay', 'json')} json, "
+        f"{added('null-relay', 'sse')} sse)",
+        f"  (the aiohttp floor is {added('direct-aiohttp', 'json')} json, {added('direct-aiohttp', 'sse')} sse "
+        "above the direct floor)",
     ]
     for shape in ("1x64", "20x8"):
         ratio = results["throughput"][shape]["mcpx"]["median"] / results["throughput"][shape]["direct"]["median"]

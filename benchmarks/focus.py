@@ -170,7 +170,7 @@ async def hold(bench: b.Bench, mode: str, seconds: float, size: int) -> None:
 
 
 async def direct_p50(bench: b.Bench, mode: str, calls: int) -> float:
-    return (await b.sequential_latency(bench, "direct", mode, calls))["p50_us"]
+    return (await b.sequential_latency(bench, ["direct"], mode, calls))["direct"]["p50_us"]
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -699,7 +699,10 @@ class _FastCall:
         if self.future.done():
             return
         self.future.set_result(None)  # (the outcome is `on_settled`'s: the future only ends, or is cancelled)
-        self._on_settled(result, error)
+        try:
+            self._on_settled(result, error)
+        except Exception:  # noqa: BLE001 - a callback top (the connection's): the upstream is not to blame
+            _log.exception("a call's outcome could not be handed on", upstream=self._session.name)
 
     def _hand_off(self) -> None:
         self._sent.watch(None)
