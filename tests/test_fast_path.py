@@ -27,28 +27,36 @@ from mcpx.router.router import Router
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import HttpSession
 from tests.support.daemon import upstream_toml
+from tests.support.sse_upstream import LoopbackServer, read_request
 from tests.support.upstream import Upstream, running
 
 WAIT = 10.0
 
 
-class Quiet:
-    """The client side of the session under test (no server messages are expected here)."""
+class Recorder:
+    """The client side of the session under test: keeps the server's notifications; asks nothing."""
 
     agent: object = None
 
+    def __init__(self) -> None:
+        self.notified: list[dict[str, Any]] = []
+        self.got_one = asyncio.Event()
+
     def notify(self, message: dict[str, Any]) -> None:
-        raise AssertionError(f"unexpected server message {message}")
+        self.notified.append(message)
+        self.got_one.set()
 
     async def ask(self, method: str, params: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
         raise AssertionError(f"unexpected server request {method}")
 
 
 @contextlib.asynccontextmanager
-async def http_session(url: str, *, timeout: float = WAIT) -> AsyncIterator[HttpSession]:
+async def http_session(
+    url: str, *, timeout: float = WAIT, client: Recorder | None = None
+) -> AsyncIterator[HttpSession]:
     http = HttpClient(connect_timeout=5.0)
     config = UpstreamConfig(name="alpha", url=url, transport="streamable-http", timeout=timeout)
-    session = HttpSession(config, http, NoCredential(), max_message_bytes=1 << 20, client=Quiet())
+    session = HttpSession(config, http, NoCredential(), max_message_bytes=1 << 20, client=client or Recorder())
     try:
         await session.connect()
         yield session
@@ -151,6 +159,7 @@ async def test_a_server_answering_in_sse_is_not_tried_on_the_fast_path() -> None
 # --- a scripted keep-alive server ------------------------------------------------------------------------------------
 
 CallHandler = Callable[[dict[str, Any], asyncio.StreamWriter], Awaitable[bool]]
+ResumeHandler = Callable[[str, asyncio.StreamWriter], None]
 
 
 def json_answer(payload: dict[str, Any], *, extra: str = "") -> tuple[bytes, bytes]:
@@ -164,71 +173,44 @@ def echo_answer(message: dict[str, Any]) -> tuple[bytes, bytes]:
     return json_answer({"jsonrpc": "2.0", "id": message["id"], "result": {"content": [{"type": "text", "text": text}]}})
 
 
-class KeepAlive:
+class KeepAlive(LoopbackServer):
     """An MCP server over HTTP/1.1 keep-alive on 127.0.0.1, written by hand: it does the handshake itself, records
     every message POSTed to it, and lets the test answer `tools/call` (`on_call` returns False to drop the
     connection without a word)."""
 
-    def __init__(self, on_call: CallHandler) -> None:
+    def __init__(self, on_call: CallHandler, on_resume: ResumeHandler | None = None) -> None:
+        super().__init__()
         self.on_call = on_call
+        self.on_resume = on_resume  # a GET with Last-Event-ID
         self.messages: list[dict[str, Any]] = []
         self.connections = 0
         self.refused_gets = 0
-        self._changed = asyncio.Condition()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/mcp"
-
-    async def __aenter__(self) -> KeepAlive:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        async with asyncio.timeout(WAIT), self._changed:
-            await self._changed.wait_for(predicate)
+        return f"{self.origin}/mcp"
 
     def methods(self) -> list[str]:
         return [str(message.get("method")) for message in self.messages]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        try:
-            while await self._one(reader, writer):
-                pass
-        except (asyncio.IncompleteReadError, ConnectionError):
+        while await self._one(reader, writer):
             pass
-        except asyncio.CancelledError:
-            pass  # the server is closing (a cancelled connection task would be logged as an error by asyncio)
-        finally:
-            self._tasks.discard(task)
-            writer.close()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        request_line, *lines = head.split("\r\n")
-        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
-        if request_line.startswith("GET") or request_line.startswith("DELETE"):
+        request = await read_request(reader)
+        headers = request.headers
+        if request.method == "GET" and "last-event-id" in headers and self.on_resume is not None:
+            self.on_resume(headers["last-event-id"], writer)
+            return True
+        if request.method in ("GET", "DELETE"):
             writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
             async with self._changed:
-                self.refused_gets += request_line.startswith("GET")
+                self.refused_gets += request.method == "GET"
                 self._changed.notify_all()
             return True
-        message = json.loads(await reader.readexactly(int(headers["content-length"])))
+        message = json.loads(request.body)
         async with self._changed:
             self.messages.append(message)
             self._changed.notify_all()
@@ -364,22 +346,90 @@ async def test_an_http_error_is_reported_as_the_general_path_reports_it() -> Non
         assert "500" in str(raised.value) and "on fire" in str(raised.value)
 
 
-async def test_an_sse_answer_is_handed_to_the_general_path() -> None:
-    async def stream_when_asked(message: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+def sse_answer(*events: bytes) -> bytes:
+    """A whole SSE response (with its length: it is in once its headers are)."""
+    body = b"".join(events)
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def event(message: dict[str, Any], event_id: str | None = None) -> bytes:
+    return (f"id: {event_id}\n" if event_id else "").encode() + b"data: " + json.dumps(message).encode() + b"\n\n"
+
+
+def log_message(text: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": text}}
+
+
+async def test_a_whole_sse_answer_is_taken_on_the_fast_path_with_the_messages_before_it() -> None:
+    async def stream(message: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
         head, body = echo_answer(message)
-        if message["params"]["arguments"]["text"] == "stream":
-            body = b"event: message\ndata: " + body + b"\n\n"
-            head = f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        writer.write(head + body)
+        if message["params"]["arguments"]["text"] == "w":
+            writer.write(head + body)
+        else:
+            writer.write(sse_answer(event(log_message("working")), event(json.loads(body))))
         return True
 
-    async with KeepAlive(stream_when_asked) as server, http_session(server.url) as session:
+    client = Recorder()
+    async with KeepAlive(stream) as server, http_session(server.url, client=client) as session:
         await warm(server, session)
-        assert text_of(await started(session, "stream").outcome()) == "scripted:stream"
-        # The server answers in SSE now: calls take the general path until it answers in JSON again.
+        with counting_tasks() as made:
+            assert text_of(await started(session, "stream").outcome()) == "scripted:stream"
+        assert made == []
+        assert [m["params"]["data"] for m in client.notified] == ["working"]
+        assert text_of(await started(session, "again").outcome()) == "scripted:again"  # still tried first
+
+
+async def test_an_sse_stream_that_goes_on_is_read_by_the_general_path() -> None:
+    go_on = asyncio.Event()
+
+    async def slow_stream(message: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        head, body = echo_answer(message)
+        if message["params"]["arguments"]["text"] in ("w", "json again"):
+            writer.write(head + body)
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        writer.write(event(log_message("working")))
+        await writer.drain()
+        await go_on.wait()
+        writer.write(event(json.loads(body)))
+        return False  # the stream ends with the connection
+
+    client = Recorder()
+    async with KeepAlive(slow_stream) as server, http_session(server.url, client=client) as session:
+        await warm(server, session)
+        call = started(session, "slow")
+        async with asyncio.timeout(WAIT):
+            await client.got_one.wait()  # the message came as it was sent, before the answer
+        assert not call.told
+        go_on.set()
+        assert text_of(await call.outcome()) == "scripted:slow"
+        assert [m["params"]["data"] for m in client.notified] == ["working"]  # routed once
+        # This server answers in streams that go on: calls take the general path until it answers at once again.
         assert not_started(session, "x")
         await warm(server, session)
         assert text_of(await started(session, "json again").outcome()) == "scripted:json again"
+
+
+async def test_a_whole_stream_without_the_answer_is_resumed_by_the_general_path() -> None:
+    """SEP-1699: the server ends the POST's stream after a priming event; the answer comes on the resumed stream."""
+    answers: dict[str, bytes] = {}
+
+    async def prime_only(message: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        head, body = echo_answer(message)
+        if message["params"]["arguments"]["text"] == "w":
+            writer.write(head + body)
+            return True
+        answers["p-1"] = body
+        writer.write(sse_answer(b"id: p-1\nretry: 1\ndata:\n\n"))
+        return True
+
+    def resume(last_event_id: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(sse_answer(event(json.loads(answers[last_event_id]), "p-2")))
+
+    async with KeepAlive(prime_only, resume) as server, http_session(server.url) as session:
+        await warm(server, session)
+        assert text_of(await started(session, "polled").outcome()) == "scripted:polled"
 
 
 # --- the whole path in the daemon ------------------------------------------------------------------------------------

@@ -252,6 +252,7 @@ async def test_stopping_keeps_reading_answers_holds_new_requests_and_the_next_da
             await gated.started.wait()
 
         daemon.signal(signal.SIGTERM)
+        await daemon.notified(b"STOPPING=1")
         # No logging capability offered: no log message. The request sent now waits for the next daemon; the
         # cancellation after it reaches this one (so it has read the request too).
         call = {"name": "alpha__echo", "arguments": {"text": "held"}}

@@ -108,10 +108,13 @@ class Daemon:
         self.sandbox = sandbox
         self.extra_env = extra_env or {}
         self.process: asyncio.subprocess.Process | None = None
+        self._notify: socket.socket | None = None  # the daemon's NOTIFY_SOCKET, open while it runs
+        self._notify_path: Path | None = None
 
     async def start(self, *args: str) -> None:
-        notify_path = self.sandbox.root / f"notify-{os.urandom(4).hex()}"
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._close_notify()  # (a daemon started again gets a socket of its own)
+        notify_path = self._notify_path = self.sandbox.root / f"notify-{os.urandom(4).hex()}"
+        notify = self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         notify.setblocking(False)
         env = {**self.sandbox.env, **self.extra_env, "NOTIFY_SOCKET": str(notify_path)}
@@ -135,10 +138,23 @@ class Daemon:
                     raise RuntimeError(f"mcpxd exited with {self.process.returncode}: {stderr}")
         finally:
             exited.cancel()
-            notify.close()
-            notify_path.unlink(missing_ok=True)
+
+    async def notified(self, state: bytes, timeout: float = READY_TIMEOUT) -> None:
+        """Wait (bounded) until the daemon tells its service manager `state` (e.g. `STOPPING=1`)."""
+        assert self._notify is not None
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while state not in await loop.sock_recv(self._notify, 4096):
+                pass
+
+    def _close_notify(self) -> None:
+        if self._notify is not None and self._notify_path is not None:
+            self._notify.close()
+            self._notify_path.unlink(missing_ok=True)
+            self._notify = self._notify_path = None
 
     async def stop(self) -> int:
+        self._close_notify()
         if self.process is None:
             return 0
         if self.process.returncode is not None:

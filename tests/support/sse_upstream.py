@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
@@ -166,13 +166,11 @@ class RawRequest:
 Handler = Callable[[RawRequest, asyncio.StreamWriter], Awaitable[None]]
 
 
-class ScriptedHttp:
-    """An HTTP/1.1 server on 127.0.0.1 whose every answer a test writes by hand (`handler`, one connection per
-    request)."""
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 for hand-written HTTP: each connection is served by `_connection` in a task of
+    its own, cancelled when the server closes; `wait_for` waits (bounded) for what the subclass records."""
 
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[RawRequest] = []
+    def __init__(self) -> None:
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -182,7 +180,7 @@ class ScriptedHttp:
     def origin(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def __aenter__(self) -> ScriptedHttp:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -204,25 +202,48 @@ class ScriptedHttp:
         assert task is not None
         self._tasks.add(task)
         try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            request_line, *lines = head.split("\r\n")
-            method, path, _ = request_line.split(" ", 2)
-            headers = {}
-            for line in lines:
-                if line:
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            request = RawRequest(method, path, headers, body, asyncio.get_running_loop().time())
-            async with self._changed:
-                self.requests.append(request)
-                self._changed.notify_all()
-            await self.handler(request, writer)
+            await self._connection(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            pass  # the server is closing (a cancelled connection task would be logged as an error by asyncio)
         finally:
             self._tasks.discard(task)
             writer.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+async def read_request(reader: asyncio.StreamReader) -> RawRequest:
+    """One HTTP/1.1 request: its head, then a body of its `Content-Length`."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    request_line, *lines = head.split("\r\n")
+    method, path, _ = request_line.split(" ", 2)
+    headers = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return RawRequest(method, path, headers, body, asyncio.get_running_loop().time())
+
+
+class ScriptedHttp(LoopbackServer):
+    """An HTTP/1.1 server on 127.0.0.1 whose every answer a test writes by hand (`handler`, one connection per
+    request)."""
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.requests: list[RawRequest] = []
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        async with self._changed:
+            self.requests.append(request)
+            self._changed.notify_all()
+        await self.handler(request, writer)
 
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"

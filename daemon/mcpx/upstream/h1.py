@@ -303,6 +303,16 @@ class Response:
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def peek(self, limit: int) -> bytes:
+        """The whole body once it has `ended`, left in place (a later `read_now`, or a reader, gets it again);
+        `BodyTooLarge` beyond `limit` bytes, or the error that ended it."""
+        if self._error is not None:
+            raise self._error
+        if self._buffered > limit:
+            raise BodyTooLarge(f"response larger than the {limit}-byte limit")
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def read_now(self, limit: int) -> bytes:
         """The whole body once it has `ended`; `BodyTooLarge` beyond `limit` bytes, or the error that ended it."""
         chunks = self._chunks

@@ -41,6 +41,7 @@ from mcpx.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from mcpx.framing.sse import SSEDecoder, SSEEvent
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.redact import any_registered
@@ -108,9 +109,9 @@ class HttpSession:
         self._session_id: str | None = None
         self._generation = 0
         self._init_lock = asyncio.Lock()
-        # Whether the last answer to a POST was a JSON body (else an SSE stream): the fast path, which takes JSON
-        # answers only, is tried while the server answers that way.
-        self._answers_in_json = True
+        # Whether the last answer to a POST came whole at once (a JSON body, or an SSE stream that had ended by the
+        # time its headers were read): the fast path, which takes only those, is tried while the server answers so.
+        self._answers_at_once = True
         self._background: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self.protocol_version: str | None = None
@@ -194,7 +195,7 @@ class HttpSession:
     ) -> asyncio.Future[Any] | None:
         """`request` without a task where it can start at once (an idle pooled connection, no re-initialize
         under way, a server that answers in JSON): see `UpstreamSession.start_request`."""
-        if self._init_lock.locked() or not self._answers_in_json:
+        if self._init_lock.locked() or not self._answers_at_once:
             return None
         request_id = next(self._ids)
         body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
@@ -338,7 +339,7 @@ class HttpSession:
                     raise UpstreamProtocolError(self.name, "invalid Mcp-Session-Id")
                 self._session_id = session_id
             content_type = response.content_type
-            self._answers_in_json = content_type == "application/json"
+            self._answers_at_once = content_type == "application/json" or response.ended
             if content_type == "application/json":
                 return self._response_result(await response.read(self._max_message_bytes), request_id, forward_raw)
             if content_type == "text/event-stream":
@@ -375,25 +376,11 @@ class HttpSession:
                 chunks_before = stream.chunks
                 try:
                     async for event in stream.events(current):
-                        if event.event != "message" or not event.data:
+                        if (message := self._stream_message(event, request_id, forward_raw)) is None:
                             continue
-                        data = event_data(event)
-                        if forward_raw and (spliced := _spliced(data, request_id)) is not None:
-                            return spliced
-                        message = self._parse(data)
-                        if "method" not in message:
-                            if message.get("id") == request_id:
-                                return self._result_of(message, request_id)
-                            _log.debug("ignoring unrelated response on stream", upstream=self.name)
-                        else:
-                            # On a request's own stream, the server's messages belong to that request (SEP-2260).
-                            route_incoming(
-                                message,
-                                related=on_related,
-                                default=self._client,
-                                requests=self._server_requests,
-                                call=request_id,
-                            )
+                        if isinstance(message, _Answer):
+                            return message.result()
+                        self._route_from_stream(message, request_id, on_related)
                 except FrameTooLarge as exc:
                     raise UpstreamProtocolError(self.name, f"SSE event too large: {exc}") from None
                 except HttpClientError:
@@ -413,6 +400,31 @@ class HttpSession:
         finally:
             if resumed is not None:
                 resumed.release()
+
+    def _stream_message(self, event: SSEEvent, request_id: int, forward_raw: bool) -> _Answer | Message | None:
+        """What one event of a request's SSE stream carries: the answer to `request_id` (its result or its error,
+        raised when asked for), a message of the server's to route, or nothing of use (None)."""
+        if event.event != "message" or not event.data:
+            return None
+        data = event_data(event)
+        if forward_raw and (spliced := _spliced(data, request_id)) is not None:
+            return _Answer(spliced, None)
+        message = self._parse(data)
+        if "method" in message:
+            return message
+        if message.get("id") != request_id:
+            _log.debug("ignoring unrelated response on stream", upstream=self.name)
+            return None
+        try:
+            return _Answer(self._result_of(message, request_id), None)
+        except McpxError as exc:
+            return _Answer(None, exc)
+
+    def _route_from_stream(self, message: Message, request_id: int, on_related: ClientSide | None) -> None:
+        # On a request's own stream, the server's messages belong to that request (SEP-2260).
+        route_incoming(
+            message, related=on_related, default=self._client, requests=self._server_requests, call=request_id
+        )
 
     async def _resume_stream(self, last_event_id: str) -> Response:
         """GET + `Last-Event-ID`: the rest of a request's stream (2025-11-25 `basic/transports`, resumability)."""
@@ -594,6 +606,18 @@ class HttpSession:
         task.add_done_callback(self._background.discard)
 
 
+class _Answer(NamedTuple):
+    """The answer to a request found on its SSE stream: its result, or the error it makes."""
+
+    value: Any
+    error: McpxError | None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class _Started(NamedTuple):
     """A request the fast path wrote, handed to `HttpSession.request` to read its answer."""
 
@@ -669,15 +693,19 @@ class _FastCall:
             return
         response = headers_ready.result()
         length = response.content_length
-        if (
-            response.status != 200
-            or response.content_type != "application/json"
-            or length is None
-            or length > min(_FAST_BODY, self._session._max_message_bytes)
-        ):
+        limit = min(_FAST_BODY, self._session._max_message_bytes)
+        if response.status != 200:
             self._hand_off()
-        elif response.ended:
-            self._take(response)
+        elif response.content_type == "application/json":
+            if length is None or length > limit:
+                self._hand_off()
+            elif response.ended:
+                self._take(response)
+        elif response.content_type == "text/event-stream" and response.ended:
+            self._take_stream(response, limit)
+        else:
+            self._session._answers_at_once = False  # (an SSE stream that goes on: its events are read as they come)
+            self._hand_off()
 
     def _take(self, response: Response) -> None:
         self._sent.watch(None)
@@ -693,6 +721,34 @@ class _FastCall:
             self._settle(None, exc)
         else:
             self._settle(result, None)
+
+    def _take_stream(self, response: Response, limit: int) -> None:
+        """A whole SSE stream, already in: taken here when it holds the answer (the server's messages before it
+        are routed first, as the general path would); else (a stream the server ended early, to be resumed) it
+        goes, unread, to the general path."""
+        session = self._session
+        try:
+            events = SSEDecoder(session._max_message_bytes).feed(response.peek(limit))
+            messages = [session._stream_message(event, self._request_id, self._forward_raw) for event in events]
+        except (HttpClientError, FrameTooLarge, UpstreamProtocolError):
+            self._hand_off()  # the general path reports it, or resumes the stream
+            return
+        answer = next((message for message in messages if isinstance(message, _Answer)), None)
+        if answer is None:
+            self._hand_off()
+            return
+        self._sent.watch(None)
+        response.release()
+        try:
+            for message in messages:
+                if isinstance(message, _Answer):
+                    break
+                if message is not None:
+                    session._route_from_stream(message, self._request_id, self._on_related)
+        except Exception as exc:  # noqa: BLE001 - the caller gets it as `request` would raise it
+            self._settle(None, exc)
+            return
+        self._settle(answer.value, answer.error)
 
     def _settle(self, result: Any, error: BaseException | None) -> None:
         self._cancel_timer()
