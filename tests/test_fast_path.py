@@ -27,7 +27,7 @@ from mcpx.router.router import Router
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import HttpSession
 from tests.support.daemon import upstream_toml
-from tests.support.sse_upstream import LoopbackServer, read_request
+from tests.support.scripted_http import LoopbackServer, read_request
 from tests.support.upstream import Upstream, running
 
 WAIT = 10.0
@@ -183,7 +183,6 @@ class KeepAlive(LoopbackServer):
         self.on_call = on_call
         self.on_resume = on_resume  # a GET with Last-Event-ID
         self.messages: list[dict[str, Any]] = []
-        self.connections = 0
         self.refused_gets = 0
 
     @property
@@ -194,7 +193,6 @@ class KeepAlive(LoopbackServer):
         return [str(message.get("method")) for message in self.messages]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
         while await self._one(reader, writer):
             pass
 

@@ -25,56 +25,33 @@ from mcpx.upstream.h1 import (
     _Connection,
     encode_request,
 )
+from tests.support.scripted_http import LoopbackServer, read_request
 
 # How a scripted server serves each connection: the server (to read requests), then the connection's streams.
 Serve = Callable[["ScriptedServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
+    """Keep-alive: `serve` answers every request of a connection as the test scripts it."""
+
     def __init__(self, serve: Serve) -> None:
+        super().__init__()
         self.serve = serve
-        self.connections = 0
         self.requests: list[bytes] = []
-        self.writers: list[asyncio.StreamWriter] = []
-        self.tasks: set[asyncio.Task[None]] = set()
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        body = await reader.readexactly(length)
-        self.requests.append(head + body)
-        return body
+        request = await read_request(reader)
+        self.requests.append(request.raw)
+        return request.body
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.writers.append(writer)
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            await self.serve(self, reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.serve(self, reader, writer)
 
 
 @asynccontextmanager
 async def scripted(serve: Serve) -> AsyncIterator[tuple[ScriptedServer, Target]]:
-    server = ScriptedServer(serve)
-    listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        yield server, Target.parse(f"http://127.0.0.1:{port}/mcp?x=1")
-    finally:
-        listener.close()
-        for writer in server.writers:
-            writer.close()
-        async with asyncio.timeout(5):
-            await asyncio.gather(*server.tasks, return_exceptions=True)
+    async with ScriptedServer(serve) as server:
+        yield server, Target.parse(f"{server.origin}/mcp?x=1")
 
 
 def ok(body: bytes, extra: str = "") -> bytes:

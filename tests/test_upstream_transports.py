@@ -32,12 +32,11 @@ from mcpx.upstream.transports import open_session
 from tests.support.agents import change_watcher
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.results import text_of
+from tests.support.scripted_http import RawRequest, ScriptedHttp
 from tests.support.sse_upstream import (
     SSE_HEAD,
     LegacyUpstream,
     MemoryEventStore,
-    RawRequest,
-    ScriptedHttp,
     serving,
 )
 from tests.support.upstream import TOOLS, TokenCheck, Upstream, running

@@ -173,7 +173,6 @@ class Response:
         "_buffered",
         "_chunks",
         "_complete",
-        "_completion",
         "_connection",
         "_content_length",
         "_content_type",
@@ -207,7 +206,6 @@ class Response:
         self._filled = 0
         self._received = 0  # body bytes queued in all
         self._complete = False
-        self._completion: asyncio.Future[None] | None = None
         self._error: HttpClientError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
@@ -254,15 +252,6 @@ class Response:
     def ended(self) -> bool:
         """All of the body has arrived, or the error that ended it (`read_now` then returns or raises at once)."""
         return self._complete or self._error is not None
-
-    def when_ended(self) -> asyncio.Future[None]:
-        """A future done once `ended` is true (for a caller that takes the body in a callback, not a task)."""
-        future = self._connection.loop.create_future()
-        if self.ended:
-            future.set_result(None)
-        else:
-            self._completion = future
-        return future
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (chunked transfer-coding already removed)."""
@@ -411,11 +400,6 @@ class Response:
         if self._drain_timer is not None:
             self.release()
             return
-        completion = self._completion
-        if completion is not None:
-            self._completion = None
-            if not completion.done():
-                completion.set_result(None)
         self._wake()
 
     def _wake(self) -> None:

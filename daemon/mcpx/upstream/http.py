@@ -23,7 +23,7 @@ import enum
 import functools
 import itertools
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 from mcpx import jsonrpc
 from mcpx.auth.credentials import CredentialProvider
@@ -58,6 +58,7 @@ from mcpx.upstream.peer import (
 )
 
 _log = get_logger("mcpx.upstream")
+_T = TypeVar("_T")
 
 # Reopening a stream the server closed without saying when (`retry`): first wait, doubling on each failure up to
 # the cap (seconds).
@@ -234,12 +235,10 @@ class HttpSession:
                     pass  # a re-initialize is under way (say the GET stream's): send with the session it makes
             generation = self._generation
             try:
-                if sent is None:
-                    exchange = functools.partial(self._exchange, request_id, body, on_related, forward_raw=forward_raw)
-                else:
-                    exchange = functools.partial(
-                        self._exchange_once_sent, [sent], request_id, body, on_related, forward_raw
-                    )
+                exchange: Callable[[], Coroutine[Any, Any, Any]]
+                exchange = functools.partial(self._exchange, request_id, body, on_related, forward_raw=forward_raw)
+                if sent is not None:  # the request already on its way is read the first time; a retry sends anew
+                    exchange = _first_then(functools.partial(exchange, sent=sent), exchange)
                     sent = None
                 return await self._peer.with_auth_retry(exchange)
             except SessionExpired:
@@ -295,13 +294,6 @@ class HttpSession:
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
         return headers
-
-    def _exchange_once_sent(
-        self, sent: list[Sent], request_id: int, body: bytes, on_related: ClientSide | None, forward_raw: bool
-    ) -> Coroutine[Any, Any, Any]:
-        """The exchange of a request already sent, the first time; sent anew on a retry."""
-        first = sent.pop() if sent else None
-        return self._exchange(request_id, body, on_related, forward_raw=forward_raw, sent=first)
 
     async def _exchange(
         self,
@@ -810,6 +802,16 @@ class _FastCall:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _first_then(first: Callable[[], _T], then: Callable[[], _T]) -> Callable[[], _T]:
+    """A callable that calls `first` the first time and `then` every time after."""
+    calls = iter((first,))
+
+    def call() -> _T:
+        return next(calls, then)()
+
+    return call
 
 
 def _spliced(raw: bytes | bytearray, request_id: int) -> jsonrpc.RawJson | None:
