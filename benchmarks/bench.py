@@ -31,9 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -68,38 +68,82 @@ class Agent:
         )
 
 
-class StdioAgent(Agent):
-    """An agent that spawns an MCP server command and speaks newline-delimited JSON-RPC on its stdio."""
+class _StdioLines(asyncio.SubprocessProtocol):
+    """The agent's end of a server's stdio: each line of its stdout handed on whole, as a lean agent reads it
+    (a line's chunks kept as they come and joined once, not grown in one buffer and copied out again)."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.pid = process.pid
+    def __init__(self, on_line: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
+        self._on_line = on_line
+        self._on_end = on_end
+        self._partial: list[bytes] = []
+        self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd != 1:
+            return
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            if self._partial:
+                self._partial.append(data[start:end])
+                line = b"".join(self._partial)
+                self._partial.clear()
+            else:
+                line = data[start:end]
+            self._on_line(line)
+            start = end + 1
+        if start < len(data):
+            self._partial.append(data[start:] if start else data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self._on_end()
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+class StdioAgent(Agent):
+    """An agent that spawns an MCP server command and speaks newline-delimited JSON-RPC on its stdio, one write
+    per message as the SDK's stdio client does."""
+
+    def __init__(self, transport: asyncio.SubprocessTransport, lines: _StdioLines) -> None:
+        self.transport = transport
+        self.lines = lines
+        self.pid = transport.get_pid()
+        # (uvloop's transports implement asyncio.WriteTransport without subclassing it)
+        self.stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
     async def spawn(cls, command: list[str], env: dict[str, str]) -> StdioAgent:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            env=env,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            limit=64 * 1024 * 1024,
-        )
-        return cls(process)
+        agent: StdioAgent | None = None
 
-    async def _read(self) -> None:
-        assert self.process.stdout is not None
-        while line := await self.process.stdout.readline():
-            message = orjson.loads(line)
-            future = self._pending.pop(message.get("id"), None) if "id" in message else None
-            if future is not None and not future.done():
-                if "error" in message:
-                    future.set_exception(RuntimeError(str(message["error"])))
-                else:
-                    future.set_result(message["result"])
+        def on_line(line: bytes) -> None:
+            assert agent is not None
+            agent._answered(line)
+
+        def on_end() -> None:
+            if agent is not None:
+                agent._ended()
+
+        transport, lines = await asyncio.get_running_loop().subprocess_exec(
+            lambda: _StdioLines(on_line, on_end), *command, env=env, stderr=subprocess.DEVNULL
+        )
+        agent = cls(transport, lines)
+        return agent
+
+    def _answered(self, line: bytes) -> None:
+        message = orjson.loads(line)
+        future = self._pending.pop(message.get("id"), None) if "id" in message else None
+        if future is not None and not future.done():
+            if "error" in message:
+                future.set_exception(RuntimeError(str(message["error"])))
+            else:
+                future.set_result(message["result"])
+
+    def _ended(self) -> None:
         for future in self._pending.values():
             if not future.done():  # a caller may have given up on it already
                 future.set_exception(RuntimeError("the server closed its stdout"))
@@ -108,27 +152,23 @@ class StdioAgent(Agent):
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        assert self.process.stdin is not None
-        self.process.stdin.write(orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
-        self.process.stdin.write(b"\n")
-        await self.process.stdin.drain()
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        self.stdin.write(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE))
         return await future
 
     async def initialize(self) -> None:
         await super().initialize()
-        assert self.process.stdin is not None
-        self.process.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        self.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
 
     async def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
+        self.stdin.close()
         try:
             async with asyncio.timeout(5):
-                await self.process.wait()
+                await self.lines.exited
         except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-        self._reader.cancel()
+            self.transport.kill()
+            await self.lines.exited
+        self.transport.close()
 
 
 class HttpAgent(Agent):
