@@ -370,8 +370,9 @@ LATENCY_BLOCK = 100  # sequential calls to one target before the next target's t
 async def sequential_latency(bench: Bench, targets: list[str], mode: str, calls: int) -> dict[str, dict[str, float]]:
     """Sequential `tools/call` latency of every target, interleaved: all connected at once, taking turns in blocks
     of `LATENCY_BLOCK` calls (the order rotating each turn), so a change in the machine's load falls on all of
-    them alike. Per target: p50 and p99 of all its calls, and `added_us`: the median over turns of its block p50
-    minus the `direct` block p50 of the same turn (a paired difference)."""
+    them alike. Per target: p50 and p99 of all its calls; `added_us`: the median over turns of its block p50
+    minus the `direct` block p50 of the same turn (a paired difference); `added_p99_us`: its p99 minus `direct`'s
+    p99 over the same turns (a block of 100 calls has no p99 of its own)."""
     async with contextlib.AsyncExitStack() as stack:
         agents = {target: await stack.enter_async_context(connected(bench, target, mode)) for target in targets}
         tools = {target: bench.tool(target, mode, "echo") for target in targets}
@@ -393,13 +394,16 @@ async def sequential_latency(bench: Bench, targets: list[str], mode: str, calls:
                 samples[target] += block
                 block_p50[target].append(sorted(block)[len(block) // 2])
     figures: dict[str, dict[str, float]] = {}
-    for target, values in samples.items():
+    for values in samples.values():
         values.sort()
+    floor_p99 = samples["direct"][int(len(samples["direct"]) * 0.99)]
+    for target, values in samples.items():
         paired = [mine - floor for mine, floor in zip(block_p50[target], block_p50["direct"], strict=True)]
         figures[target] = {
             "p50_us": values[len(values) // 2] / 1000,
             "p99_us": values[int(len(values) * 0.99)] / 1000,
             "added_us": statistics.median(paired) / 1000,
+            "added_p99_us": (values[int(len(values) * 0.99)] - floor_p99) / 1000,
         }
     return figures
 
@@ -592,8 +596,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{memory['hundred_agents']['misrouted']} |",
     ]
 
-    def added(target: str, mode: str) -> str:
-        cell = results["latency"][mode][target]["added_us"]
+    def added(target: str, mode: str, figure: str = "added_us") -> str:
+        cell = results["latency"][mode][target][figure]
         return f"{cell['median']:.0f} µs ({cell['min']:.0f}–{cell['max']:.0f})"
 
     lines += [
@@ -605,6 +609,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{added('null-relay', 'sse')} sse)",
         f"  (the aiohttp floor is {added('direct-aiohttp', 'json')} json, {added('direct-aiohttp', 'sse')} sse "
         "above the direct floor)",
+        "mcpx added latency p99 (its p99 minus the direct floor's, same turns): "
+        f"{added('mcpx', 'json', 'added_p99_us')} json, {added('mcpx', 'sse', 'added_p99_us')} sse",
     ]
     for shape in ("1x64", "20x8"):
         ratio = results["throughput"][shape]["mcpx"]["median"] / results["throughput"][shape]["direct"]["median"]
