@@ -334,3 +334,17 @@ async def test_subscriptions_are_renewed_when_the_upstream_comes_back(sandbox: S
         await client.call_tool("alpha__touch", {"uri": NOTES})
         await client.list_tools()
         assert seen == [exposed]
+
+
+async def test_subscriptions_are_renewed_when_the_upstream_forgets_the_session(sandbox: Sandbox) -> None:
+    subscriptions = Subscriptions()
+    alpha = Upstream("alpha", json_response=True, customize=subscriptions.customize)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        await client.subscribe_resource(f"mcpx://alpha/{NOTES}")
+        subscriptions.subscribe_received.clear()
+        await alpha.restart()  # the server forgets every session: mcpx re-initializes on its own (a 404)
+        assert text_of(await client.call_tool("alpha__touch", {"uri": NOTES})) == "touched"
+        async with asyncio.timeout(15):
+            await subscriptions.subscribe_received.wait()  # renewed in the new session, not by the agent
+        assert subscriptions.subscribed == [NOTES, NOTES]

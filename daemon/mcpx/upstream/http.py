@@ -96,7 +96,10 @@ class HttpSession:
         *,
         max_message_bytes: int,
         client: ClientSide,
+        on_renewed: Callable[[], None] | None = None,
     ) -> None:
+        """`on_renewed` is told when the session is replaced on its own: the server forgot it (404) and it was
+        initialized anew, so that what lived in the old one (resource subscriptions) is renewed."""
         self.name = config.name
         self._config = config
         self._http = http
@@ -105,6 +108,7 @@ class HttpSession:
         self._credentials = credentials
         self._max_message_bytes = max_message_bytes
         self._client = client
+        self._on_renewed = on_renewed
         self._server_requests = ServerRequests(config.name, self._post_expecting_accepted, config.timeout)
         self._ids = itertools.count(1)
         self._session_id: str | None = None
@@ -254,6 +258,8 @@ class HttpSession:
                 return  # another caller already re-initialized
             self._session_id = None
             await self._peer.with_auth_retry(self._initialize)
+        if self._on_renewed is not None:
+            self._on_renewed()
 
     @property
     def asked_roots(self) -> bool:

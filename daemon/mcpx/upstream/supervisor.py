@@ -121,7 +121,7 @@ class ManagedUpstream:
         self.credentials: CredentialProvider = credentials_for(config, oauth)
         if isinstance(self.credentials, OAuthCredential):
             self.credentials.on_login.append(self.wake)
-        self.session: UpstreamSession = self.open_session(self, on_lost=self._lost)
+        self.session: UpstreamSession = self.open_session(self, on_lost=self._lost, on_renewed=self._renewed)
         self.state = UpstreamState.STARTING
         self.last_error: str | None = None
         self.retry_at: float | None = None
@@ -151,7 +151,9 @@ class ManagedUpstream:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def open_session(self, client: ClientSide, *, on_lost: Callable[[str], None]) -> UpstreamSession:
+    def open_session(
+        self, client: ClientSide, *, on_lost: Callable[[str], None], on_renewed: Callable[[], None] | None = None
+    ) -> UpstreamSession:
         """A new session with this upstream, with its credentials (for the shared one, and per-agent ones)."""
         return open_session(
             self.config,
@@ -161,6 +163,7 @@ class ManagedUpstream:
             connect_timeout=self.daemon.connect_timeout,
             client=client,
             on_lost=on_lost,
+            on_renewed=on_renewed,
         )
 
     # --- the client side of messages that belong to no call ------------------------------------------------------
@@ -419,6 +422,15 @@ class ManagedUpstream:
     def _lost(self, reason: str) -> None:
         """The session died on its own (a stdio server's process exited, a stream ended)."""
         self._mark_broken(UpstreamUnavailable(self.name, reason), on_its_own=True)
+
+    def _renewed(self) -> None:
+        """The session was replaced on its own (the server forgot it, e.g. it restarted): the new one knows none
+        of the old one's resource subscriptions, and the server may now list other things."""
+        if self.state is not UpstreamState.READY:
+            return  # the supervisor's own (re)connect renews and lists when it ends
+        _log.info("upstream session renewed", upstream=self.name)
+        self._hooks.connected(self.name)
+        self._schedule_refresh(tuple(self._kinds()))
 
     # --- lists ---------------------------------------------------------------------------------------------------
 

@@ -25,12 +25,14 @@ def open_session(
     max_message_bytes: int,
     client: ClientSide,
     on_lost: Callable[[str], None],
+    on_renewed: Callable[[], None] | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> UpstreamSession:
     """A new, not yet connected session with the upstream `config` describes.
 
     `client` takes the server's messages that belong to no agent's call; `on_lost` is told when the session dies
-    on its own between calls (a child process exits, a stream ends), so that it is reconnected.
+    on its own between calls (a child process exits, a stream ends), so that it is reconnected; `on_renewed` when
+    it was replaced on its own (a streamable HTTP server forgot it, and it was initialized anew).
     `connect_timeout` bounds opening a connection-like channel (the HTTP+SSE stream up to its endpoint event).
     """
     if config.command is not None:
@@ -45,6 +47,7 @@ def open_session(
         connect_timeout=connect_timeout,
         client=client,
         on_lost=on_lost,
+        on_renewed=on_renewed,
     )
 
 
@@ -57,6 +60,7 @@ def _url_session(
     connect_timeout: float,
     client: ClientSide,
     on_lost: Callable[[str], None],
+    on_renewed: Callable[[], None] | None,
 ) -> UpstreamSession:
     """A `url` upstream's session: streamable HTTP, legacy HTTP+SSE, or the first of them that works ("auto")."""
 
@@ -74,7 +78,9 @@ def _url_session(
     if config.transport == "sse":
         return legacy()
     # Streamable HTTP learns of failures from its requests (and its GET stream), so it needs no `on_lost`.
-    streamable = HttpSession(config, http, credentials, max_message_bytes=max_message_bytes, client=client)
+    streamable = HttpSession(
+        config, http, credentials, max_message_bytes=max_message_bytes, client=client, on_renewed=on_renewed
+    )
     if config.transport == "streamable-http":
         return streamable
     return AutoSession(config.name, streamable, legacy())
