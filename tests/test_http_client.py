@@ -8,12 +8,17 @@ closed at bad moments, garbage, oversized heads and bodies, header injection.
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 
 from mcpx.upstream.h1 import (
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_PROBES,
     BodyTooLarge,
     ConnectError,
     ConnectionClosed,
@@ -83,6 +88,30 @@ async def test_keep_alive_connection_is_reused(client: HttpClient) -> None:
             response.release()
     assert server.connections == 1
     assert server.requests[0].startswith(b"POST /mcp?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+async def test_connections_probe_a_silent_server_with_tcp_keepalive(client: HttpClient) -> None:
+    # A server that vanishes without closing (a laptop that slept, a NAT that forgot the connection) would leave a
+    # quiet response, such as the GET stream, waiting forever; the kernel's probes end it instead.
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(ok(b"{}"))
+        await reader.read()
+
+    async with scripted(serve) as (_, target):
+        response = await client.request("POST", target, {"Content-Type": "application/json"}, b"{}")
+        transport = response._connection._transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_PROBES
+        if sys.platform == "darwin":
+            idle = socket.TCP_KEEPALIVE  # (macOS's name for it)
+        else:
+            idle = socket.TCP_KEEPIDLE
+        assert sock.getsockopt(socket.IPPROTO_TCP, idle) == KEEPALIVE_IDLE
+        response.release()
 
 
 async def test_chunked_body_arrives_as_it_is_sent(client: HttpClient) -> None:

@@ -9,7 +9,9 @@ redirects, no cookies, no compression (mcpx never sends `Accept-Encoding`). aioh
 Deadlines are the caller's (`Deadline`, or `asyncio.timeout`, around `request` and the body reads), except
 connecting, which has its own. A response that is abandoned before its end closes its connection; a complete one
 returns it to the pool; one whose end is still to come can be left to finish on its own (`release_at_end`,
-bounded).
+bounded). Every connection has TCP keepalive on: a long quiet response (the GET stream, a slow call) whose
+server vanished without closing (a laptop that slept, a NAT that forgot the connection) ends in about a minute
+instead of never.
 
 Per request, the work is kept small: the request head is encoded once per distinct set of headers and reused,
 a body already complete when it is read is handed over without waiting, and a large body with a declared length
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +44,27 @@ _CACHED_HEADS: Final = 64
 # Body bytes buffered before the socket stops being read (the reader is slower than the network).
 _HIGH_WATER: Final = 1024 * 1024
 _LOW_WATER: Final = 256 * 1024
+# TCP keepalive: the first probe after this many seconds of silence, then one every interval; after this many
+# unanswered probes the connection is dead (about a minute in all).
+KEEPALIVE_IDLE: Final = 30
+KEEPALIVE_INTERVAL: Final = 10
+KEEPALIVE_PROBES: Final = 3
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive on `sock`, with the probe timing above where the platform lets it be set (Linux
+    `TCP_KEEPIDLE`, macOS `TCP_KEEPALIVE`; both `TCP_KEEPINTVL` and `TCP_KEEPCNT`)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+            ("TCP_KEEPALIVE", KEEPALIVE_IDLE),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ):
+            option = getattr(socket, name, None)
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class HttpClientError(Exception):
@@ -498,6 +523,9 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _keep_alive(sock)
 
     def data_received(self, data: bytes) -> None:
         if self._response is None:
