@@ -22,7 +22,7 @@ from mcp_types import ListRootsRequest, ListRootsResult
 
 from mcpx.auth.credentials import BearerFromFile, CredentialProvider, NoCredential
 from mcpx.config.model import UpstreamConfig
-from mcpx.errors import CredentialRejected, UpstreamProtocolError, UpstreamUnavailable
+from mcpx.errors import CredentialRejected, UpstreamHTTPError, UpstreamProtocolError, UpstreamUnavailable
 from mcpx.jsonrpc import Message
 from mcpx.upstream import http as http_transport
 from mcpx.upstream.auto import AutoSession
@@ -162,6 +162,28 @@ async def test_auto_reports_both_transports_when_neither_works() -> None:
         assert "streamable HTTP: HTTP 404" in failed.value.reason
         assert "HTTP+SSE: HTTP 404" in failed.value.reason
         assert [r.method for r in server.requests] == ["POST", "GET"]
+
+
+async def test_auto_does_not_take_a_stateless_era_refusal_for_a_legacy_server() -> None:
+    # 2026-07-28 `basic/transports`: a 400 whose body is a modern JSON-RPC error (here UnsupportedProtocolVersion,
+    # what a 2026-07-28-only server answers to `initialize`) means a modern server: no HTTP+SSE attempt.
+    refusal = (
+        b'{"jsonrpc":"2.0","id":1,"error":{"code":-32022,"message":"Unsupported protocol version",'
+        b'"data":{"supported":["2026-07-28"],"requested":"2025-11-25"}}}'
+    )
+
+    async def modern_only(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        head = f"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {len(refusal)}\r\n\r\n"
+        writer.write(head.encode() + refusal)
+        await writer.drain()
+
+    async with ScriptedHttp(modern_only) as server, session_for(f"{server.origin}/mcp", "auto") as (session, _):
+        with pytest.raises(UpstreamHTTPError) as failed:
+            await session.connect()
+        assert failed.value.rpc_code == -32022
+        assert "Unsupported protocol version" in failed.value.reason
+        assert "2026-07-28" in failed.value.reason
+        assert [r.method for r in server.requests] == ["POST"]
 
 
 async def test_legacy_sse_renews_a_rejected_credential_once(tmp_path: Path) -> None:

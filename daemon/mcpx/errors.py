@@ -97,11 +97,13 @@ class UpstreamProtocolError(UpstreamError):
 
 
 class UpstreamHTTPError(UpstreamError):
-    """The upstream answered with an HTTP status mcpx cannot recover from."""
+    """The upstream answered with an HTTP status mcpx cannot recover from; `rpc_code` is the code of the JSON-RPC
+    error its body held, if it held one."""
 
-    def __init__(self, upstream: str, status: int, reason: str) -> None:
+    def __init__(self, upstream: str, status: int, reason: str, rpc_code: int | None = None) -> None:
         super().__init__(upstream, reason)
         self.status = status
+        self.rpc_code = rpc_code
 
 
 class SessionExpired(UpstreamError):

@@ -2,9 +2,10 @@
 backwards compatibility).
 
 The first connect POSTs `initialize` to the URL. When that fails with HTTP 400, 404 or 405, the URL is tried as
-an HTTP+SSE stream (GET, expecting an `endpoint` event). The transport that worked is kept for this session; it
-is probed again only when a later reconnect over it fails (the server may have been replaced by a newer or older
-one). Everything else is delegated to the chosen session.
+an HTTP+SSE stream (GET, expecting an `endpoint` event), unless the body of the refusal is a JSON-RPC error only
+a 2026-07-28 server sends (2026-07-28 `basic/transports`: such a server is modern, not legacy). The transport
+that worked is kept for this session; it is probed again only when a later reconnect over it fails (the server
+may have been replaced by a newer or older one). Everything else is delegated to the chosen session.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Final
 
 from mcpx.errors import CredentialRejected, NeedsLogin, UpstreamError, UpstreamHTTPError, UpstreamUnavailable
 from mcpx.log import get_logger
-from mcpx.upstream.peer import ClientSide, Settled, UpstreamSession
+from mcpx.upstream.peer import STATELESS_ERA_CODES, ClientSide, Settled, UpstreamSession
 
 _log = get_logger("mcpx.upstream")
 
@@ -100,7 +101,7 @@ class AutoSession:
         try:
             await self._streamable.connect()
         except UpstreamHTTPError as exc:
-            if exc.status not in FALLBACK_STATUSES:
+            if exc.status not in FALLBACK_STATUSES or exc.rpc_code in STATELESS_ERA_CODES:
                 raise
             streamable_error = exc
             await self._streamable.close()

@@ -19,6 +19,7 @@ from mcpx.framing.sse import SSEDecoder, SSEEvent
 from mcpx.log import get_logger
 from mcpx.redact import redact
 from mcpx.upstream.h1 import ConnectError, HttpClient, HttpClientError, Response, Target
+from mcpx.upstream.peer import STATELESS_ERA_CODES, STATELESS_VERSION
 
 _log = get_logger("mcpx.upstream")
 
@@ -107,17 +108,24 @@ class HttpPeer:
         return CredentialRejected(self.name, f"the credential was rejected (HTTP 401): {self.credentials.fix_hint()}")
 
     async def http_error(self, response: Response) -> UpstreamHTTPError:
-        """The error for an HTTP status mcpx cannot use, with the JSON-RPC error message of the body if any."""
+        """The error for an HTTP status mcpx cannot use, with the JSON-RPC error of the body if any (its message in
+        the reason, its code kept: a 2026-07-28 server's refusal of `initialize` is told apart by it)."""
         detail = ""
+        code: int | None = None
         try:
             async with asyncio.timeout(2.0):
                 text = (await response.read_prefix(2048)).decode("utf-8", "replace")
-            message = jsonrpc.loads(text).get("error", {}).get("message") if text.startswith("{") else None
-            detail = f": {message}" if isinstance(message, str) else ""
+            error = jsonrpc.loads(text).get("error") if text.startswith("{") else None
+            if isinstance(error, dict):
+                message, code = error.get("message"), error.get("code")
+                detail = f": {message}" if isinstance(message, str) else ""
+                code = code if type(code) is int else None
         except (TimeoutError, HttpClientError, ParseError, AttributeError):
             pass
         reason = f"HTTP {response.status} {response.reason or ''}".rstrip() + redact(detail)[:300]
-        return UpstreamHTTPError(self.name, response.status, reason)
+        if code in STATELESS_ERA_CODES:
+            reason += f" (a server of protocol {STATELESS_VERSION} only, which mcpx does not yet speak to upstreams)"
+        return UpstreamHTTPError(self.name, response.status, reason, rpc_code=code)
 
 
 def describe_connection_error(exc: HttpClientError) -> str:

@@ -27,6 +27,11 @@ from mcpx.log import get_logger
 
 LATEST_HANDSHAKE_VERSION: Final = "2025-11-25"
 HANDSHAKE_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+STATELESS_VERSION: Final = "2026-07-28"
+# JSON-RPC error codes only a 2026-07-28 server sends (HeaderMismatch, MissingRequiredClientCapability,
+# UnsupportedProtocolVersion). An HTTP 400/404/405 whose body holds one comes from such a server, which a client
+# must not take for a legacy HTTP+SSE one (2026-07-28 `basic/transports`, backwards compatibility).
+STATELESS_ERA_CODES: Final = frozenset({-32020, -32021, -32022})
 
 # What mcpx declares to upstreams: it bridges these to the agents that declare them.
 CLIENT_CAPABILITIES: Final = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {"form": {}, "url": {}}}
