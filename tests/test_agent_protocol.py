@@ -4,13 +4,22 @@ error, the session goes on."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from mcpx.config.load import parse_config
+from mcpx.downstream.peercred import PeerCredentials
+from mcpx.downstream.session import AgentSession
+from mcpx.router.router import Router
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
+from tests.support.inprocess import NoControl
 from tests.support.raw import raw_agent
 from tests.support.upstream import HangingTool, Upstream, running
 
@@ -137,6 +146,34 @@ async def test_cancelled_call_gets_no_response_and_the_session_goes_on(sandbox: 
         reply = await peer.next_response()
         assert reply["id"] == 3
         assert reply["result"]["content"][0]["text"] == "alpha:after"
+
+
+async def test_a_request_cancelled_in_the_same_write_leaves_no_work_unawaited(tmp_path: Path) -> None:
+    # An agent that sends a request and its cancellation in one write: the request's task is cancelled in the
+    # same turn of the loop that made it. Were it cancelled before its first step, the work handed to it would
+    # never be awaited, and Python would warn of it in the daemon's log.
+    alpha = Upstream("alpha", json_response=True)
+    async with running(alpha):
+        router = Router(parse_config(upstream_toml("alpha", alpha.url), tmp_path / "config.toml"), tmp_path)
+        await router.start()
+        sent: list[bytes] = []
+        session = AgentSession(router, NoControl(), sent.append, PeerCredentials(uid=os.getuid(), pid=None))
+        try:
+            await router.wait_settled(10)
+            session.on_line(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}')
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                session.on_line(b'{"jsonrpc":"2.0","id":7,"method":"prompts/get","params":{"name":"alpha__none"}}')
+                task = session._in_flight[7]
+                session.on_line(b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":7}}')
+                await asyncio.wait({task}, timeout=10)
+                assert task.done()
+                del task
+                gc.collect()
+            assert [str(warning.message) for warning in caught] == []
+        finally:
+            session.close()
+            await router.stop()
 
 
 async def test_a_tool_result_reaches_the_agent_byte_for_byte_with_fields_no_sdk_model_knows(sandbox: Sandbox) -> None:

@@ -27,6 +27,7 @@ from mcpx.router.router import Router
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import HttpSession
 from tests.support.daemon import upstream_toml
+from tests.support.inprocess import NoControl
 from tests.support.scripted_http import LoopbackServer, read_request
 from tests.support.upstream import Upstream, running
 
@@ -470,19 +471,3 @@ async def test_an_agents_tool_call_to_a_json_upstream_runs_without_a_task_in_the
         finally:
             session.close()
             await router.stop()
-
-
-class NoControl:
-    """The daemon's control operations, which these tests never reach."""
-
-    def status(self) -> dict[str, Any]:
-        raise AssertionError("not in this test")
-
-    async def reload(self) -> dict[str, Any]:
-        raise AssertionError("not in this test")
-
-    async def logout(self, upstream: str) -> dict[str, Any]:
-        raise AssertionError("not in this test")
-
-    async def login(self, upstream: str, action: str, response: str | None, timeout: object = None) -> dict[str, Any]:
-        raise AssertionError("not in this test")

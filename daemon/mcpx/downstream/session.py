@@ -104,7 +104,7 @@ class AgentSession:
         if self.initialized:
             self._router.agent_left(self)
         for task in self._in_flight.values():
-            task.cancel()
+            _cancel_after_first_step(task)
         self._in_flight.clear()
         for future in self._asks.values():
             if not future.done():  # the upstream gets an answer now rather than waiting out its deadline
@@ -344,7 +344,7 @@ class AgentSession:
             request_id = params.get("requestId")
             task = self._in_flight.pop(request_id, None) if jsonrpc.is_request_id(request_id) else None  # type: ignore[arg-type]
             if task is not None:
-                task.cancel()  # MCP: no response is sent for a cancelled request
+                _cancel_after_first_step(task)  # MCP: no response is sent for a cancelled request
         elif method == "notifications/roots/list_changed":
             self._router.roots_changed(self)
         elif method != "notifications/initialized":
@@ -381,6 +381,15 @@ class AgentSession:
             if not self._closed:
                 self._send(scrub(jsonrpc.dumps(jsonrpc.error_response(request_id, error))))
         return len(cut)
+
+
+def _cancel_after_first_step(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` once it has had its first step. A task cancelled before it starts never runs its coroutine, so
+    the coroutines handed to it (the call's work) would never be awaited: a RuntimeWarning in the daemon's log when
+        an agent sends a request and its cancellation, or its request and its end, in one write. Its first step is
+    already queued (the loop runs callbacks in the order they were scheduled), so the cancellation comes right
+    after it."""
+    asyncio.get_running_loop().call_soon(task.cancel)
 
 
 class _ToolCall:
