@@ -163,14 +163,24 @@ async def test_a_request_cancelled_in_the_same_write_leaves_no_work_unawaited(tm
             session.on_line(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}')
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
+                # A request the session runs as its own task, and a tool call the router runs as one (a name its
+                # catalog does not know is looked up in a task), each cancelled in the write that made it.
                 session.on_line(b'{"jsonrpc":"2.0","id":7,"method":"prompts/get","params":{"name":"alpha__none"}}')
-                task = session._in_flight[7]
-                session.on_line(b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":7}}')
-                await asyncio.wait({task}, timeout=10)
-                assert task.done()
-                del task
+                session.on_line(b'{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"alpha__none"}}')
+                tasks = [session._in_flight[7], session._in_flight[8]]
+                for request_id in (7, 8):
+                    cancel = {
+                        "jsonrpc": "2.0",
+                        "method": "notifications/cancelled",
+                        "params": {"requestId": request_id},
+                    }
+                    session.on_line(json.dumps(cancel).encode())
+                await asyncio.wait(tasks, timeout=10)
+                assert all(task.cancelled() for task in tasks)
+                del tasks
                 gc.collect()
             assert [str(warning.message) for warning in caught] == []
+            assert [json.loads(message)["id"] for message in sent] == [1]  # no answer to a cancelled request
         finally:
             session.close()
             await router.stop()

@@ -336,10 +336,27 @@ async def test_subscriptions_are_renewed_when_the_upstream_comes_back(sandbox: S
         assert seen == [exposed]
 
 
-async def test_subscriptions_are_renewed_when_the_upstream_forgets_the_session(sandbox: Sandbox) -> None:
+async def test_an_agents_own_session_opened_anew_is_subscribed_again(sandbox: Sandbox) -> None:
     subscriptions = Subscriptions()
     alpha = Upstream("alpha", json_response=True, customize=subscriptions.customize)
-    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    sandbox.write_config(upstream_toml("alpha", alpha.url, sharing="per-agent"))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        await client.subscribe_resource(f"mcpx://alpha/{NOTES}")
+        await alpha.stop()
+        assert (await client.call_tool("alpha__touch", {"uri": NOTES})).is_error  # the agent's session is dropped
+        subscriptions.subscribe_received.clear()
+        await alpha.start()
+        assert text_of(await client.call_tool("alpha__touch", {"uri": NOTES})) == "touched"  # a new session
+        async with asyncio.timeout(15):
+            await subscriptions.subscribe_received.wait()
+        assert subscriptions.subscribed == [NOTES, NOTES]
+
+
+@pytest.mark.parametrize("sharing", ["shared", "per-agent"])
+async def test_subscriptions_are_renewed_when_the_upstream_forgets_the_session(sandbox: Sandbox, sharing: str) -> None:
+    subscriptions = Subscriptions()
+    alpha = Upstream("alpha", json_response=True, customize=subscriptions.customize)
+    sandbox.write_config(upstream_toml("alpha", alpha.url, sharing=sharing))
     async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
         await client.subscribe_resource(f"mcpx://alpha/{NOTES}")
         subscriptions.subscribe_received.clear()

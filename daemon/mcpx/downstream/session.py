@@ -10,6 +10,7 @@ answered here too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -104,7 +105,7 @@ class AgentSession:
         if self.initialized:
             self._router.agent_left(self)
         for task in self._in_flight.values():
-            _cancel_after_first_step(task)
+            task.cancel()
         self._in_flight.clear()
         for future in self._asks.values():
             if not future.done():  # the upstream gets an answer now rather than waiting out its deadline
@@ -125,14 +126,15 @@ class AgentSession:
                 if self._router.settled:
                     self._send(list_response(request_id, method, self._router, params.get("cursor")))
                 else:
-                    self._spawn(request_id, self._list_when_settled(request_id, method, params.get("cursor")))
+                    cursor = params.get("cursor")
+                    self._spawn(request_id, functools.partial(self._list_when_settled, request_id, method, cursor))
             elif method in self._ROUTED:
-                call = getattr(self._router, self._ROUTED[method])(params, self)
-                self._spawn(request_id, self._forward(request_id, call))
+                route = getattr(self._router, self._ROUTED[method])
+                self._spawn_forward(request_id, functools.partial(route, params, self))
             elif method == "logging/setLevel":
                 if not isinstance(params.get("level"), str):
                     raise InvalidParams('logging/setLevel needs a string "level"')
-                self._spawn(request_id, self._forward(request_id, self._router.set_log_level(params, self)))
+                self._spawn_forward(request_id, functools.partial(self._router.set_log_level, params, self))
             elif method == "ping":
                 self._reply(request_id, {})
             elif method == "initialize":
@@ -140,7 +142,7 @@ class AgentSession:
                     self._reply(request_id, self._initialize(params))
                 else:
                     # The capabilities announced are those of the upstreams: wait (bounded) for their first attempts.
-                    self._spawn(request_id, self._initialize_when_settled(request_id, params))
+                    self._spawn(request_id, functools.partial(self._initialize_when_settled, request_id, params))
             elif method == "server/discover":
                 # 2026-07-28 clients probe with server/discover and fall back to initialize on this error.
                 raise MethodNotFound("server/discover: this server speaks the initialize handshake (2025-11-25)")
@@ -150,12 +152,12 @@ class AgentSession:
                 routes = self._router.catalog.routes.items()
                 self._reply(request_id, {"routes": {n: {"upstream": r.upstream, "tool": r.tool} for n, r in routes}})
             elif method == "mcpx/reload":
-                self._spawn(request_id, self._forward(request_id, self._control.reload()))
+                self._spawn_forward(request_id, self._control.reload)
             elif method == "mcpx/logout":
                 upstream = params.get("upstream")
                 if not isinstance(upstream, str):
                     raise InvalidParams('mcpx/logout needs a string "upstream"')
-                self._spawn(request_id, self._forward(request_id, self._control.logout(upstream)))
+                self._spawn_forward(request_id, functools.partial(self._control.logout, upstream))
             elif method == "mcpx/login":
                 upstream, action, response = (
                     params.get("upstream"),
@@ -166,8 +168,8 @@ class AgentSession:
                     raise InvalidParams('mcpx/login needs a string "upstream" and "action"')
                 if response is not None and not isinstance(response, str):
                     raise InvalidParams('mcpx/login "response" must be a string')
-                call = self._control.login(upstream, action, response, params.get("timeout"))
-                self._spawn(request_id, self._forward(request_id, call))
+                login = functools.partial(self._control.login, upstream, action, response, params.get("timeout"))
+                self._spawn_forward(request_id, login)
             else:
                 raise MethodNotFound(f"method not found: {method}")
         except McpxError as exc:
@@ -273,18 +275,27 @@ class AgentSession:
             entry["arguments"] = params.get("arguments")
         audit.record(entry)
 
-    def _spawn(self, request_id: RequestId, work: Awaitable[None]) -> None:
+    def _spawn(self, request_id: RequestId, make: Callable[[], Awaitable[None]]) -> None:
+        """Run `make()` as the request's task. The work is made inside the task: a task cancelled before its first
+        step (an agent that sends a request and its cancellation, or its request and its end, in one write) then
+        leaves no coroutine never awaited, and does nothing."""
+
         async def run() -> None:
             try:
-                await work
+                await make()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - task top: one bad request must not end the session
                 self._internal_error(request_id)
             finally:
-                self._in_flight.pop(request_id, None)
+                if self._in_flight.get(request_id) is asyncio.current_task():
+                    del self._in_flight[request_id]  # (not a later request that reuses the id)
 
         self._in_flight[request_id] = asyncio.get_running_loop().create_task(run())
+
+    def _spawn_forward(self, request_id: RequestId, make_call: Callable[[], Awaitable[Any]]) -> None:
+        """`_spawn` of `_forward` of the call `make_call()` makes."""
+        self._spawn(request_id, lambda: self._forward(request_id, make_call()))
 
     def _internal_error(self, request_id: RequestId) -> None:
         """Answer a request that failed on a bug in mcpx (logged with its traceback: call from an except block)."""
@@ -344,7 +355,7 @@ class AgentSession:
             request_id = params.get("requestId")
             task = self._in_flight.pop(request_id, None) if jsonrpc.is_request_id(request_id) else None  # type: ignore[arg-type]
             if task is not None:
-                _cancel_after_first_step(task)  # MCP: no response is sent for a cancelled request
+                task.cancel()  # MCP: no response is sent for a cancelled request
         elif method == "notifications/roots/list_changed":
             self._router.roots_changed(self)
         elif method != "notifications/initialized":
@@ -381,15 +392,6 @@ class AgentSession:
             if not self._closed:
                 self._send(scrub(jsonrpc.dumps(jsonrpc.error_response(request_id, error))))
         return len(cut)
-
-
-def _cancel_after_first_step(task: asyncio.Future[Any]) -> None:
-    """Cancel `task` once it has had its first step. A task cancelled before it starts never runs its coroutine, so
-    the coroutines handed to it (the call's work) would never be awaited: a RuntimeWarning in the daemon's log when
-        an agent sends a request and its cancellation, or its request and its end, in one write. Its first step is
-    already queued (the loop runs callbacks in the order they were scheduled), so the cancellation comes right
-    after it."""
-    asyncio.get_running_loop().call_soon(task.cancel)
 
 
 class _ToolCall:

@@ -7,6 +7,7 @@ number of agents. Reload swaps upstreams by diffing configs: unchanged upstreams
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -34,7 +35,7 @@ from mcpx.router.catalog import (
     paginate,
 )
 from mcpx.upstream.h1 import HttpClient
-from mcpx.upstream.peer import Settled, settle_from
+from mcpx.upstream.peer import Settled, settle_in_task
 from mcpx.upstream.supervisor import (
     LISTS,
     PROMPTS,
@@ -288,21 +289,20 @@ class Router:
         where the transport can (`UpstreamSession.start_request`); anything else runs as a task."""
         route = self._settled_route(params)
         if route is None:
-            work = self.call_tool(params, agent)
-        else:
-            upstream = self.upstreams[route.upstream]
-            forwarded = {**params, "name": route.tool}
-            if not upstream.config.shared:
-                work = self._call(route.upstream, "tools/call", forwarded, agent)
-            else:
-                self._last_caller[route.upstream] = agent
-                client = self._client_for(agent, upstream.config, forwarded)
-                told = _exposing(upstream.config, on_settled) if self._exposes(upstream) else on_settled
-                started = upstream.start_request("tools/call", forwarded, client, forward_raw=True, on_settled=told)
-                if started is not None:
-                    return started
-                work = self._call(route.upstream, "tools/call", forwarded, agent, client=client)
-        return asyncio.get_running_loop().create_task(settle_from(work, on_settled))
+            return settle_in_task(functools.partial(self.call_tool, params, agent), on_settled)
+        upstream = self.upstreams[route.upstream]
+        forwarded = {**params, "name": route.tool}
+        if not upstream.config.shared:
+            make = functools.partial(self._call, route.upstream, "tools/call", forwarded, agent)
+            return settle_in_task(make, on_settled)
+        self._last_caller[route.upstream] = agent
+        client = self._client_for(agent, upstream.config, forwarded)
+        told = _exposing(upstream.config, on_settled) if self._exposes(upstream) else on_settled
+        started = upstream.start_request("tools/call", forwarded, client, forward_raw=True, on_settled=told)
+        if started is not None:
+            return started
+        make = functools.partial(self._call, route.upstream, "tools/call", forwarded, agent, client=client)
+        return settle_in_task(make, on_settled)
 
     def _settled_route(self, params: dict[str, Any]) -> ToolRoute | None:
         """The tool's route in a settled catalog, looked up without awaiting (None: ask `_route`)."""

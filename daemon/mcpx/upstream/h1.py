@@ -54,16 +54,19 @@ KEEPALIVE_PROBES: Final = 3
 def _keep_alive(sock: socket.socket) -> None:
     """TCP keepalive on `sock`, with the probe timing above where the platform lets it be set (Linux
     `TCP_KEEPIDLE`, macOS `TCP_KEEPALIVE`; both `TCP_KEEPINTVL` and `TCP_KEEPCNT`)."""
-    with contextlib.suppress(OSError):
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in (
-            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
-            ("TCP_KEEPALIVE", KEEPALIVE_IDLE),
-            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-            ("TCP_KEEPCNT", KEEPALIVE_PROBES),
-        ):
-            option = getattr(socket, name, None)
-            if option is not None:
+    except OSError:
+        return
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPALIVE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            with contextlib.suppress(OSError):  # (the system's default timing for that one)
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 

@@ -36,6 +36,7 @@ from mcpx.errors import (
     ParseError,
     SessionExpired,
     UpstreamError,
+    UpstreamHTTPError,
     UpstreamProtocolError,
     UpstreamRpcError,
     UpstreamTimeout,
@@ -48,6 +49,8 @@ from mcpx.redact import any_registered
 from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response, Sent
 from mcpx.upstream.httpbase import EventStream, HttpPeer, describe_connection_error, event_data
 from mcpx.upstream.peer import (
+    STATELESS_ERA_CODES,
+    STATELESS_VERSION,
     ClientSide,
     ServerRequests,
     Settled,
@@ -130,7 +133,13 @@ class HttpSession:
         """(Re-)run the initialize handshake. Raises an `UpstreamError` subclass on failure."""
         async with self._init_lock:
             await self._credentials.prepare()
-            await self._peer.with_auth_retry(self._initialize)
+            try:
+                await self._peer.with_auth_retry(self._initialize)
+            except UpstreamHTTPError as exc:
+                if exc.rpc_code not in STATELESS_ERA_CODES:
+                    raise
+                reason = f"{exc.reason} (a server of protocol {STATELESS_VERSION} only, not yet spoken to upstreams)"
+                raise UpstreamHTTPError(self.name, exc.status, reason, rpc_code=exc.rpc_code) from None
 
     async def close(self) -> None:
         """End the session: DELETE it on the server (best effort, bounded) and stop background work."""
@@ -259,7 +268,10 @@ class HttpSession:
             self._session_id = None
             await self._peer.with_auth_retry(self._initialize)
         if self._on_renewed is not None:
-            self._on_renewed()
+            try:
+                self._on_renewed()
+            except Exception:  # noqa: BLE001 - the owner's callback: the call or ping that renewed goes on
+                _log.exception("a renewed session could not be handed on", upstream=self.name)
 
     @property
     def asked_roots(self) -> bool:

@@ -19,7 +19,6 @@ from mcpx.framing.sse import SSEDecoder, SSEEvent
 from mcpx.log import get_logger
 from mcpx.redact import redact
 from mcpx.upstream.h1 import ConnectError, HttpClient, HttpClientError, Response, Target
-from mcpx.upstream.peer import STATELESS_ERA_CODES, STATELESS_VERSION
 
 _log = get_logger("mcpx.upstream")
 
@@ -123,8 +122,6 @@ class HttpPeer:
         except (TimeoutError, HttpClientError, ParseError, AttributeError):
             pass
         reason = f"HTTP {response.status} {response.reason or ''}".rstrip() + redact(detail)[:300]
-        if code in STATELESS_ERA_CODES:
-            reason += f" (a server of protocol {STATELESS_VERSION} only, which mcpx does not yet speak to upstreams)"
         return UpstreamHTTPError(self.name, response.status, reason, rpc_code=code)
 
 

@@ -121,18 +121,33 @@ class UpstreamSession(Protocol):
         ...
 
 
-async def settle_from(work: Awaitable[Any], on_settled: Settled) -> None:
-    """Run `work` (as a task's body) and tell `on_settled` how it ended, from inside the task: no turn of the loop
-    between the end and the one told. The task itself ends with None, or cancelled (which is told too)."""
-    try:
-        result = await work
-    except asyncio.CancelledError as cancelled:
-        on_settled(None, cancelled)
-        raise
-    except Exception as exc:  # noqa: BLE001 - handed to the one told, who answers for it
-        on_settled(None, exc)
-    else:
-        on_settled(result, None)
+def settle_in_task(make: Callable[[], Awaitable[Any]], on_settled: Settled) -> asyncio.Task[None]:
+    """Run `make()` in a task of its own and tell `on_settled` how it ended, from inside the task: no turn of the
+    loop between the end and the one told. The task ends with None, or cancelled (which is told too). The work is
+    made inside the task, so a task cancelled before its first step makes none (no coroutine is left never
+    awaited) and is told it was cancelled when it ends."""
+    started = False
+
+    async def run() -> None:
+        nonlocal started
+        started = True
+        try:
+            result = await make()
+        except asyncio.CancelledError as cancelled:
+            on_settled(None, cancelled)
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the one told, who answers for it
+            on_settled(None, exc)
+        else:
+            on_settled(result, None)
+
+    def ended(_: asyncio.Task[None]) -> None:
+        if not started:
+            on_settled(None, asyncio.CancelledError())
+
+    task = asyncio.get_running_loop().create_task(run())
+    task.add_done_callback(ended)
+    return task
 
 
 # --- the handshake ---------------------------------------------------------------------------------------------------

@@ -487,7 +487,9 @@ class ManagedUpstream:
 class AgentUpstream:
     """One agent's own session with an upstream (`sharing = "per-agent"`): opened on the agent's first call to it,
     closed when the agent leaves, dropped when it fails so that the next call opens a fresh one (a new child
-    process for a stdio server). The shared `ManagedUpstream` keeps the catalog and the credential."""
+    process for a stdio server). The shared `ManagedUpstream` keeps the catalog and the credential. The resources
+    the agent subscribed to are remembered, and subscribed to again in a session that replaces the one they were
+    made in (the server forgot it, or it died and a new one was opened)."""
 
     def __init__(self, shared: ManagedUpstream, client: ClientSide) -> None:
         self.shared = shared
@@ -495,6 +497,8 @@ class AgentUpstream:
         self.session: UpstreamSession | None = None
         self._opening = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
+        self._subscribed: set[str] = set()  # the upstream's own URIs
+        self._renewing: set[asyncio.Task[None]] = set()
 
     async def request(
         self,
@@ -506,18 +510,26 @@ class AgentUpstream:
     ) -> Any:
         session = await self._open()
         try:
-            return await session.request(
+            result = await session.request(
                 method, params, timeout=self.shared.config.timeout, on_related=on_related, forward_raw=forward_raw
             )
         except (UpstreamUnavailable, CredentialRejected):
             await self._drop(session)
             raise
+        uri = params.get("uri") if params is not None else None
+        if method == "resources/subscribe" and isinstance(uri, str):
+            self._subscribed.add(uri)
+        elif method == "resources/unsubscribe" and isinstance(uri, str):
+            self._subscribed.discard(uri)
+        return result
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         if self.session is not None:
             await self.session.notify(method, params)
 
     async def close(self) -> None:
+        for task in list(self._renewing):
+            task.cancel()
         if self.session is not None:
             await self._drop(self.session)
         for task in list(self._closing):
@@ -529,7 +541,9 @@ class AgentUpstream:
                 return self.session
             if self.shared.state is not UpstreamState.READY:
                 await self.shared.ensure_ready()  # raises why calls cannot be made (down, needs a login, …)
-            session = self.shared.open_session(self._client, on_lost=lambda _: self._forget(session))
+            session = self.shared.open_session(
+                self._client, on_lost=lambda _: self._forget(session), on_renewed=lambda: self._subscribe_again(session)
+            )
             try:
                 async with asyncio.timeout(self.shared.daemon.connect_timeout + self.shared.config.timeout):
                     await session.connect()
@@ -541,11 +555,29 @@ class AgentUpstream:
                 raise
             self.session = session
             _log.info("per-agent session opened", upstream=self.name)
+            self._subscribe_again(session)
             return session
 
     @property
     def name(self) -> str:
         return self.shared.name
+
+    def _subscribe_again(self, session: UpstreamSession) -> None:
+        """Subscribe `session`, new or renewed, to the resources the agent subscribed to (in the background)."""
+        if not self._subscribed:
+            return
+        task = asyncio.get_running_loop().create_task(self._subscribe(session, sorted(self._subscribed)))
+        self._renewing.add(task)
+        task.add_done_callback(self._renewing.discard)
+
+    async def _subscribe(self, session: UpstreamSession, uris: list[str]) -> None:
+        for uri in uris:
+            try:
+                await session.request("resources/subscribe", {"uri": uri}, timeout=self.shared.config.timeout)
+            except (UpstreamError, NeedsLogin) as exc:
+                _log.warning("a resource subscription was not renewed", upstream=self.name, error=str(exc))
+            except Exception:  # noqa: BLE001 - task top: the agent's session goes on
+                _log.exception("a resource subscription was not renewed", upstream=self.name)
 
     def _forget(self, session: UpstreamSession) -> None:
         """The session died on its own: the next call opens a new one; this one is cleaned up now."""
