@@ -4,9 +4,11 @@ error, the session goes on."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from mcp.shared.exceptions import MCPError
 
 from mcpx.config.load import parse_config
 from mcpx.downstream.peercred import PeerCredentials
+from mcpx.downstream.server import AgentConnection
 from mcpx.downstream.session import AgentSession
 from mcpx.router.router import Router
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
@@ -210,3 +213,78 @@ async def test_a_tool_result_reaches_the_agent_byte_for_byte_with_fields_no_sdk_
     assert line.startswith(b'{"jsonrpc":"2.0","id":"call-1","result":')
     assert line.rstrip(b"\n").partition(b',"result":')[2] == sent.partition(b',"result":')[2]
     assert json.loads(line)["result"]["xVendor"]["order"] == {"z": 1, "a": 2}
+
+
+INITIALIZE = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}'
+
+
+async def test_an_agent_that_does_not_read_is_closed_without_breaking_a_broadcast(tmp_path: Path) -> None:
+    # An upstream's log message outside any call goes to every agent. One that never reads overflows its output
+    # and is closed; the others get every message, and the broadcast goes on (it once died mid-loop, and with it
+    # the upstream's GET stream).
+    text = "[daemon]\nmax_message_bytes = 4096\n" + upstream_toml("alpha", "http://127.0.0.1:9/mcp")
+    router = Router(parse_config(text, tmp_path / "config.toml"), tmp_path)
+    await router.start()
+    loop = asyncio.get_running_loop()
+    connections: set[AgentConnection] = set()
+    ends = [socket.socketpair() for _ in range(2)]
+    try:
+        await router.wait_settled(10)
+        agents = []
+        ends[0][0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # (a few messages fill the stalled one)
+        for ours, _ in ends:
+            connection = AgentConnection(
+                router, NoControl(), connections, 4096, peer=PeerCredentials(uid=os.getuid(), pid=None)
+            )
+            await loop.connect_accepted_socket(functools.partial(_same, connection), sock=ours)
+            connection.session.on_line(INITIALIZE)
+            agents.append(connection)
+        stalled, reading = agents
+        reader, writer = await asyncio.open_unix_connection(sock=ends[1][1])
+        assert b'"id":1' in await reader.readline()
+        message = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "x" * 1000}}
+        for _ in range(100):
+            router.server_notification("alpha", message)
+        async with asyncio.timeout(10):
+            for _ in range(100):
+                assert b"notifications/message" in await reader.readline()
+        assert stalled not in connections and reading in connections
+        assert list(router._agents) == [reading.session]
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        for connection in list(connections):
+            connection.close()
+        for ours, theirs in ends:
+            ours.close()
+            theirs.close()
+        await router.stop()
+
+
+async def test_an_agent_that_never_initialized_leaves_nothing_behind(tmp_path: Path) -> None:
+    # Calls are served before the handshake; an agent that leaves without one must not leave its own upstream
+    # session (a child process, for a stdio server) or other state behind.
+    alpha = Upstream("alpha", json_response=True)
+    async with running(alpha):
+        router = Router(
+            parse_config(upstream_toml("alpha", alpha.url, sharing="per-agent"), tmp_path / "c.toml"), tmp_path
+        )
+        await router.start()
+        sent: list[bytes] = []
+        session = AgentSession(router, NoControl(), sent.append, PeerCredentials(uid=os.getuid(), pid=None))
+        try:
+            await router.wait_settled(10)
+            call = {"name": "alpha__echo", "arguments": {"text": "x"}}
+            session.on_line(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call}).encode())
+            await asyncio.wait([session._in_flight[2]], timeout=10)
+            assert b"alpha:x" in sent[-1]
+            assert router._private
+            session.close()
+            assert not router._private
+        finally:
+            session.close()
+            await router.stop()
+
+
+def _same(connection: AgentConnection) -> AgentConnection:
+    return connection

@@ -15,6 +15,8 @@ from mcpx.router.catalog import (
     build_catalog,
     build_resource_catalog,
     exposed_name,
+    page_cursor,
+    page_of,
     tool_allowed,
 )
 
@@ -267,3 +269,12 @@ def test_resources_are_namespaced_by_uri_and_route_back() -> None:
     assert catalog.route("only://p", namespaced) == ToolRoute("p", "only://p")
     assert catalog.route("file:///notes.txt", namespaced) is None  # withheld: two plain upstreams list it
     assert catalog.route("note://k", namespaced) is None  # two plain upstreams could own it
+
+
+def test_a_page_cursor_names_a_page_of_its_own_generation_only() -> None:
+    assert page_of(page_cursor(3, 2), 3, 5) == 2
+    assert page_of(page_cursor(2, 2), 3, 5) is None  # an older generation's
+    assert page_of(page_cursor(3, 5), 3, 5) is None  # past the last page
+    # Digits str.isdigit admits but int() refuses, and more digits than int() parses: not cursors, not crashes.
+    for cursor in ("3.²", "3.٣", "3." + "1" * 5000, "3.", "3.-1", "3.1.2"):
+        assert page_of(cursor, 3, 5) is None, cursor

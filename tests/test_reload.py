@@ -7,6 +7,7 @@ import signal
 
 from tests.support.agents import change_watcher, wait_for_tools
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
+from tests.support.raw import raw_agent
 from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
 
@@ -81,3 +82,22 @@ async def test_sighup_reloads_the_config(sandbox: Sandbox) -> None:
         sandbox.write_config(upstream_toml("alpha", alpha.url) + upstream_toml("beta", beta.url))
         daemon.signal(signal.SIGHUP)
         await wait_for_tools(client, changed, lambda names: "beta__echo" in names)
+
+
+async def test_a_reload_whose_requester_goes_away_still_ends(sandbox: Sandbox) -> None:
+    # `mcpxctl reload` interrupted: the daemon reads the request, then the end of the connection. A reload cut off
+    # with it could stop changed upstreams and never start them again; it is the daemon's own work, and ends.
+    alpha = Upstream("alpha", json_response=True)
+    beta = Upstream("beta", json_response=True)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    changed, on_message = change_watcher()
+    async with running(alpha, beta), running_daemon(sandbox), agent(sandbox, message_handler=on_message) as client:
+        await wait_for_tools(client, changed, lambda names: "alpha__echo" in names)
+        sandbox.write_config(
+            upstream_toml("alpha", alpha.url, exclude_tools=["echo"]) + upstream_toml("beta", beta.url)
+        )
+        async with raw_agent(sandbox) as requester:
+            await requester.send({"jsonrpc": "2.0", "id": 1, "method": "mcpx/reload"})
+        names = await wait_for_tools(client, changed, lambda names: "beta__echo" in names and "alpha__add" in names)
+        assert "alpha__echo" not in names
+        assert text_of(await client.call_tool("beta__echo", {"text": "x"})) == "beta:x"

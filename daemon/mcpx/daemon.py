@@ -39,7 +39,7 @@ from mcpx.downstream.listener import (
     ensure_private_dir,
 )
 from mcpx.downstream.server import AgentConnection, AgentListener
-from mcpx.errors import ConfigError, InvalidParams, LoginFailed
+from mcpx.errors import ConfigError, InvalidParams, LoginFailed, McpxError
 from mcpx.log import configure_logging, get_logger, journal_stream
 from mcpx.notify import reloading, watchdog, watchdog_interval
 from mcpx.router.router import Router
@@ -77,6 +77,7 @@ class Daemon:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
         self._notifier = sdnotify.SystemdNotifier()
         self._inherited = inherited  # the socket unit's listening socket (socket activation)
         self._serving_failed = False
@@ -121,6 +122,8 @@ class Daemon:
             listener.close()
             for connection in list(self.connections):
                 connection.close()
+            for unfinished in list(self._reloads):
+                unfinished.cancel()
             await self.router.stop()
             self._remove_socket_file(bound)
             lock.release()
@@ -207,8 +210,25 @@ class Daemon:
             "upstreams": self.router.status(),
         }
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read the config file and apply it. Raises `ConfigError` (and keeps the running config) if invalid."""
+    def reload(self) -> asyncio.Task[dict[str, Any]]:
+        """Re-read the config file and apply it, in a task of the daemon's own: it runs to its end even when whoever
+        asked goes away (`mcpxctl reload` interrupted; await it through `asyncio.shield`), since a reload cut off
+        halfway would leave changed upstreams stopped and never started. The task raises `ConfigError` (and the
+        running config is kept) if the file is invalid."""
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reload_ended)
+        return task
+
+    def _reload_ended(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        self._reloads.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # (retrieved here too: the one who asked may be gone)
+        if error is not None and not isinstance(error, McpxError):
+            _log.error("reload failed", error=repr(error))
+
+    async def _reload(self) -> dict[str, Any]:
         async with self._reload_lock, reloading(self._notifier, self._summary):
             config = await asyncio.to_thread(load_config, self.config_path)
             notes = []

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import socket
 import stat
@@ -90,6 +91,7 @@ class AgentConnection(asyncio.Protocol):
         self._connections = connections
         self._framer = LineFramer(max_message_bytes)
         self._max_buffered = 4 * max_message_bytes
+        self._overflowed = False  # more unread output than allowed: closing, nothing more is written
         self._max_held = max_message_bytes
         self._input: asyncio.ReadTransport | None = None
         self._output: asyncio.WriteTransport | None = None
@@ -129,6 +131,8 @@ class AgentConnection(asyncio.Protocol):
         self._busy_poll.received()
         session = self.session
         for item in self._framer.feed(data):
+            if self._overflowed:
+                break  # closing: the rest of the batch has no one to answer
             try:
                 if isinstance(item, Oversized):
                     session.on_oversized(item.limit)
@@ -149,14 +153,15 @@ class AgentConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
 
-    def close(self, *, end: bool = True) -> None:
+    def close(self, *, end: bool = True, abort: bool = False) -> None:
         """End the session and release everything it holds (idempotent). The shim is told the session is over,
-        unless `end` is false (the daemon stops before the agent was served: the shim reconnects)."""
+        unless `end` is false (the daemon stops before the agent was served: the shim reconnects). `abort` drops
+        what is still unwritten (an agent that does not read would keep a closing transport open for good)."""
         if self not in self._connections:
             return
         self._connections.discard(self)
         self.session.close()
-        self._close_transports()
+        self._close_transports(abort=abort)
         lifeline = self._take_lifeline()
         if lifeline is not None:
             if end:
@@ -164,7 +169,9 @@ class AgentConnection(asyncio.Protocol):
                     lifeline.send(LIFELINE_END)
             lifeline.close()
 
-    def _close_transports(self) -> None:
+    def _close_transports(self, *, abort: bool = False) -> None:
+        if abort and self._output is not None:
+            self._output.abort()
         for transport in (self._input, self._output):
             if transport is not None and not transport.is_closing():
                 transport.close()
@@ -193,13 +200,16 @@ class AgentConnection(asyncio.Protocol):
         if self._resume_id is not None and self._resume_marker in data and self._resumed(data):
             return
         output = self._output
-        if output is None or output.is_closing():
+        if output is None or output.is_closing() or self._overflowed:
             return
         output.writelines((data, b"\n"))
         self._busy_poll.sent()
         if output.get_write_buffer_size() > self._max_buffered:
             _log.warning("agent does not read its responses: closing the connection")
-            self.close()
+            self._overflowed = True
+            # Closed at the loop's next turn, not inside this write: it may be one of a broadcast's, or in the
+            # middle of a batch of the agent's own lines, whose loops must not see the agent leave under them.
+            asyncio.get_running_loop().call_soon(functools.partial(self.close, abort=True))
 
     # --- resuming a session across a daemon restart --------------------------------------------------------------
 

@@ -52,7 +52,10 @@ class Control(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    async def reload(self) -> dict[str, Any]: ...
+    def reload(self) -> Awaitable[dict[str, Any]]:
+        """Start re-reading and applying the config: the work is the daemon's and ends even when whoever asked has
+        gone away; the awaitable gives its outcome."""
+        ...
 
     async def logout(self, upstream: str) -> dict[str, Any]: ...
 
@@ -102,8 +105,7 @@ class AgentSession:
         """The connection is gone: stop its calls and its notifications."""
         self._closed = True
         self._router.unsubscribe(self._on_catalog_changed)
-        if self.initialized:
-            self._router.agent_left(self)
+        self._router.agent_left(self)  # (an agent may call tools without the handshake: its state goes too)
         for task in self._in_flight.values():
             task.cancel()
         self._in_flight.clear()
@@ -115,6 +117,8 @@ class AgentSession:
     # --- requests ------------------------------------------------------------------------------------------------
 
     def _on_request(self, request_id: RequestId, method: str, params: dict[str, Any]) -> None:
+        if self._closed:
+            return  # (the rest of a batch read before the connection closed: no one to answer, nothing to start)
         if request_id in self._in_flight:
             error = InvalidRequest(f"request id {request_id!r} is already in use by a request in flight")
             self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
@@ -152,7 +156,8 @@ class AgentSession:
                 routes = self._router.catalog.routes.items()
                 self._reply(request_id, {"routes": {n: {"upstream": r.upstream, "tool": r.tool} for n, r in routes}})
             elif method == "mcpx/reload":
-                self._spawn_forward(request_id, self._control.reload)
+                reload = self._control.reload()  # (started now: a requester gone at once does not stop it)
+                self._spawn_forward(request_id, lambda: asyncio.shield(reload))
             elif method == "mcpx/logout":
                 upstream = params.get("upstream")
                 if not isinstance(upstream, str):
@@ -174,6 +179,8 @@ class AgentSession:
                 raise MethodNotFound(f"method not found: {method}")
         except McpxError as exc:
             self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+        except Exception:  # noqa: BLE001 - a bug in mcpx: the agent still gets an answer, the session goes on
+            self._internal_error(request_id)
 
     # Agent requests answered by one router method, called with (params, this session).
     _ROUTED: Final = {

@@ -218,7 +218,8 @@ def page_cursor(generation: int, page: int) -> str:
 def page_of(cursor: str, generation: int, pages: int) -> int | None:
     """The page a cursor names, or None when it is not one of this generation's cursors."""
     stamp, separator, number = cursor.partition(".")
-    if not separator or stamp != str(generation) or not number.isdigit():
+    # (str.isdigit also admits digits int() refuses, such as "²"; and int() refuses over 4,300 digits)
+    if not separator or stamp != str(generation) or not (number.isascii() and number.isdigit()) or len(number) > 18:
         return None
     page = int(number)
     return page if 0 < page < pages else None

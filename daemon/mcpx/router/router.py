@@ -543,14 +543,15 @@ class Router:
             return
         if method == "notifications/resources/updated" and isinstance(params.get("uri"), str):
             exposed = _with_exposed_update(config, message)
-            for agent in self._subscriptions.get((upstream, params["uri"]), ()):
+            # (copies: the agents may change while this loop sends)
+            for agent in tuple(self._subscriptions.get((upstream, params["uri"]), ())):
                 agent.send_message(exposed)
         elif method == "notifications/elicitation/complete" and isinstance(params.get("elicitationId"), str):
             asked = self._elicitations.pop((upstream, params["elicitationId"]), None)
             if asked is not None:
                 asked.send_message(message)
         elif method == "notifications/message":
-            for agent in self._agents:
+            for agent in list(self._agents):
                 agent.send_message(message)
         else:
             _log.debug("upstream notification dropped", upstream=upstream, method=method)
