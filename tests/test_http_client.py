@@ -211,6 +211,26 @@ async def test_invalid_responses_are_refused(client: HttpClient, answer: bytes) 
             await client.request("POST", target, {}, b"{}")
 
 
+async def test_a_header_line_that_never_ends_is_refused_at_the_limit(client: HttpClient) -> None:
+    # The parser keeps an unfinished header line whole (copying it at every read): the client counts the head's
+    # bytes itself and refuses it past the limit, long before the server stops sending.
+    sent = 0
+
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(1024):  # up to 64 MiB, in 64 KiB pieces: stopped by the client's close long before
+            writer.write(b"a" * 65536)
+            await writer.drain()
+            sent += 65536
+
+    async with scripted(serve) as (_, target):
+        with pytest.raises(InvalidResponse, match="headers larger than"):
+            await client.request("POST", target, {}, b"{}")
+    assert sent < 1024 * 65536  # (what the sockets held when the client closed, not all of it)
+
+
 async def test_body_limits(client: HttpClient) -> None:
     async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

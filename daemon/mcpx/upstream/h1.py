@@ -477,6 +477,10 @@ class _Connection(asyncio.Protocol):
         # Told of each step of the response in flight, synchronously, once the bytes that came are parsed.
         self.watcher: Callable[[], None] | None = None
         self._header_bytes = 0
+        # Bytes received while the response's head is still open: a header line that never ends is refused here,
+        # since the parser keeps (and copies) an unfinished line whole.
+        self._head_bytes = 0
+        self._head_open = False
         self._keep_alive = True
         self._reading_paused = False
         self.closed = False
@@ -490,6 +494,8 @@ class _Connection(asyncio.Protocol):
         self._response = Response(self)
         self._headers_ready = self.loop.create_future()
         self._header_bytes = 0
+        self._head_bytes = 0
+        self._head_open = True
         self.received_any = False
         self._transport.write(data)
         if self._busy_poll is not None:
@@ -538,13 +544,18 @@ class _Connection(asyncio.Protocol):
         self.received_any = True
         if self._busy_poll is not None:
             self._busy_poll.received()
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(InvalidResponse("the server switched protocols"))
-        except httptools.HttpParserError as exc:
-            cause = exc.__context__ if isinstance(exc.__context__, HttpClientError) else None
-            self._fail(cause or InvalidResponse(f"malformed HTTP response: {exc}"))
+        if self._head_open and self._head_bytes > MAX_HEADER_BYTES:  # (at most one read past the limit is parsed)
+            self._fail(InvalidResponse(f"response headers larger than {MAX_HEADER_BYTES} bytes"))
+        else:
+            if self._head_open:
+                self._head_bytes += len(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self._fail(InvalidResponse("the server switched protocols"))
+            except httptools.HttpParserError as exc:
+                cause = exc.__context__ if isinstance(exc.__context__, HttpClientError) else None
+                self._fail(cause or InvalidResponse(f"malformed HTTP response: {exc}"))
         if self.watcher is not None:
             self.watcher()
 
@@ -588,7 +599,9 @@ class _Connection(asyncio.Protocol):
         assert response is not None
         response.status = self._parser.get_status_code()
         self._keep_alive = self._parser.should_keep_alive()
-        if response.status < 200:
+        if response.status >= 200:
+            self._head_open = False
+        else:
             # An interim (1xx) response: its headers do not belong to the final one.
             response._raw_headers, response._headers = [], None
             response._content_length = response._raw_content_type = None
