@@ -297,3 +297,19 @@ def test_a_long_unknown_field_split_across_chunks_is_not_held_but_counts_against
     assert decoder.feed(b"\ndata: ok\n\n") == [_message("ok")]
     with pytest.raises(FrameTooLarge):
         decoder.feed(b"unknown: " + b"x" * 200)
+
+
+def test_the_id_of_an_event_that_has_not_ended_is_not_yet_the_last_event_id() -> None:
+    decoder = SSEDecoder(1024)
+    decoder.feed(b"id: e1\ndata: one\n\nid: e2\ndata: tw")
+    assert decoder.last_event_id == "e1"  # e2's event may never end: resuming after it would skip it
+    assert decoder.feed(b"o\n\n") == [_message("two", "e2")]
+    assert decoder.last_event_id == "e2"
+
+
+def test_a_restart_drops_what_the_old_stream_left_unfinished_and_keeps_the_last_id_and_retry() -> None:
+    decoder = SSEDecoder(1024)
+    decoder.feed(b'retry: 20\nid: e1\ndata:\n\nid: e2\nevent: special\ndata: {"half')
+    decoder.restart()
+    assert decoder.last_event_id == "e1" and decoder.retry == 20
+    assert decoder.feed(b"\xef\xbb\xbfid: e2\ndata: whole\n\n") == [_message("whole", "e2", 20)]

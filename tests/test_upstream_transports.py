@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from mcp.server.mcpserver import Context, MCPServer
@@ -493,6 +493,45 @@ async def test_a_post_stream_closed_before_the_response_is_resumed() -> None:
         progress = [m["params"]["progress"] for m in related.messages if m["method"] == "notifications/progress"]
         assert progress == [1, 2]
         assert "notifications/progress" not in client.methods()
+
+
+class CutMidEvent(FakeStreamableServer):
+    """A call's SSE stream cut in the middle of the answer's event (after its `id:` line): a GET with
+    `Last-Event-ID` gets every event after that id again, as a server with an event store sends them."""
+
+    EVENTS: ClassVar = [
+        (b"e1", b"retry: 20\nid: e1\ndata:\n\n"),  # a priming event
+        (b"e2", b'id: e2\nevent: message\ndata: {"jsonrpc":"2.0","id":2,"result":{"content":[],"isError":false}}\n\n'),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__([], get_status=405)
+        self.resumed_after: list[str] = []
+
+    async def handle(self, request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        if request.method == "GET" and "last-event-id" in request.headers:
+            last = request.headers["last-event-id"].encode()
+            self.resumed_after.append(last.decode())
+            ids = [event_id for event_id, _ in self.EVENTS]
+            after = ids.index(last) + 1 if last in ids else 0
+            writer.write(SSE_HEAD + b"".join(event for _, event in self.EVENTS[after:]))
+            return
+        if request.method == "POST" and json.loads(request.body).get("method") == "tools/call":
+            whole = b"".join(event for _, event in self.EVENTS)
+            writer.write(SSE_HEAD + whole[: whole.index(b'"id":2,') + 10])  # then the connection ends
+            return
+        await super().handle(request, writer)
+
+
+async def test_a_stream_cut_mid_event_is_resumed_from_the_last_whole_event() -> None:
+    # The id of an event that never ended is not the last event id: resuming after it would skip the answer. And
+    # the half line the cut left is not glued onto the event the server sends again.
+    server = CutMidEvent()
+    async with ScriptedHttp(server.handle) as http, session_for(f"{http.origin}/mcp", "streamable-http") as (s, _):
+        await s.connect()
+        result = await s.request("tools/call", {"name": "x", "arguments": {}}, timeout=WAIT)
+        assert result == {"content": [], "isError": False}
+        assert server.resumed_after == ["e1"]
 
 
 # --- through mcpxd: an agent's view ---------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ class SSEDecoder:
         self._event_size = 0
         self._data: list[bytes] = []
         self._event_type = ""
+        # The `id:` of the event being read, and the last event id: the id of the last event dispatched (WHATWG
+        # SSE: the buffer becomes the stream's last event id only when its event ends, data or not).
+        self._id_buffer: str | None = None
         self._last_id: str | None = None
         self._retry: int | None = None
 
@@ -59,6 +62,16 @@ class SSEDecoder:
         """The last `retry:` value read (milliseconds), whether or not an event with data followed it (SSE priming
         events carry only an id and a retry)."""
         return self._retry
+
+    def restart(self) -> None:
+        """A new response resumes the stream: what was left of the old one mid-line or mid-event is dropped (the
+        server sends that event again, whole); the last event id and the `retry` value are kept."""
+        self._field, self._pieces = None, []
+        self._pending_cr = False
+        self._at_start, self._head = True, b""
+        self._event_size = 0
+        self._data, self._event_type = [], ""
+        self._id_buffer = self._last_id
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if self._at_start:
@@ -183,12 +196,13 @@ class SSEDecoder:
             self._event_type = value.decode("utf-8", "replace")
         elif name == b"id":
             if b"\0" not in value:
-                self._last_id = value.decode("utf-8", "replace")
+                self._id_buffer = value.decode("utf-8", "replace")
         elif name == b"retry" and value.isdigit():  # bytes.isdigit: ASCII digits only
             self._retry = int(value)
 
     def _dispatch(self) -> SSEEvent | None:
         self._event_size = 0
+        self._last_id = self._id_buffer
         pieces, self._data = self._data, []
         data = pieces[0] if len(pieces) == 1 else b"\n".join(pieces)
         if not data:

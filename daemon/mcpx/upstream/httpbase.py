@@ -145,12 +145,14 @@ class EventStream:
         self.chunks = 0  # body chunks read so far, over every response read
 
     async def events(self, response: Response) -> AsyncIterator[SSEEvent]:
-        """The events of `response`: the stream's first body, or one that resumes it (the decoder carries on)."""
+        """The events of `response`: the stream's first body, or one that resumes it (the decoder carries on with
+        the last event id and `retry`, not with what the previous body left unfinished)."""
         decoder = self._decoder
+        decoder.restart()
         async for chunk in response.chunks():
             self.chunks += 1
             events = decoder.feed(chunk)
-            # The decoder's fields are updated as lines are read, dispatched event or not.
+            # Updated by every event that ends, with data or not (a priming event carries only an id and a retry).
             if decoder.last_event_id is not None:
                 self.last_event_id = decoder.last_event_id
             if decoder.retry is not None:
