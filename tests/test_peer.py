@@ -123,3 +123,32 @@ async def test_too_many_open_questions_get_an_error_at_once() -> None:
     reply = await replies.next()
     assert reply["id"] == 64 and reply["error"]["code"] == -32600
     requests.close()
+
+
+async def test_a_flood_of_pings_gets_a_bounded_number_of_answers_in_flight() -> None:
+    # Each answer is a POST (maybe on a connection of its own): a server sending pings faster than they are
+    # answered must not make mcpx open connections and tasks without bound.
+    release = asyncio.Event()
+    sent: list[bytes] = []
+    changed = asyncio.Condition()
+
+    async def slow_reply(data: bytes) -> None:
+        async with changed:
+            sent.append(data)
+            changed.notify_all()
+        await release.wait()
+
+    requests = ServerRequests("alpha", slow_reply, timeout=5)
+    client = RecordingClient()
+    for request_id in range(1000):
+        route_incoming(request(request_id, "ping"), related=None, default=client, requests=requests)
+    async with asyncio.timeout(5), changed:
+        await changed.wait_for(lambda: len(sent) == 64)
+    assert len(requests._answering) == 64
+    release.set()
+    await asyncio.wait(list(requests._answering), timeout=5)
+    assert not requests._answering and len(sent) == 64
+    route_incoming(request(1000, "ping"), related=None, default=client, requests=requests)  # room again
+    async with asyncio.timeout(5), changed:
+        await changed.wait_for(lambda: len(sent) == 65)
+    requests.close()

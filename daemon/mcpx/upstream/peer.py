@@ -275,6 +275,11 @@ class ServerRequests:
         await self._send(request_id, answer)
 
     def _answer(self, request_id: RequestId, answer: dict[str, Any]) -> None:
+        if len(self._answering) >= _MAX_PENDING_SERVER_REQUESTS:
+            # A server that floods (pings, or requests past the limit) faster than its answers go out: each answer
+            # is a POST, maybe on a connection of its own. It gets no more until some have gone.
+            _log.debug("answer to a server request dropped: too many in flight", upstream=self._upstream)
+            return
         task = asyncio.get_running_loop().create_task(self._send(request_id, answer))
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
