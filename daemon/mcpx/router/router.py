@@ -292,15 +292,14 @@ class Router:
             return settle_in_task(functools.partial(self.call_tool, params, agent), on_settled)
         upstream = self.upstreams[route.upstream]
         forwarded = {**params, "name": route.tool}
-        if not upstream.config.shared:
-            make = functools.partial(self._call, route.upstream, "tools/call", forwarded, agent)
-            return settle_in_task(make, on_settled)
-        self._last_caller[route.upstream] = agent
-        client = self._client_for(agent, upstream.config, forwarded)
-        told = _exposing(upstream.config, on_settled) if self._exposes(upstream) else on_settled
-        started = upstream.start_request("tools/call", forwarded, client, forward_raw=True, on_settled=told)
-        if started is not None:
-            return started
+        client: _AgentClient | None = None  # (made by `_call` for an agent's own session)
+        if upstream.config.shared:
+            self._last_caller[route.upstream] = agent
+            client = self._client_for(agent, upstream.config, forwarded)
+            told = _exposing(upstream.config, on_settled) if self._exposes(upstream) else on_settled
+            started = upstream.start_request("tools/call", forwarded, client, forward_raw=True, on_settled=told)
+            if started is not None:
+                return started
         make = functools.partial(self._call, route.upstream, "tools/call", forwarded, agent, client=client)
         return settle_in_task(make, on_settled)
 
