@@ -22,7 +22,7 @@ from mcpx.config.load import parse_config
 from mcpx.config.model import UpstreamConfig
 from mcpx.downstream.peercred import PeerCredentials
 from mcpx.downstream.session import AgentSession
-from mcpx.errors import UpstreamHTTPError, UpstreamTimeout
+from mcpx.errors import UpstreamHTTPError, UpstreamInterrupted, UpstreamTimeout
 from mcpx.router.router import Router
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import HttpSession
@@ -256,23 +256,43 @@ async def test_a_body_that_comes_after_its_headers_is_waited_for_in_callbacks() 
         assert server.connections == connections  # a pooled connection carried it
 
 
-async def test_a_pooled_connection_dropped_before_any_answer_is_sent_once_more() -> None:
-    dropped: list[int] = []
+def drop_the_first(text: str, dropped: list[dict[str, Any]]) -> CallHandler:
+    """A handler that closes the connection without a byte (what a server timing out an idle connection does, or
+    one that died on the request) the first time it gets `text`, and echoes everything else."""
 
-    async def drop_the_first_real_call(message: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
-        if message["params"]["arguments"]["text"] == "again" and not dropped:
-            dropped.append(message["id"])
-            return False  # close without a byte: what a server timing out an idle connection does
+    async def handle(message: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        if message["params"]["arguments"]["text"] == text and not dropped:
+            dropped.append(message)
+            return False
         head, body = echo_answer(message)
         writer.write(head + body)
         return True
 
-    async with KeepAlive(drop_the_first_real_call) as server, http_session(server.url) as session:
+    return handle
+
+
+async def test_a_tool_call_whose_pooled_connection_drops_before_any_answer_is_not_sent_again() -> None:
+    # RFC 9110 §9.2.2: the server may have run it before dying; a second copy could create or send twice.
+    dropped: list[dict[str, Any]] = []
+    async with KeepAlive(drop_the_first("again", dropped)) as server, http_session(server.url) as session:
+        await warm(server, session)
+        with pytest.raises(UpstreamInterrupted, match="may or may not have run"):
+            await started(session, "again").outcome()
+        calls = [m for m in server.messages if m.get("method") == "tools/call"]
+        assert [m["id"] for m in calls[1:]] == [dropped[0]["id"]]  # sent once
+        # The upstream is not taken for broken: the next call goes through, on a connection of its own.
+        assert text_of(await session.request("tools/call", {"name": "echo", "arguments": {"text": "b"}}, timeout=WAIT))
+
+
+async def test_a_request_that_may_be_repeated_is_sent_once_more_when_its_pooled_connection_drops() -> None:
+    dropped: list[dict[str, Any]] = []
+    async with KeepAlive(drop_the_first("again", dropped)) as server, http_session(server.url) as session:
         await warm(server, session)
         connections = server.connections
-        assert text_of(await started(session, "again").outcome()) == "scripted:again"
-        calls = [m for m in server.messages if m.get("method") == "tools/call"]
-        assert [m["id"] for m in calls[1:]] == [dropped[0], dropped[0]]  # the same request, sent twice
+        params = {"name": "echo", "arguments": {"text": "again"}}
+        assert text_of(await session.request("prompts/get", params, timeout=WAIT)) == "scripted:again"
+        gets = [m for m in server.messages if m.get("method") == "prompts/get"]
+        assert [m["id"] for m in gets] == [dropped[0]["id"], dropped[0]["id"]]  # the same request, sent twice
         assert server.connections == connections + 1
 
 

@@ -20,6 +20,7 @@ from mcpx.upstream.h1 import (
     KEEPALIVE_INTERVAL,
     KEEPALIVE_PROBES,
     BodyTooLarge,
+    ClosedBeforeAnswer,
     ConnectError,
     ConnectionClosed,
     Deadline,
@@ -167,6 +168,72 @@ async def test_pooled_connection_closed_by_the_server_is_replaced(client: HttpCl
         second.release()
     assert server.connections == 2
     assert len(server.requests) == 2
+
+
+async def test_a_request_that_must_not_be_repeated_is_not_sent_again_when_a_pooled_connection_drops(
+    client: HttpClient,
+) -> None:
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(ok(b"one"))
+        await server.read_request(reader)  # then close without a byte: the server may or may not have acted on it
+
+    async with scripted(serve) as (server, target):
+        first = await client.request("POST", target, {}, b"{}")
+        assert await first.read(100) == b"one"
+        first.release()
+        with pytest.raises(ClosedBeforeAnswer):
+            await client.request("POST", target, {}, b"{}", replayable=False)
+    assert len(server.requests) == 2  # not a third: it was not sent again
+    assert server.connections == 1
+
+
+async def test_connections_are_reused_only_well_within_the_idle_timeout_the_server_showed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    client = HttpClient(connect_timeout=5, clock=lambda: now[0])
+    lost = asyncio.Event()
+    connection_lost = _Connection.connection_lost
+
+    def lose_and_tell(connection: _Connection, exc: Exception | None) -> None:
+        connection_lost(connection, exc)
+        lost.set()
+
+    monkeypatch.setattr(_Connection, "connection_lost", lose_and_tell)
+    close_the_first = asyncio.Event()
+
+    async def serve(server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first_connection = server.connections == 1
+        while True:
+            await server.read_request(reader)
+            writer.write(ok(b"ok"))
+            if first_connection:
+                await close_the_first.wait()  # a server closing a connection idle for its timeout
+                return
+
+    async def call() -> None:
+        response = await client.request("POST", target, {}, b"{}")
+        assert await response.read(100) == b"ok"
+        response.release()
+
+    try:
+        async with scripted(serve) as (server, target):
+            await call()
+            now[0] += 10.0
+            close_the_first.set()
+            async with asyncio.timeout(10):
+                await lost.wait()  # the server closed it after 10 s idle: reuse only within 7.5 s
+            await call()
+            assert server.connections == 2
+            now[0] += 7.0
+            await call()
+            assert server.connections == 2  # reused
+            now[0] += 8.0
+            await call()
+            assert server.connections == 3  # not reused: the server would be about to close it
+    finally:
+        await client.close()
 
 
 async def test_connection_lost_mid_body_is_an_error(client: HttpClient) -> None:

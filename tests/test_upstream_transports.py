@@ -22,7 +22,13 @@ from mcp_types import ListRootsRequest, ListRootsResult
 
 from mcpx.auth.credentials import BearerFromFile, CredentialProvider, NoCredential
 from mcpx.config.model import UpstreamConfig
-from mcpx.errors import CredentialRejected, UpstreamHTTPError, UpstreamProtocolError, UpstreamUnavailable
+from mcpx.errors import (
+    CredentialRejected,
+    UpstreamHTTPError,
+    UpstreamInterrupted,
+    UpstreamProtocolError,
+    UpstreamUnavailable,
+)
 from mcpx.jsonrpc import Message
 from mcpx.upstream import http as http_transport
 from mcpx.upstream.auto import AutoSession
@@ -32,7 +38,7 @@ from mcpx.upstream.transports import open_session
 from tests.support.agents import change_watcher
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.results import text_of
-from tests.support.scripted_http import RawRequest, ScriptedHttp
+from tests.support.scripted_http import LoopbackServer, RawRequest, ScriptedHttp, read_request
 from tests.support.sse_upstream import (
     SSE_HEAD,
     LegacyUpstream,
@@ -278,6 +284,61 @@ async def test_a_lost_legacy_stream_is_reported_and_a_reconnect_works() -> None:
         await session.connect()  # what the supervisor does on `on_lost`
         assert await call_text(session, "echo", text="after") == "legacy:after"
         assert len(server.seen("GET", "/sse")) == 2
+
+
+class KeepAliveLegacy(LoopbackServer):
+    """A legacy HTTP+SSE server written by hand: its stream (GET) carries the endpoint and every answer; POSTs are
+    served on keep-alive connections, and the first tools/call for `drop` gets its connection closed without a
+    byte (the server's idle timeout racing the request, or a server that died on it)."""
+
+    def __init__(self, drop: str) -> None:
+        super().__init__()
+        self.drop = drop
+        self.posted: list[dict[str, Any]] = []
+        self._stream: asyncio.StreamWriter | None = None
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_request(reader)
+            if request.method == "GET":
+                self._stream = writer
+                writer.write(SSE_HEAD + b"event: endpoint\ndata: /messages\n\n")
+                await asyncio.Event().wait()  # the stream stays open until the client leaves
+            message = json.loads(request.body)
+            self.posted.append(message)
+            dropped = [m for m in self.posted if m.get("params", {}).get("arguments", {}).get("text") == self.drop]
+            if dropped == [message]:
+                return
+            writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+            if "id" in message:
+                if message["method"] == "initialize":
+                    result: dict[str, Any] = {
+                        "protocolVersion": "2025-11-25",
+                        "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "legacy"},
+                    }
+                else:
+                    text = f"legacy:{message['params']['arguments']['text']}"
+                    result = {"content": [{"type": "text", "text": text}]}
+                answer = json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result})
+                assert self._stream is not None
+                self._stream.write(f"event: message\ndata: {answer}\n\n".encode())
+
+
+async def test_a_legacy_tool_call_whose_pooled_connection_drops_before_any_answer_is_not_sent_again() -> None:
+    async with (
+        KeepAliveLegacy(drop="again") as server,
+        session_for(f"{server.origin}/sse", "sse") as (session, _),
+    ):
+        await session.connect()
+        assert await call_text(session, "echo", text="warm") == "legacy:warm"  # a POST connection is now pooled
+        with pytest.raises(UpstreamInterrupted, match="may or may not have run"):
+            await call_text(session, "echo", text="again")
+        assert [m["params"]["arguments"]["text"] for m in server.posted if m.get("method") == "tools/call"] == [
+            "warm",
+            "again",
+        ]
+        assert await call_text(session, "echo", text="after") == "legacy:after"  # the session goes on
 
 
 # --- the streamable-HTTP GET stream ----------------------------------------------------------------------------------

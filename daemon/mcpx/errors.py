@@ -5,6 +5,7 @@
     │   ├── ParseError, InvalidRequest, MethodNotFound, InvalidParams
     ├── UpstreamError         an upstream failed or misbehaved       → tool error (tools/call) or JSON-RPC error
     │   ├── UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError, UpstreamHTTPError
+    │   ├── UpstreamInterrupted the request's fate is unknown (not sent twice): the upstream itself is not broken
     │   ├── SessionExpired      the upstream forgot our session (404): re-initialized and retried, never shown
     │   ├── CredentialRejected  the upstream refused our credential (fix the env var / file named in the message)
     │   └── UpstreamRpcError    the upstream answered with a JSON-RPC error: forwarded unchanged
@@ -86,6 +87,11 @@ class UpstreamError(McpxError):
 
 class UpstreamUnavailable(UpstreamError):
     """The upstream cannot be reached (down, refusing connections, or not yet connected)."""
+
+
+class UpstreamInterrupted(UpstreamError):
+    """The connection carrying a request closed before any answer, and the request, which must not be carried out
+    twice (a tool call), was not sent again: it may or may not have run. The upstream is not taken for down."""
 
 
 class UpstreamTimeout(UpstreamError):

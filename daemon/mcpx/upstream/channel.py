@@ -37,6 +37,7 @@ from mcpx.upstream.peer import (
     accept_initialize,
     adopt_hello,
     initialize_params,
+    is_replayable,
     route_incoming,
 )
 
@@ -83,8 +84,9 @@ class ChannelSession(abc.ABC):
         """Open the channel (spawn the process, open the stream). Raises an `UpstreamError` on failure."""
 
     @abc.abstractmethod
-    async def _send(self, data: bytes) -> None:
-        """Send one serialized message. Raises `UpstreamUnavailable` when the channel is gone."""
+    async def _send(self, data: bytes, *, replayable: bool = True) -> None:
+        """Send one serialized message. Raises `UpstreamUnavailable` when the channel is gone. `replayable`: the
+        message may be sent once more when it is unknown whether it arrived (see `peer.is_replayable`)."""
 
     @abc.abstractmethod
     async def _stop_channel(self) -> None:
@@ -156,7 +158,9 @@ class ChannelSession(abc.ABC):
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = _Pending(future, on_related, token, forward_raw)
         try:
-            await self._send(jsonrpc.dumps(jsonrpc.request(request_id, method, params)))
+            await self._send(
+                jsonrpc.dumps(jsonrpc.request(request_id, method, params)), replayable=is_replayable(method)
+            )
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:

@@ -13,6 +13,10 @@ bounded). Every connection has TCP keepalive on: a long quiet response (the GET 
 server vanished without closing (a laptop that slept, a NAT that forgot the connection) ends in about a minute
 instead of never.
 
+A reused connection that closes before any byte of answer (the server's idle timeout racing the request) gets the
+request sent once more on a new connection only when the caller says it may be carried out twice; and each
+origin's connections are reused only well within the idle time after which that server was seen to close one.
+
 Per request, the work is kept small: the request head is encoded once per distinct set of headers and reused,
 a body already complete when it is read is handed over without waiting, and a large body with a declared length
 is written straight into one buffer of that size as it arrives (no queue of chunks to join, no wake-up per chunk).
@@ -25,6 +29,7 @@ import collections
 import contextlib
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -44,6 +49,11 @@ _CACHED_HEADS: Final = 64
 # Body bytes buffered before the socket stops being read (the reader is slower than the network).
 _HIGH_WATER: Final = 1024 * 1024
 _LOW_WATER: Final = 256 * 1024
+# A server that closed one of our idle connections after this long or more is taken to time idle connections out
+# then: its connections are reused only while idle for less than _REUSE_MARGIN of that (shorter gaps are restarts
+# and the like, not an idle timeout).
+_MIN_LEARNED_IDLE: Final = 1.0
+_REUSE_MARGIN: Final = 0.75
 # TCP keepalive: the first probe after this many seconds of silence, then one every interval; after this many
 # unanswered probes the connection is dead (about a minute in all).
 KEEPALIVE_IDLE: Final = 30
@@ -80,6 +90,12 @@ class ConnectError(HttpClientError):
 
 class ConnectionClosed(HttpClientError):
     """The server closed the connection before the response was complete."""
+
+
+class ClosedBeforeAnswer(ConnectionClosed):
+    """A reused connection closed before any byte of answer to a request that must not be sent twice (RFC 9110
+    §9.2.2): the server may have closed it for idleness as the request went out, or taken the request and died.
+    Whether it was carried out is unknown, so it was not sent again."""
 
 
 class InvalidResponse(HttpClientError):
@@ -563,10 +579,13 @@ class _Connection(asyncio.Protocol):
         return False  # close the transport; connection_lost reports it
 
     def connection_lost(self, exc: Exception | None) -> None:
+        closed_by_us = self.closed
         self.closed = True
         self._pool._forget(self)
         response = self._response
         if response is None:
+            if not closed_by_us and self.idle_since:
+                self._pool._closed_while_idle(self)
             return
         if response.status >= 200 and _ends_at_eof(response.headers):
             response._end(None)  # a body delimited by the end of the connection (RFC 9112 §6.3)
@@ -630,7 +649,7 @@ class _Connection(asyncio.Protocol):
 class Sent:
     """A request written on a pooled connection (`HttpClient.send_now`), its response still to come."""
 
-    __slots__ = ("_client", "_connection", "_data", "_target", "headers", "headers_ready")
+    __slots__ = ("_client", "_connection", "_data", "_replayable", "_target", "headers", "headers_ready")
 
     def __init__(
         self,
@@ -641,11 +660,13 @@ class Sent:
         target: Target,
         data: bytes,
         headers: Mapping[str, str],
+        replayable: bool,
     ) -> None:
         self._client = client
         self._connection = connection
         self._target = target
         self._data = data
+        self._replayable = replayable
         self.headers = headers  # as sent (which credential, which session)
         self.headers_ready = headers_ready  # done once the response's headers are in, or failed
 
@@ -654,9 +675,11 @@ class Sent:
         return self._connection.loop
 
     async def response(self) -> Response:
-        """The response, as `HttpClient.request` gives it (sent once more on a fresh connection when the pooled
-        one was closed before a byte of answer came)."""
-        return await self._client._answer(self._connection, self.headers_ready, self._target, self._data)
+        """The response, as `HttpClient.request` gives it (a replayable request is sent once more on a fresh
+        connection when the pooled one was closed before a byte of answer came)."""
+        return await self._client._answer(
+            self._connection, self.headers_ready, self._target, self._data, replayable=self._replayable
+        )
 
     def watch(self, watcher: Callable[[], None] | None) -> None:
         """Have `watcher` called at each step of the response (headers in, body bytes, its end, a failure of the
@@ -684,11 +707,20 @@ class HttpClient:
     """Keep-alive connections, pooled per origin, shared by every upstream session."""
 
     def __init__(
-        self, *, connect_timeout: float, idle_timeout: float = 30.0, busy_poll: BusyPoll | None = None
+        self,
+        *,
+        connect_timeout: float,
+        idle_timeout: float = 30.0,
+        busy_poll: BusyPoll | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._connect_timeout = connect_timeout
         self.busy_poll = busy_poll
         self._idle_timeout = idle_timeout
+        self._clock = clock
+        # Per origin, how long a connection may have been idle and still be reused, learned from the server's own
+        # idle timeout (see `_closed_while_idle`); `idle_timeout` where nothing was learned.
+        self._reuse_limit: dict[tuple[str, str, int], float] = {}
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._ssl: ssl.SSLContext | None = None
@@ -698,25 +730,42 @@ class HttpClient:
         self._heads: dict[tuple[object, ...], bytes] = {}
 
     async def request(
-        self, method: str, target: Target, headers: Mapping[str, str], body: bytes | None = None
+        self,
+        method: str,
+        target: Target,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        *,
+        replayable: bool = True,
     ) -> Response:
-        """Send one request and return once the response's headers are in; call `release()` on it when done."""
+        """Send one request and return once the response's headers are in; call `release()` on it when done.
+
+        `replayable`: the request may be carried out twice without harm, so when a reused connection closes before
+        any answer (a server's idle timeout racing the request) it is sent once more on a fresh connection, as
+        browsers do. Otherwise that raises `ClosedBeforeAnswer`."""
         data = self._encode(method, target, headers, body)
         connection = self._checkout(target.origin)
         if connection is not None:
-            return await self._answer(connection, connection.send(data), target, data)
+            return await self._answer(connection, connection.send(data), target, data, replayable=replayable)
         return await self._send_on_new_connection(target, data)
 
     def send_now(
-        self, method: str, target: Target, headers: Mapping[str, str], body: bytes | None = None
+        self,
+        method: str,
+        target: Target,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        *,
+        replayable: bool = True,
     ) -> Sent | None:
         """Write one request on an idle pooled connection without awaiting anything; None when there is none
-        (the caller then uses `request`, which connects)."""
+        (the caller then uses `request`, which connects). `replayable` as for `request`."""
         data = self._encode(method, target, headers, body)
         connection = self._checkout(target.origin)
         if connection is None:
             return None
-        return Sent(self, connection, connection.send(data), target=target, data=data, headers=headers)
+        sent = connection.send(data)
+        return Sent(self, connection, sent, target=target, data=data, headers=headers, replayable=replayable)
 
     def _encode(self, method: str, target: Target, headers: Mapping[str, str], body: bytes | None) -> bytes:
         key = (method, target.host_header, target.path, *headers.items())
@@ -729,7 +778,13 @@ class HttpClient:
         return _with_body(head, method, body)
 
     async def _answer(
-        self, connection: _Connection, headers_ready: asyncio.Future[Response], target: Target, data: bytes
+        self,
+        connection: _Connection,
+        headers_ready: asyncio.Future[Response],
+        target: Target,
+        data: bytes,
+        *,
+        replayable: bool,
     ) -> Response:
         """The response to `data`, written on the pooled `connection`."""
         try:
@@ -738,8 +793,13 @@ class HttpClient:
             connection.close()
             if connection.received_any:
                 raise
-            # Not a byte of answer on a reused connection: almost always the server closing it for
-            # idleness as we sent. Like browsers and aiohttp, send once more on a fresh connection.
+            # Not a byte of answer on a reused connection: almost always the server closing it for idleness as
+            # we sent. Like browsers and Go's client, send once more on a fresh connection, but only a request
+            # that may be carried out twice: the server may also have taken it and died.
+            if not replayable:
+                raise ClosedBeforeAnswer(
+                    "the server closed the connection after the request was sent and before any answer"
+                ) from None
         except BaseException:
             connection.close()
             raise
@@ -795,7 +855,7 @@ class HttpClient:
             return None
         # Most recently used first. Connections idle too long are closed here rather than by a timer per
         # request: servers drop idle keep-alive connections on their own, and a timer costs on every call.
-        stale_before = idle[-1].loop.time() - self._idle_timeout
+        stale_before = self._clock() - self._reuse_limit.get(origin, self._idle_timeout)
         while idle:
             connection = idle.pop()
             if connection.closed:
@@ -810,8 +870,16 @@ class HttpClient:
         if self._closed:
             connection.close()
             return
-        connection.idle_since = connection.loop.time()
+        connection.idle_since = self._clock()
         self._idle.setdefault(connection.origin, []).append(connection)
+
+    def _closed_while_idle(self, connection: _Connection) -> None:
+        """The server closed `connection` while it sat in the pool: most likely its idle timeout. Reusing a
+        connection close to that age races the server's close, and a request that must not be sent twice then
+        fails (`ClosedBeforeAnswer`); so connections are reused only well within it."""
+        idle_for = self._clock() - connection.idle_since
+        if idle_for >= _MIN_LEARNED_IDLE:
+            self._reuse_limit[connection.origin] = min(self._idle_timeout, idle_for * _REUSE_MARGIN)
 
     def _forget(self, connection: _Connection) -> None:
         self._all.discard(connection)

@@ -47,7 +47,7 @@ from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.redact import any_registered
 from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response, Sent
-from mcpx.upstream.httpbase import EventStream, HttpPeer, describe_connection_error, event_data
+from mcpx.upstream.httpbase import EventStream, HttpPeer, connection_failure, event_data
 from mcpx.upstream.peer import (
     STATELESS_ERA_CODES,
     STATELESS_VERSION,
@@ -57,6 +57,7 @@ from mcpx.upstream.peer import (
     accept_initialize,
     adopt_hello,
     initialize_params,
+    is_replayable,
     route_incoming,
 )
 
@@ -189,7 +190,9 @@ class HttpSession:
             request_id, body, sent = started
         try:
             with Deadline(timeout):  # asyncio.timeout's rules, for a third of its work per call
-                return await self._request_with_recovery(request_id, body, on_related, forward_raw, sent)
+                return await self._request_with_recovery(
+                    request_id, body, on_related, forward_raw, sent, replayable=is_replayable(method)
+                )
         except TimeoutError:
             self._cancel_upstream(request_id, "timed out")
             raise UpstreamTimeout(self.name, f"no answer to {method} within {timeout:g} s") from None
@@ -214,7 +217,7 @@ class HttpSession:
         request_id = next(self._ids)
         body = jsonrpc.dumps(jsonrpc.request(request_id, method, params))
         try:
-            sent = self._http.send_now("POST", self._target, self._headers(), body)
+            sent = self._http.send_now("POST", self._target, self._headers(), body, replayable=is_replayable(method))
         except (HttpClientError, McpxError):
             return None  # `request` meets the same error and reports it
         if sent is None:
@@ -237,7 +240,14 @@ class HttpSession:
         await self._post_expecting_accepted(body)
 
     async def _request_with_recovery(
-        self, request_id: int, body: bytes, on_related: ClientSide | None, forward_raw: bool, sent: Sent | None
+        self,
+        request_id: int,
+        body: bytes,
+        on_related: ClientSide | None,
+        forward_raw: bool,
+        sent: Sent | None,
+        *,
+        replayable: bool,
     ) -> Any:
         """The exchange, retried once with a renewed credential after a 401 and once in a new session after a 404.
         `sent`: the request is already on its way (the fast path handed it over), its answer not yet read."""
@@ -249,7 +259,9 @@ class HttpSession:
             generation = self._generation
             try:
                 exchange: Callable[[], Coroutine[Any, Any, Any]]
-                exchange = functools.partial(self._exchange, request_id, body, on_related, forward_raw=forward_raw)
+                exchange = functools.partial(
+                    self._exchange, request_id, body, on_related, forward_raw=forward_raw, replayable=replayable
+                )
                 if sent is not None:  # the request already on its way is read the first time; a retry sends anew
                     exchange = _first_then(functools.partial(exchange, sent=sent), exchange)
                     sent = None
@@ -321,6 +333,7 @@ class HttpSession:
         *,
         initializing: bool = False,
         forward_raw: bool = False,
+        replayable: bool = True,
         sent: Sent | None = None,
     ) -> Any:
         headers = dict(sent.headers) if sent is not None else self._headers()
@@ -329,9 +342,9 @@ class HttpSession:
             if sent is not None:
                 response = await sent.response()
             else:
-                response = await self._http.request("POST", self._target, headers, body)
+                response = await self._http.request("POST", self._target, headers, body, replayable=replayable)
         except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+            raise connection_failure(self.name, exc) from None
         # The connection goes back to the pool when this returns, unless an SSE stream is handed to a drainer.
         handed_off = False
         try:
@@ -362,7 +375,7 @@ class HttpSession:
         except BodyTooLarge as exc:
             raise UpstreamProtocolError(self.name, str(exc)) from None
         except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+            raise connection_failure(self.name, exc) from None
         finally:
             if not handed_off:
                 response.release()
@@ -481,7 +494,7 @@ class HttpSession:
             finally:
                 response.release()
         except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+            raise connection_failure(self.name, exc) from None
 
     # --- the standalone GET stream ---------------------------------------------------------------------------------
 

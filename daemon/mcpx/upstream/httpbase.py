@@ -14,11 +14,18 @@ from mcpx import jsonrpc
 from mcpx.auth.credentials import CredentialProvider, expand_env
 from mcpx.auth.oauth.metadata import Challenge, parse_bearer_challenge
 from mcpx.config.model import UpstreamConfig
-from mcpx.errors import CredentialRejected, ParseError, UpstreamHTTPError, UpstreamUnavailable
+from mcpx.errors import (
+    CredentialRejected,
+    ParseError,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamInterrupted,
+    UpstreamUnavailable,
+)
 from mcpx.framing.sse import SSEDecoder, SSEEvent
 from mcpx.log import get_logger
 from mcpx.redact import redact
-from mcpx.upstream.h1 import ConnectError, HttpClient, HttpClientError, Response, Target
+from mcpx.upstream.h1 import ClosedBeforeAnswer, ConnectError, HttpClient, HttpClientError, Response, Target
 
 _log = get_logger("mcpx.upstream")
 
@@ -81,7 +88,7 @@ class HttpPeer:
         try:
             response = await self.http.request("GET", self.target, headers)
         except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+            raise connection_failure(self.name, exc) from None
         try:
             if response.status == 401:
                 raise self.unauthorized(headers, response)
@@ -123,6 +130,13 @@ class HttpPeer:
             pass
         reason = f"HTTP {response.status} {response.reason or ''}".rstrip() + redact(detail)[:300]
         return UpstreamHTTPError(self.name, response.status, reason, rpc_code=code)
+
+
+def connection_failure(upstream: str, exc: HttpClientError) -> UpstreamError:
+    """The error a failed HTTP exchange with `upstream` is reported as."""
+    if isinstance(exc, ClosedBeforeAnswer):
+        return UpstreamInterrupted(upstream, f"{exc}; it was not sent again, since it may or may not have run")
+    return UpstreamUnavailable(upstream, describe_connection_error(exc))
 
 
 def describe_connection_error(exc: HttpClientError) -> str:

@@ -26,7 +26,14 @@ from mcpx.framing.sse import SSEEvent
 from mcpx.log import get_logger
 from mcpx.upstream.channel import ChannelSession
 from mcpx.upstream.h1 import BodyTooLarge, HttpClient, HttpClientError, Response, Target
-from mcpx.upstream.httpbase import EventStream, HttpPeer, as_text, describe_connection_error, event_data
+from mcpx.upstream.httpbase import (
+    EventStream,
+    HttpPeer,
+    as_text,
+    connection_failure,
+    describe_connection_error,
+    event_data,
+)
 from mcpx.upstream.peer import ClientSide
 
 _log = get_logger("mcpx.upstream")
@@ -102,7 +109,7 @@ class SseSession(ChannelSession):
             raise UpstreamProtocolError(self.name, f"SSE event too large: {exc}") from None
         except HttpClientError as exc:
             response.release()
-            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+            raise connection_failure(self.name, exc) from None
         except BaseException:
             response.release()
             raise
@@ -144,23 +151,23 @@ class SseSession(ChannelSession):
         _log.info("upstream SSE stream lost", upstream=self.name, reason=reason)
         self._lost(reason)
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, *, replayable: bool = True) -> None:
         endpoint = self._endpoint
         if endpoint is None:
             raise UpstreamUnavailable(self.name, "not connected")
         try:
             async with asyncio.timeout(self._timeout):
-                await self._peer.with_auth_retry(functools.partial(self._post, endpoint, data))
+                await self._peer.with_auth_retry(functools.partial(self._post, endpoint, data, replayable))
         except TimeoutError:
             raise UpstreamTimeout(self.name, f"a message was not accepted within {self._timeout:g} s") from None
 
-    async def _post(self, endpoint: Target, data: bytes) -> None:
+    async def _post(self, endpoint: Target, data: bytes, replayable: bool) -> None:
         headers = self._peer.headers()
         headers["Content-Type"] = "application/json"
         try:
-            response = await self._http.request("POST", endpoint, headers, data)
+            response = await self._http.request("POST", endpoint, headers, data, replayable=replayable)
         except HttpClientError as exc:
-            raise UpstreamUnavailable(self.name, describe_connection_error(exc)) from None
+            raise connection_failure(self.name, exc) from None
         try:
             status = response.status
             if status == 401:

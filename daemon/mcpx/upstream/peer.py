@@ -33,6 +33,11 @@ STATELESS_VERSION: Final = "2026-07-28"
 # must not take for a legacy HTTP+SSE one (2026-07-28 `basic/transports`, backwards compatibility).
 STATELESS_ERA_CODES: Final = frozenset({-32020, -32021, -32022})
 
+# Requests whose effects a second copy could repeat (a tool may create, send or pay). Every other request mcpx sends
+# reads, or sets what a second copy sets again, so it may be sent once more when a connection fails before any
+# answer (RFC 9110 §9.2.2).
+_NOT_REPLAYABLE: Final = frozenset({"tools/call"})
+
 # What mcpx declares to upstreams: it bridges these to the agents that declare them.
 CLIENT_CAPABILITIES: Final = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {"form": {}, "url": {}}}
 
@@ -43,6 +48,11 @@ RELATED_NOTIFICATIONS: Final = frozenset({"notifications/progress", "notificatio
 _MAX_PENDING_SERVER_REQUESTS: Final = 64
 
 _log = get_logger("mcpx.upstream")
+
+
+def is_replayable(method: str) -> bool:
+    """Whether a request of `method` may be sent once more when it is unknown whether the server took it."""
+    return method not in _NOT_REPLAYABLE
 
 
 class ClientSide(Protocol):

@@ -331,7 +331,7 @@ class StdioSession(ChannelSession):
         if child is self._child:
             self._received(raw)
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, *, replayable: bool = True) -> None:
         child = self._child
         transport = child.transport if child is not None else None
         stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0) if transport is not None else None)
