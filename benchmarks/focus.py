@@ -95,6 +95,7 @@ async def small(bench: b.Bench, daemon_pid: int, mode: str, calls: int) -> dict[
         "user_us": user * tick_us / calls,
         "system_us": system * tick_us / calls,
         "p50_us": samples[len(samples) // 2] / 1000,
+        "p99_us": samples[len(samples) * 99 // 100] / 1000,
     }
 
 
@@ -169,8 +170,8 @@ async def hold(bench: b.Bench, mode: str, seconds: float, size: int) -> None:
     print(f"{calls} calls", flush=True)
 
 
-async def direct_p50(bench: b.Bench, mode: str, calls: int) -> float:
-    return (await b.sequential_latency(bench, ["direct"], mode, calls))["direct"]["p50_us"]
+async def direct_latency(bench: b.Bench, mode: str, calls: int) -> dict[str, float]:
+    return (await b.sequential_latency(bench, ["direct"], mode, calls))["direct"]
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -228,9 +229,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 if args.only in (None, "small"):
                     for name, value in (await small(bench, daemon.pid, mode, args.calls)).items():
                         rows.setdefault(("small", mode, "mcpx", name), []).append(value)
-                    rows.setdefault(("small", mode, "direct", "p50_us"), []).append(
-                        await direct_p50(bench, mode, args.calls)
-                    )
+                    floor = await direct_latency(bench, mode, args.calls)
+                    for name in ("p50_us", "p99_us"):
+                        rows.setdefault(("small", mode, "direct", name), []).append(floor[name])
                 if args.only in (None, "big"):
                     for target in ("direct", "mcpx", "stdio-floor"):
                         if target == "stdio-floor" and mode == "sse":
