@@ -743,11 +743,10 @@ class HttpClient:
         `replayable`: the request may be carried out twice without harm, so when a reused connection closes before
         any answer (a server's idle timeout racing the request) it is sent once more on a fresh connection, as
         browsers do. Otherwise that raises `ClosedBeforeAnswer`."""
-        data = self._encode(method, target, headers, body)
-        connection = self._checkout(target.origin)
-        if connection is not None:
-            return await self._answer(connection, connection.send(data), target, data, replayable=replayable)
-        return await self._send_on_new_connection(target, data)
+        sent = self.send_now(method, target, headers, body, replayable=replayable)
+        if sent is not None:
+            return await sent.response()
+        return await self._send_on_new_connection(target, self._encode(method, target, headers, body))
 
     def send_now(
         self,
