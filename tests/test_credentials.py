@@ -16,8 +16,11 @@ from mcpx.auth.credentials import (
     provider_for,
 )
 from mcpx.config import BearerEnvAuth, BearerFileAuth, NoAuth, StaticHeaderAuth
+from mcpx.config.model import UpstreamConfig
 from mcpx.errors import CredentialRejected
 from mcpx.redact import fingerprint, redact, scrub
+from mcpx.upstream.h1 import HttpClient
+from mcpx.upstream.httpbase import HttpPeer
 
 ENV = "MCPX_TEST_CREDENTIAL_TOKEN"
 
@@ -312,3 +315,27 @@ def test_fingerprints_are_stable_and_do_not_contain_the_secret() -> None:
     assert fingerprint("abcdefgh") != fingerprint("abcdefgi")
     assert fingerprint("abcdefgh").startswith("sha256:")
     assert "abcdefgh" not in fingerprint("abcdefgh")
+
+
+def test_a_static_header_registers_each_secret_it_is_made_of(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`value = "Bearer ${API_KEY}"` (what `mcpxctl import` writes): an upstream may echo the key alone."""
+    key = "sk-canary-static-header-0123456789"
+    monkeypatch.setenv("MCPX_TEST_API_KEY", key)
+    provider = StaticHeader("up", "Authorization", "Bearer ${MCPX_TEST_API_KEY}")
+    assert provider.headers() == {"Authorization": f"Bearer {key}"}
+    assert key not in redact(f"the key {key} is over its quota")
+    assert key.encode() not in scrub(b'{"text":"the key ' + key.encode() + b' was refused"}')
+
+
+def test_configured_headers_kept_in_variables_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "canary-header-value-abcdef0123456789"
+    monkeypatch.setenv("MCPX_TEST_SERVICE_KEY", key)
+    config = UpstreamConfig(
+        name="up",
+        url="https://mcp.example.com/mcp",
+        headers={"X-Api-Key": "${MCPX_TEST_SERVICE_KEY}", "X-Team": "blue"},
+    )
+    peer = HttpPeer(config, HttpClient(connect_timeout=1.0), NoCredential())
+    assert peer.headers() == {"X-Api-Key": key, "X-Team": "blue"}
+    assert key.encode() not in scrub(b'{"text":"your key ' + key.encode() + b' was rejected"}')
+    assert redact("team blue") == "team blue"  # a value written into the config is no secret of the user's

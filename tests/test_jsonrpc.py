@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mcpx import jsonrpc
+from mcpx.errors import ParseError
 from mcpx.jsonrpc import RawJson, spliced_result
 
 
@@ -112,3 +113,10 @@ def test_a_response_with_a_raw_result_serializes_as_the_ordinary_path(request_id
     assert json.loads(written) == {"jsonrpc": "2.0", "id": request_id, "result": {"k": "é", "p": "x" * padding}}
     if padding or request_id != 10**30:  # (orjson refuses that id: a small value takes the standard library's path)
         assert written.endswith(b'"result":{"k":"\\u00e9","p":"' + b"x" * padding + b'"}}')
+
+
+@pytest.mark.parametrize("nesting", [b"[" * 5000, b'{"a":' * 5000])
+def test_json_nested_too_deeply_is_a_parse_error(nesting: bytes) -> None:
+    # orjson refuses it; the standard library's fallback would recurse until the stack ends (RecursionError).
+    with pytest.raises(ParseError, match="nested too deeply"):
+        jsonrpc.loads(nesting)

@@ -4,16 +4,26 @@ authorization server: which client each request uses, revocation at logout, what
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
+from mcpx.auth.oauth import credential as credential_module
+from mcpx.auth.oauth import endpoints
+from mcpx.auth.oauth.credential import (
+    MAX_TOKEN_LIFETIME,
+    LoginError,
+    OAuthContext,
+    OAuthCredential,
+    token_lifetime,
+)
 from mcpx.auth.oauth.metadata import Challenge
 from mcpx.config.model import OAuthClientCredentialsAuth, UpstreamConfig
-from mcpx.errors import NeedsLogin
+from mcpx.errors import NeedsLogin, UpstreamUnavailable
 from tests.support.oauth import browser_login, credential_for, oauth_credential, protected, refreshed
 from tests.support.oauth_server import AuthServer, follow_authorization
 
@@ -142,10 +152,13 @@ async def test_the_next_browser_login_listens_where_the_stored_registration_redi
         assert not again.registered and len(auth.registrations) == 1
 
 
-@pytest.mark.parametrize("query", ["", "?", "?code=stray", "?error=access_denied", "?state="])
+@pytest.mark.parametrize(
+    "query", ["", "?", "?code=stray", "?error=access_denied", "?state=", "?state=stale&code=c", "?state=%C3%A9&code=c"]
+)
 async def test_a_stray_request_to_the_redirect_listener_does_not_end_the_login(tmp_path: Path, query: str) -> None:
-    """Only an authorization response (it always carries `state`) is handed to the login; anything else that
-    reaches the loopback listener is answered 400 and the login goes on."""
+    """Only an authorization response to this login (it always carries the login's `state`) is handed to it;
+    anything else that reaches the loopback listener (a stale tab of an earlier login, any page that knows the
+    port) is answered 400 and the login goes on."""
     async with oauth_credential(tmp_path) as (credential, _auth):
         flow = await credential.begin_login()
         assert flow.pending is not None
@@ -160,3 +173,130 @@ async def test_a_stray_request_to_the_redirect_listener_does_not_end_the_login(t
             assert response.status == 200  # the browser's own request: "you can close this tab"
         await credential.wait_login(flow, timeout=20)
         assert credential.logged_in
+
+
+# --- what a server's mistakes and the user's own actions must not cost ------------------------------------------
+
+
+def answering_expires_in(auth: AuthServer, value: object) -> None:
+    """Make every token response of `auth` carry `expires_in = value`."""
+    issue = auth._issue
+
+    def issued(family: Any, *, refresh: bool = True) -> dict[str, Any]:
+        answer = issue(family, refresh=refresh)
+        answer["expires_in"] = value
+        return answer
+
+    auth._issue = issued  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lifetime"),
+    [(3600, 3600.0), (1.5, 1.5), (0, None), (-60, None), (math.nan, None), (math.inf, None), (10**400, None),
+     (True, None), ("3600", None), (None, None), (10**12, MAX_TOKEN_LIFETIME)],
+)  # fmt: skip
+def test_only_a_positive_finite_expires_in_is_a_lifetime(expires_in: object, lifetime: float | None) -> None:
+    assert token_lifetime(expires_in) == lifetime
+
+
+@pytest.mark.parametrize("expires_in", [0, -60, math.nan, math.inf, 10**400])
+async def test_a_garbage_expires_in_means_an_unknown_expiry(tmp_path: Path, expires_in: object) -> None:
+    """No refresh ahead of an expiry that cannot be known (0 or NaN once meant a refresh 20 times a second), and
+    the status of the upstream still reads (NaN and infinity once broke `mcpxctl status` for every upstream)."""
+    async with oauth_credential(tmp_path) as (credential, auth):
+        answering_expires_in(auth, expires_in)
+        await browser_login(credential)
+        assert credential.logged_in
+        status = credential.status()
+        assert status["expires_at"] is None and status["expires_in"] is None
+        assert credential._proactive is None
+        assert await credential.renew(credential.headers(), Challenge())  # a 401 still gets a refresh
+        assert auth.refresh_count == 1
+
+
+def holding_refreshes(auth: AuthServer) -> tuple[asyncio.Event, asyncio.Event]:
+    """(entered, release): the authorization server rotates a refresh token, sets `entered`, and answers only
+    once `release` is set."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    grant = auth._grant_refresh
+
+    async def held(request: Any, form: dict[str, str]) -> dict[str, Any]:
+        answer = await grant(request, form)
+        entered.set()
+        await release.wait()
+        return answer
+
+    auth._grant_refresh = held  # type: ignore[method-assign]
+    return entered, release
+
+
+async def test_a_refresh_under_way_does_not_undo_a_logout(tmp_path: Path) -> None:
+    async with oauth_credential(tmp_path) as (credential, auth):
+        await browser_login(credential)
+        entered, release = holding_refreshes(auth)
+        renewing = asyncio.create_task(credential.renew(credential.headers(), Challenge()))
+        async with asyncio.timeout(10):
+            await entered.wait()
+        logout = asyncio.create_task(credential.logout())  # its first step runs before the answer can arrive
+        release.set()
+        async with asyncio.timeout(10):
+            assert await logout
+            assert not await renewing  # nothing to retry with: logged out
+        assert not credential.logged_in and credential._proactive is None
+        assert await (await credential._context.store()).load("protected") is None
+
+
+async def test_a_refresh_under_way_does_not_replace_a_newer_login(tmp_path: Path) -> None:
+    async with oauth_credential(tmp_path) as (credential, auth):
+        await browser_login(credential)
+        entered, release = holding_refreshes(auth)
+        renewing = asyncio.create_task(credential.renew(credential.headers(), Challenge()))
+        async with asyncio.timeout(10):
+            await entered.wait()
+        await browser_login(credential)  # the user logs in again meanwhile
+        newest = credential.headers()
+        release.set()
+        async with asyncio.timeout(10):
+            assert await renewing  # a retry with the current (the new login's) token is worth making
+        assert credential.headers() == newest
+        record = await (await credential._context.store()).load("protected")
+        assert record is not None and f"Bearer {record['tokens']['access_token']}" == newest["Authorization"]
+
+
+async def test_resource_metadata_missing_for_a_moment_does_not_cost_the_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 404 while the server redeploys (or a 429, a WAF's 403) on the protected resource metadata during a refresh:
+    discovery would take the upstream's own origin for the authorization server, which differs from the one the
+    login came from. That is no evidence the server changed: the refresh fails for now, the login stays (TOK-5)."""
+    async with oauth_credential(tmp_path) as (credential, auth):
+        await browser_login(credential)
+        served = endpoints._get_json
+
+        async def not_there(http: aiohttp.ClientSession, url: str) -> Any:
+            return None if "oauth-protected-resource" in url else await served(http, url)  # what any 3xx/4xx gives
+
+        monkeypatch.setattr(endpoints, "_get_json", not_there)
+        auth.expire_access_tokens()
+        with pytest.raises(UpstreamUnavailable, match="will retry"):
+            await credential.renew(credential.headers(), Challenge())
+        assert credential.logged_in
+        monkeypatch.setattr(endpoints, "_get_json", served)  # the metadata is back
+        assert await credential.renew(credential.headers(), Challenge())
+        assert auth.refresh_count == 1
+
+
+async def test_a_browser_login_nobody_waits_for_expires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mcpxctl login` interrupted after the start: the flow still ends at its lifetime (SEC-2), its state can no
+    longer be redeemed and its loopback listener closes."""
+    monkeypatch.setattr(credential_module, "BROWSER_LOGIN_LIFETIME", 0.5)  # ten minutes in real life
+    async with oauth_credential(tmp_path) as (credential, _auth):
+        flow = await credential.begin_login()
+        assert flow.pending is not None and flow.result is not None
+        async with asyncio.timeout(10):
+            await asyncio.wait({flow.result})
+        error = flow.result.exception()
+        assert isinstance(error, LoginError) and "expired" in str(error)
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await http.get(flow.pending.redirect_uri + "?state=s&code=c")

@@ -49,7 +49,7 @@ async def test_issuer_mismatch_and_wrong_resource_are_refused(http: aiohttp.Clie
             await endpoints.discover(http, upstream.url, canonical_resource(upstream.url), Challenge())
 
 
-REFUSED = "(must be https|is not a plain ASCII URL)"
+REFUSED = "(must be https|is not a plain ASCII URL|contains a backslash|is not a valid URL)"
 HOSTILE_URLS = [
     "javascript:alert(1)",
     "file:///etc/passwd",
@@ -58,6 +58,9 @@ HOSTILE_URLS = [
     "https://as.example/authorize?\x9b31m",  # a C1 control: CSI in many terminals
     "https://as.example/\u202egnp.exe",  # a bidi override: the terminal shows another address
     "https://as.example/authoriz\u0435",  # a Cyrillic e: not the address it looks like
+    "https://evil.example\\.as.example/authorize",  # a browser's host is evil.example, urlsplit's another
+    "https://[as.example/authorize",  # urlsplit raises ValueError
+    "https://as.example:99999/authorize",  # so does .port
 ]
 
 

@@ -29,6 +29,8 @@ def loads(data: bytes | bytearray | str) -> Any:
             return json.loads(data)
         except ValueError as exc:
             raise ParseError(f"invalid JSON: {exc}") from None
+        except RecursionError:  # (orjson refuses nesting past 1024 levels; json recurses until the stack ends)
+            raise ParseError("invalid JSON: nested too deeply") from None
 
 
 _UNKNOWN: Final = object()

@@ -46,6 +46,10 @@ def register_secret(secret: str, *, slot: str | None = None) -> None:
         del _secrets[gone]
     for value in live - _secrets.keys():
         _secrets[value] = (value.encode(), f"<secret {fingerprint(value)}>".encode())
+    # Longest first: a secret that contains another (`Bearer <key>`, the key) is replaced whole.
+    ordered = sorted(_secrets.items(), key=lambda item: len(item[0]), reverse=True)
+    _secrets.clear()
+    _secrets.update(ordered)
 
 
 def any_registered() -> bool:

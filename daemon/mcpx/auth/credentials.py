@@ -59,18 +59,26 @@ class CredentialProvider(Protocol):
         ...
 
 
-def expand_env(template: str, *, upstream: str, what: str, environ: Mapping[str, str] | None = None) -> str:
+def expand_env(
+    template: str, *, upstream: str, what: str, environ: Mapping[str, str] | None = None, secret: bool = False
+) -> str:
     """Expand `${VAR}` references from `environ` (default: mcpxd's environment). Raises `CredentialRejected` naming
-    the variable when one is unset."""
+    the variable when one is unset. `secret`: the result is a secret, and so is each variable's value on its own
+    (`Bearer ${API_KEY}`: an upstream may echo the key alone); all are registered for redaction."""
     environ = os.environ if environ is None else environ
 
     def substitute(match: re.Match[str]) -> str:
         value = environ.get(match.group(1))
         if value is None:
             raise CredentialRejected(upstream, f"environment variable {match.group(1)} (used in {what}) is not set")
+        if secret:
+            register_secret(value)
         return value
 
-    return _ENV_REFERENCE.sub(substitute, template)
+    expanded = _ENV_REFERENCE.sub(substitute, template)
+    if secret:
+        register_secret(expanded)
+    return expanded
 
 
 class StaticCredential:
@@ -214,9 +222,7 @@ class StaticHeader(_SecretSource):
         self._template = template
 
     def _read(self, *, force: bool) -> str:
-        value = expand_env(self._template, upstream=self._upstream, what=f"the {self._name} header")
-        register_secret(value)
-        return value
+        return expand_env(self._template, upstream=self._upstream, what=f"the {self._name} header", secret=True)
 
     def _header(self, value: str) -> dict[str, str]:
         return {self._name: value}

@@ -59,9 +59,10 @@ class HttpPeer:
     def headers(self) -> dict[str, str]:
         """A fresh dict of the headers every request to this upstream carries (configured, then credential)."""
         if self._static_headers is None:
-            # The daemon's environment does not change while it runs: expand `${VAR}` once.
+            # The daemon's environment does not change while it runs: expand `${VAR}` once. A value kept out of the
+            # config in a variable is taken for a secret (`mcpxctl import` puts secret-looking headers there).
             self._static_headers = {
-                name: expand_env(value, upstream=self.name, what=f"the {name} header")
+                name: expand_env(value, upstream=self.name, what=f"the {name} header", secret="${" in value)
                 for name, value in self.config.headers.items()
             }
         return {**self._static_headers, **self.credentials.headers()}

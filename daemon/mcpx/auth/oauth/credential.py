@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -59,11 +60,18 @@ from mcpx.redact import fingerprint, register_secret
 _log = get_logger("mcpx.oauth")
 
 LOGIN_TIMEOUT: Final = 300.0
+# A browser login's state and listener live this long at most, whether or not anyone waits for it (SEC-2).
+BROWSER_LOGIN_LIFETIME: Final = 600.0
 DEVICE_CODE_EXPIRED: Final = "the code expired before the login was approved"
 # The longest pause between device login polls after network failures (RFC 8628 §3.5: back off exponentially).
 MAX_POLL_BACKOFF: Final = 60.0
 # Step-up re-authorizations allowed for one set of scopes before mcpx stops asking (SEC-14).
 MAX_STEP_UPS: Final = 2
+# An `expires_in` beyond this is taken as this (ten years): a number too large for a date is a server's mistake.
+MAX_TOKEN_LIFETIME: Final = 10 * 365 * 86400.0
+# The shortest time from getting tokens to refreshing them ahead of expiry: a server that hands out tokens living a
+# moment would otherwise be asked again at once, over and over (a token expired meanwhile is refreshed when used).
+MIN_PROACTIVE_REFRESH: Final = 1.0
 
 
 class LoginError(Exception):
@@ -132,8 +140,9 @@ class LoginFlow:
 
     @property
     def expires_at(self) -> float:
-        """When a device login's code expires (`time.monotonic()`); never for a browser login."""
-        return self.started_at + self.device.expires_in if self.device is not None else float("inf")
+        """When the flow expires (`time.monotonic()`): a device login's code, or a browser login's state."""
+        lifetime = self.device.expires_in if self.device is not None else BROWSER_LOGIN_LIFETIME
+        return self.started_at + lifetime
 
     @property
     def offers_device_grant(self) -> bool:
@@ -143,6 +152,25 @@ class LoginFlow:
 
 def _succeeded(task: asyncio.Task[None]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None
+
+
+def token_lifetime(expires_in: object) -> float | None:
+    """The seconds a token lives, from a token response's `expires_in` (RFC 6749 §5.1: a positive number); None when
+    it is anything else (absent, zero, negative, not finite, a string, a boolean): the token's expiry is unknown."""
+    if type(expires_in) is not int and type(expires_in) is not float:
+        return None
+    try:
+        seconds = float(expires_in)
+    except OverflowError:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(seconds, MAX_TOKEN_LIFETIME)
+
+
+def _instant(value: object) -> float | None:
+    """A stored time (seconds since the epoch), if it is a finite number."""
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else None  # type: ignore[arg-type]
 
 
 class OAuthCredential:
@@ -163,6 +191,9 @@ class OAuthCredential:
         self._proactive: asyncio.Task[None] | None = None
         self._login: LoginFlow | None = None
         self._login_lock = asyncio.Lock()
+        # Moved on by every logout and login: a refresh that began before one drops what it got (it belongs to
+        # the grant the user ended or replaced).
+        self._grant = 0
         self._challenge = Challenge()
         self._step_ups: dict[tuple[str, ...], int] = {}
         # Run after a successful login that nobody waits for (the supervisor reconnects); see `wait_login`.
@@ -238,14 +269,14 @@ class OAuthCredential:
 
     def status(self) -> dict[str, Any]:
         tokens = self._tokens()
-        expires_at = tokens.get("expires_at") if tokens else None
+        expires_at = _instant(tokens.get("expires_at")) if tokens else None
         return {
             "logged_in": tokens is not None,
             "storage": self._context.backend,
             "storage_note": self._context.storage_note,
             "issuer": self._record.get("issuer"),
             "expires_at": expires_at,
-            "expires_in": round(expires_at - time.time()) if isinstance(expires_at, (int, float)) else None,
+            "expires_in": round(expires_at - time.time()) if expires_at is not None else None,
             "scopes": self._record.get("scopes") or None,
         }
 
@@ -272,8 +303,8 @@ class OAuthCredential:
 
     @staticmethod
     def _expired(tokens: Mapping[str, Any], margin: float = 0.0) -> bool:
-        expires_at = tokens.get("expires_at")
-        return isinstance(expires_at, (int, float)) and expires_at - margin <= time.time()
+        expires_at = _instant(tokens.get("expires_at"))
+        return expires_at is not None and expires_at - margin <= time.time()
 
     async def _load(self) -> None:
         try:
@@ -318,12 +349,12 @@ class OAuthCredential:
     def _accept_tokens(self, answer: Mapping[str, Any], previous_refresh: str | None) -> None:
         access = str(answer["access_token"])
         refresh = answer.get("refresh_token")
-        expires_in = answer.get("expires_in")
+        lifetime = token_lifetime(answer.get("expires_in"))
         tokens: dict[str, Any] = {
             "access_token": access,
             # Servers that do not rotate send no new refresh token: keep the one we had.
             "refresh_token": refresh if isinstance(refresh, str) else previous_refresh,
-            "expires_at": time.time() + float(expires_in) if isinstance(expires_in, (int, float)) else None,
+            "expires_at": time.time() + lifetime if lifetime is not None else None,
             "obtained_at": time.time(),
         }
         self._record["tokens"] = tokens
@@ -337,6 +368,7 @@ class OAuthCredential:
         return await asyncio.shield(self._refreshing)
 
     async def _refresh(self) -> bool:
+        grant = self._grant
         server = await self._server_metadata()
         client = self._client(server)
         if client is None:
@@ -364,15 +396,28 @@ class OAuthCredential:
         except EndpointUnreachable as exc:
             raise UpstreamUnavailable(self.name, f"token refresh failed, will retry: {exc}") from None
         except TokenEndpointError as exc:
+            if grant != self._grant:
+                return self._overtaken(tokens)
             if exc.code == "invalid_grant" and not self.machine:
                 return await self._after_invalid_grant(tokens)
             raise CredentialRejected(self.name, f"the authorization server refused the token request: {exc}") from None
+        if grant != self._grant:
+            # A logout or a new login came while the refresh was under way: its tokens belong to the grant that
+            # was ended or replaced, and must neither come back into use nor be stored again.
+            _log.info("a refresh that a logout or login overtook was dropped", upstream=self.name)
+            return self._overtaken(tokens)
         self._accept_tokens(answer, tokens.get("refresh_token"))
         # The rotated refresh token is stored before the new access token is used (TOK-5).
         await self._save()
         _log.info("OAuth token refreshed", upstream=self.name)
         self._schedule_proactive_refresh()
         return True
+
+    def _overtaken(self, refreshed: Mapping[str, Any]) -> bool:
+        """What a refresh that a logout or a login overtook tells its callers: a retry is worth making only with
+        the tokens of a login made since (a logout under way still holds the old ones)."""
+        tokens = self._tokens()
+        return tokens is not None and tokens is not refreshed
 
     async def _after_invalid_grant(self, sent: Mapping[str, Any]) -> bool:
         try:
@@ -392,11 +437,13 @@ class OAuthCredential:
         if self._proactive is not None:
             self._proactive.cancel()
             self._proactive = None
-        if tokens is None or not isinstance(tokens.get("expires_at"), (int, float)) or not self._refreshable(tokens):
+        expires_at = _instant(tokens.get("expires_at")) if tokens is not None else None
+        if tokens is None or expires_at is None or not self._refreshable(tokens):
             return
-        lifetime = tokens["expires_at"] - float(tokens.get("obtained_at") or time.time())
-        # Refresh when a fifth of the lifetime is left (at most five minutes before expiry).
-        at = tokens["expires_at"] - min(300.0, max(0.5, lifetime / 5))
+        obtained_at = _instant(tokens.get("obtained_at")) or time.time()
+        lifetime = expires_at - obtained_at
+        # Refresh when a fifth of the lifetime is left (at most five minutes before expiry), not too soon.
+        at = max(expires_at - min(300.0, max(0.5, lifetime / 5)), obtained_at + MIN_PROACTIVE_REFRESH)
         self._proactive = asyncio.get_running_loop().create_task(self._refresh_at(at))
 
     async def _refresh_at(self, when: float) -> None:
@@ -424,7 +471,15 @@ class OAuthCredential:
             raise UpstreamUnavailable(self.name, f"OAuth discovery failed: {exc}") from None
         except DiscoveryError as exc:
             raise CredentialRejected(self.name, f"OAuth discovery failed: {exc}") from None
-        if self._record.get("issuer") not in (None, server.issuer):
+        known = self._record.get("issuer")
+        if known not in (None, server.issuer):
+            if resource is None:
+                # No protected resource metadata this time (a 4xx while the server redeploys, a WAF's refusal): the
+                # origin taken for the authorization server then is no evidence that it changed, and the login
+                # must not be thrown away on such doubt (TOK-5).
+                raise UpstreamUnavailable(
+                    self.name, f"OAuth discovery found no resource metadata naming {known} now; will retry"
+                )
             # Another authorization server now: nothing from the old one may be used with it (SEP-2352).
             _log.warning("the upstream's authorization server changed; registering again", upstream=self.name)
             self._record = {"resource": self.resource}
@@ -526,6 +581,7 @@ class OAuthCredential:
                 resource=self.resource_indicator,
                 scopes=self._requested_scopes(resource),
             )
+            listener.state = pending.state
         except (DiscoveryError, EndpointUnreachable, TokenEndpointError) as exc:
             await listener.stop()
             raise LoginError(f"cannot start the login: {exc}") from None
@@ -673,7 +729,12 @@ class OAuthCredential:
     async def _complete(self, flow: LoginFlow) -> None:
         assert flow.pending is not None
         try:
-            answer = await flow.answer
+            try:
+                async with asyncio.timeout(flow.expires_at - time.monotonic()):
+                    answer = await flow.answer
+            except TimeoutError:
+                minutes = BROWSER_LOGIN_LIFETIME / 60
+                raise LoginError(f"the login expired: no answer from the browser within {minutes:g} minutes") from None
             code = code_from_response(flow.pending, flow.server, answer)
             form = {
                 "grant_type": "authorization_code",
@@ -737,6 +798,7 @@ class OAuthCredential:
             raise error if error is not None else LoginError("the login was ended before it completed")
 
     async def _store_login(self, flow: LoginFlow, tokens: Mapping[str, Any], scopes: tuple[str, ...]) -> None:
+        self._grant += 1
         self._adopt_client(flow)
         self._accept_tokens(tokens, None)
         if "scopes" not in self._record or not isinstance(tokens.get("scope"), str):
@@ -792,6 +854,12 @@ class OAuthCredential:
         if not self._loaded:
             with contextlib.suppress(CredentialRejected):
                 await self._load()
+        self._grant += 1
+        refreshing = self._refreshing
+        if refreshing is not None and not refreshing.done():
+            # Its answer is dropped (see `_grant`); waiting for it means no store write of its can land after
+            # the delete below (bounded by the token endpoint's and the store's own timeouts).
+            await asyncio.wait({refreshing})
         tokens = self._tokens()
         if tokens is not None:
             await self._revoke(tokens)
@@ -799,6 +867,7 @@ class OAuthCredential:
         self._record = {"resource": self.resource}
         if self._proactive is not None:
             self._proactive.cancel()
+            self._proactive = None
         try:
             await (await self._context.store()).delete(self.name)
         except StoreError as exc:

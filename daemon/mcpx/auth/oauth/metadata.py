@@ -88,9 +88,15 @@ def check_url(url: object, what: str) -> str:
         raise DiscoveryError(f"{what} is missing")
     if not all("!" <= char <= "~" for char in url):
         raise DiscoveryError(f"{what} is not a plain ASCII URL: it contains spaces, control or non-ASCII characters")
-    parts = urlsplit(url)
-    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname)):
-        if not parts.hostname:
+    if "\\" in url:  # browsers read it as "/" (WHATWG URL), urlsplit does not: the host would differ
+        raise DiscoveryError(f"{what} contains a backslash")
+    try:
+        parts = urlsplit(url)
+        hostname, _ = parts.hostname, parts.port
+    except ValueError:  # an unclosed or misplaced "[", a port that is not a number
+        raise DiscoveryError(f"{what} is not a valid URL") from None
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(hostname)):
+        if not hostname:
             raise DiscoveryError(f"{what} has no host")
         if parts.username is not None or parts.password is not None or parts.fragment:
             raise DiscoveryError(f"{what} must not carry credentials or a fragment")
