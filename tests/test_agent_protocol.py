@@ -44,11 +44,17 @@ async def test_malformed_and_oversized_messages_get_errors_and_the_session_goes_
         await peer.send_line(b'[{"jsonrpc": "2.0", "id": 2, "method": "ping"}]')
         assert (await peer.receive())["error"]["code"] == -32600  # batches were removed in 2025-06-18
 
-        await peer.send_line(b'{"jsonrpc": "1.0", "id": 3, "method": "ping"}')
-        assert (await peer.receive())["error"]["code"] == -32600
-
-        await peer.send_line(b'{"jsonrpc": "2.0", "id": 4, "method": "ping", "params": [1]}')
-        assert (await peer.receive())["error"]["code"] == -32600
+        # An invalid request whose id can be read is answered under it: its caller waits for that id.
+        for line, request_id in [
+            (b'{"jsonrpc": "1.0", "id": 3, "method": "ping"}', 3),
+            (b'{"jsonrpc": "2.0", "id": 4, "method": "ping", "params": [1]}', 4),
+            (b'{"id": "four", "method": "ping"}', "four"),
+            (b'{"jsonrpc": "2.0", "id": 44, "method": 42}', 44),
+            (b'{"jsonrpc": "2.0", "id": [4], "method": "ping"}', None),  # an id that is no id
+        ]:
+            await peer.send_line(line)
+            error = await peer.receive()
+            assert error["id"] == request_id and error["error"]["code"] == -32600, line
 
         await peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": [1]}})
         await peer.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": {"x": 1}}})

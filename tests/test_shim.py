@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.daemon import SHIM, Sandbox, agent, mcpxctl, run, running_daemon, upstream_toml
-from tests.support.lifecycle import wait_for_exit
+from tests.support.lifecycle import PipeAgent, wait_for_exit
 from tests.support.results import text_of
+from tests.support.stdio import stdio_toml
 from tests.support.upstream import TOOLS, Upstream, running
 
 SHIM_DIR = Path(__file__).resolve().parent.parent / "shim"
@@ -211,3 +214,43 @@ async def test_shim_hands_agent_pipes_to_the_daemon_or_relays_when_asked(sandbox
         stdin_target, stdout_target, replies = await _shim_session(sandbox, {**sandbox.env, "MCPX_SHIM_RELAY": "1"})
         assert stdin_target.startswith("pipe:") and stdout_target.startswith("pipe:")
         assert replies[1]["result"]["content"][0]["text"] == "alpha:x"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_no_process_mcpxd_starts_holds_an_agents_pipes(sandbox: Sandbox) -> None:
+    """The pipes the shim hands over are close-on-exec in mcpxd: a stdio server it starts later (here agent B's
+    own, per-agent by default) must not be able to read agent A's requests or write into its output."""
+    sandbox.write_config(stdio_toml("local"))
+    init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    async with running_daemon(sandbox) as daemon, PipeAgent.running(sandbox) as a, PipeAgent.running(sandbox) as b:
+        for peer in (a, b):
+            await peer.send({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init})
+            await peer.response(0)
+        await b.send(
+            {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "local__echo", "arguments": {}}}
+        )
+        await b.response(1)  # B's server process runs now
+        a_pipes = {_pipe_of(pipe) for pipe in (a.process.stdin, a.process.stdout)}
+        servers = _children(daemon.process.pid)
+        assert servers
+        for pid in servers:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert not held & a_pipes, f"server {pid} holds agent A's pipes"
+
+
+def _pipe_of(stream: Any) -> str:
+    transport = stream.transport if hasattr(stream, "transport") else stream._transport
+    return os.readlink(f"/proc/self/fd/{transport.get_extra_info('pipe').fileno()}")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                status = Path(f"/proc/{entry}/status").read_text()
+            except OSError:
+                continue
+            if int(status.split("PPid:")[1].split()[0]) == pid:
+                found.append(int(entry))
+    return found

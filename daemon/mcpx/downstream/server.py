@@ -66,6 +66,7 @@ STOP_FLUSH_TIMEOUT = 2.0  # for the agent to read the last responses
 _LIFELINE_SEND_TIMEOUT = 5.0
 
 _FD_SIZE = array.array("i").itemsize
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # Linux
 # accept(2) failing for want of descriptors or memory: the pending connection stays queued, so accept again after
 # a pause (asyncio's own servers wait as long, `asyncio.constants.ACCEPT_RETRY_DELAY`) rather than spin or stop.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -452,7 +453,10 @@ class AgentListener:
     def _first_read(self, conn: socket.socket, peer: PeerCredentials) -> None:
         loop = asyncio.get_running_loop()
         try:
-            data, ancillary, _flags, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(2 * _FD_SIZE))
+            # Close-on-exec at once (where the flag exists; below where it does not): a stdio upstream spawned
+            # later must not inherit an agent's pipes (it could read its requests or write into its stdout, and the
+            # agent would never see the end of its output).
+            data, ancillary, _flags, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(2 * _FD_SIZE), _CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:
@@ -594,6 +598,9 @@ def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(data) - len(data) % _FD_SIZE
             fds.extend(array.array("i", data[:usable]))
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)  # (already so with MSG_CMSG_CLOEXEC; not on macOS)
     return fds
 
 

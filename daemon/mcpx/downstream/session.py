@@ -85,9 +85,19 @@ class AgentSession:
 
     def on_line(self, line: bytes) -> None:
         try:
-            message = jsonrpc.validate_message(jsonrpc.loads(line))
+            parsed = jsonrpc.loads(line)
         except AgentError as exc:
             self.send_message(jsonrpc.error_response(None, jsonrpc_error(exc)))
+            return
+        try:
+            message = jsonrpc.validate_message(parsed)
+        except AgentError as exc:
+            # A request whose id can be read is answered under it (JSON-RPC 2.0 §5: null only when it cannot be),
+            # else its caller would wait for that id forever.
+            request_id = parsed.get("id") if isinstance(parsed, dict) and "method" in parsed else None
+            self.send_message(
+                jsonrpc.error_response(request_id if jsonrpc.is_request_id(request_id) else None, jsonrpc_error(exc))
+            )
             return
         method = message.get("method")
         if method is None:
