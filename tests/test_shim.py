@@ -231,6 +231,7 @@ async def test_no_process_mcpxd_starts_holds_an_agents_pipes(sandbox: Sandbox) -
         )
         await b.response(1)  # B's server process runs now
         a_pipes = {_pipe_of(pipe) for pipe in (a.process.stdin, a.process.stdout)}
+        assert daemon.process is not None
         servers = _children(daemon.process.pid)
         assert servers
         for pid in servers:
