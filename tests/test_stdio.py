@@ -19,6 +19,7 @@ from mcpx.jsonrpc import Message
 from mcpx.redact import redact
 from mcpx.upstream import stdio
 from mcpx.upstream.stdio import INHERITED, StdioSession, child_environment
+from tests.support.lifecycle import wait_for_exit
 from tests.support.stdio import SERVER, gone
 
 
@@ -180,6 +181,36 @@ async def test_a_garbage_line_and_an_oversized_line_are_skipped_and_the_session_
     events = [event["event"] for event in logs]
     assert "upstream sent something that is not JSON-RPC" in events
     assert "stdio server sent a message over the size limit; skipped" in events
+
+
+async def test_a_flood_of_garbage_on_stdout_is_logged_within_a_budget_with_what_was_left_out() -> None:
+    lines = 5000
+    with capture_logs() as logs:
+        async with session(config()) as opened:
+            assert await call(opened, "garbage", lines=lines) == "after garbage"
+            assert await call(opened, "echo", text="still") == "local:still"
+    warned = [event for event in logs if event["event"] == "upstream sent something that is not JSON-RPC"]
+    left_out = [event["count"] for event in logs if event["event"].endswith("left out of the log")]
+    assert len(warned) < lines // 10
+    assert len(warned) + sum(left_out) == lines  # each line is warned of or counted
+
+
+@pytest.mark.usefixtures("quick_stop")
+async def test_helpers_a_server_started_are_stopped_when_it_exits_on_stdin_close() -> None:
+    async with session(config()) as opened:
+        helper = await call(opened, "helper")
+    await wait_for_exit(helper, 10)
+
+
+@pytest.mark.usefixtures("quick_stop")
+async def test_helpers_a_server_started_are_stopped_when_it_crashes() -> None:
+    lost = Lost()
+    async with session(config(), lost=lost) as opened:
+        helper = await call(opened, "helper")
+        with pytest.raises(UpstreamUnavailable):
+            await opened.request("tools/call", {"name": "crash", "arguments": {"status": 1}}, timeout=20)
+        await wait_for_exit(helper, 10)  # at once, not when the session is next reconnected or closed
+        assert lost.reasons
 
 
 async def test_a_crash_fails_the_call_in_flight_and_reports_the_loss_with_the_status() -> None:

@@ -8,7 +8,7 @@ import os
 
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.results import text_of
-from tests.support.upstream import TokenCheck, Upstream, running
+from tests.support.upstream import TokenCheck, Upstream, reserve_port, running
 
 
 async def _status(sandbox: Sandbox) -> dict[str, dict[str, object]]:
@@ -130,3 +130,18 @@ async def test_daemon_stop_deletes_upstream_sessions_and_sends_configured_header
         assert await daemon.stop() == 0
         deletes = [r for r in alpha.requests if r.method == "DELETE"]
         assert [r.headers.get("mcp-session-id") for r in deletes] == [session_id]
+
+
+async def test_a_down_upstream_whose_name_holds_the_separator_is_named_in_the_error(sandbox: Sandbox) -> None:
+    closed = reserve_port()  # bound, never listening: connections are refused
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}/mcp"
+    try:
+        sandbox.write_config(
+            "[daemon]\nconnect_timeout = 1\n\n" + upstream_toml("srv", url) + upstream_toml("my__srv", url)
+        )
+        async with running_daemon(sandbox), agent(sandbox) as client:
+            failed = await client.call_tool("my__srv__echo", {"text": "x"})
+            assert failed.is_error
+            assert "my__srv" in text_of(failed)
+    finally:
+        closed.close()

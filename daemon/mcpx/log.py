@@ -9,6 +9,9 @@ Under systemd (`$JOURNAL_STREAM` names stderr's device and inode) each event is 
 priority prefix (`<3>` error … `<7>` debug, which journald turns into the entry's priority, so `journalctl -p`
 filters work), the event and its fields as `key=value`, without colours or a timestamp (journald stamps entries).
 Newlines inside values are escaped, so an event is always one journal entry.
+
+What an upstream can make mcpx log line after line (a stdio server's stderr, output that is not JSON-RPC) goes
+through a `LineBudget`, so that a flood of it cannot flood the log.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +41,28 @@ _PLAIN_VALUE = re.compile(r"[^\s\"'=\\]+")
 def get_logger(name: str) -> Any:
     """A structlog logger tagged with `component=name` (bound lazily, so importing modules costs nothing)."""
     return structlog.get_logger(component=name)
+
+
+class LineBudget:
+    """A token bucket for lines an upstream makes mcpx log (its stderr, what it sent that is not a message):
+    `burst` at once, then `rate` a second; counts what it refuses, for the caller to log."""
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self._burst = float(burst)
+        self._rate = rate
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self.refused = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.refused += 1
+        return False
 
 
 def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -2,9 +2,10 @@
 `python stdio_server.py NAME [--stubborn]`.
 
 Its tools say which server ran them (`NAME:`), report what the process sees (environment variable names, working
-directory, pid), write to stderr, write a line that is not JSON-RPC (or one that is too long) to stdout, and end
-the process (`crash`). On start it writes `NAME started` to stderr, with the value of `$STDIO_TEST_SECRET` when
-that is set (so tests can check that secrets are redacted in mcpxd's log).
+directory, pid), write to stderr, write lines that are not JSON-RPC (or too long) to stdout, start a helper process
+that runs until stopped (`helper`), and end the process (`crash`). On start it writes `NAME started` to stderr,
+with the value of `$STDIO_TEST_SECRET` when that is set (so tests can check that secrets are redacted in mcpxd's
+log).
 
 The rest of the surface, for the tests that run it over stdio: a prompt (`review`), a resource (`note://readme`),
 a question to the client during a call (`ask_name`: elicitation; `summarize`: sampling), progress and a log
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -70,10 +72,21 @@ def build(name: str) -> MCPServer:
         return "said"
 
     @server.tool()
-    def garbage(size: int = 0) -> str:
-        """Write one line that is not JSON-RPC to stdout (`size` bytes long when given) before the answer."""
-        os.write(_WIRE, (b"x" * size if size else b"this is not JSON-RPC {") + b"\n")
+    def garbage(size: int = 0, lines: int = 1) -> str:
+        """Write `lines` lines that are not JSON-RPC to stdout (`size` bytes long when given) before the answer."""
+        os.write(_WIRE, ((b"x" * size if size else b"this is not JSON-RPC {") + b"\n") * lines)
         return "after garbage"
+
+    @server.tool()
+    def helper() -> int:
+        """Start a helper process that runs until stopped (in this server's process group); its pid."""
+        started = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return started.pid
 
     @server.tool()
     def crash(status: int) -> str:

@@ -1,7 +1,9 @@
 """The router: owns the upstreams and the catalog, routes agent calls, and tells agents when the catalog changes.
 
 Shared by every agent session. Upstream sessions, tool lists and credentials live here once, whatever the
-number of agents. Reload swaps upstreams by diffing configs: unchanged upstreams keep their sessions.
+number of agents. Reload swaps upstreams by diffing configs: unchanged upstreams keep their sessions; the
+sessions of replaced ones (shared, and agents' own) close once their calls in flight end, and the agents'
+resource subscriptions to a changed upstream are made again in its new sessions.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from mcpx.audit import AuditLog
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.busypoll import BusyPoll
 from mcpx.config.model import Config, UpstreamConfig
-from mcpx.errors import InvalidParams, McpxError, unanswered
+from mcpx.errors import InvalidParams, McpxError, UpstreamUnavailable, unanswered
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.router.catalog import (
@@ -104,8 +106,8 @@ class Router:
         # (upstream, elicitationId) of a URL-mode elicitation → the agent that was asked (for its completion)
         self._elicitations: dict[tuple[str, str], Agent] = {}
         self._background: set[asyncio.Task[None]] = set()
-        # upstreams a reload replaced, stopping once their calls in flight are done
-        self._retiring: set[ManagedUpstream] = set()
+        # upstreams (and agents' own sessions) a reload replaced, stopping once their calls in flight are done
+        self._retiring: set[ManagedUpstream | AgentUpstream] = set()
         self._generation = 0
         self._pages: dict[str, tuple[bytes, ...]] = dict.fromkeys(LISTS, (b"[]",))
         # The daemon's one event loop polls a moment after each message sent (agents and upstreams alike).
@@ -164,7 +166,7 @@ class Router:
         for task in list(self._background):
             task.cancel()
         retiring, self._retiring = list(self._retiring), set()
-        await asyncio.gather(*(upstream.stop() for upstream in (*self.upstreams.values(), *retiring)))
+        await asyncio.gather(*(_stop(upstream) for upstream in (*self.upstreams.values(), *retiring)))
         self.upstreams.clear()
         if self._http is not None:
             await self._http.close()
@@ -201,24 +203,38 @@ class Router:
         self.busy_poll.window = config.daemon.busy_poll_us / 1_000_000
         if audit_changed:
             self._open_audit()
-        stopping = [self.upstreams.pop(name) for name in (*removed, *changed)]
-        private = [self._private.pop(key) for key in list(self._private) if key[1] in removed or key[1] in changed]
-        for key in [key for key in self._subscriptions if key[0] in removed or key[0] in changed]:
-            del self._subscriptions[key]
-        # Calls in flight finish on the session they started on (new calls go to the new one); an idle upstream
-        # is stopped before the reload returns.
-        busy = [upstream for upstream in stopping if not upstream.idle]
-        idle = [upstream for upstream in stopping if upstream.idle]
-        await asyncio.gather(*(session.close() for session in private), *(upstream.stop() for upstream in idle))
-        for upstream in busy:
-            self._retiring.add(upstream)
-            self._retire(upstream)
+        replaced = {*removed, *changed}
+        stopping: list[ManagedUpstream | AgentUpstream] = [self.upstreams.pop(name) for name in replaced]
+        private = {key: self._private.pop(key) for key in list(self._private) if key[1] in replaced}
+        # The agents' resource subscriptions to a changed upstream are made again in its new sessions.
+        carried: dict[tuple[Agent, str], set[str]] = {}
+        for (name, uri), subscribers in list(self._subscriptions.items()):
+            if name in replaced:
+                del self._subscriptions[name, uri]
+                for agent in subscribers if name in changed else ():
+                    carried.setdefault((agent, name), set()).add(uri)
+        for (agent, name), session in private.items():
+            if name in changed and session.subscribed:
+                carried.setdefault((agent, name), set()).update(session.subscribed)
+        # The new upstreams and the catalog are in place before anything is awaited: a call arriving meanwhile
+        # waits for the new upstream instead of finding neither.
         for name, upstream_config in new.items():
             if name in added or name in changed:
                 self._add(upstream_config)
         # Keep config order in the catalog.
         self.upstreams = {name: self.upstreams[name] for name in new}
         self._rebuild_catalog()
+        for (agent, name), uris in carried.items():
+            self._carry_subscriptions(agent, self.upstreams[name], uris)
+        # Calls in flight finish on the session they started on, shared or the agent's own (new calls go to the
+        # new one); an idle upstream or session is stopped before the reload returns.
+        stopping += private.values()
+        idle = [upstream for upstream in stopping if upstream.idle]
+        for upstream in stopping:
+            if not upstream.idle:
+                self._retiring.add(upstream)
+                self._retire(upstream)
+        await asyncio.gather(*(_stop(upstream) for upstream in idle))
         return {"added": added, "removed": removed, "changed": changed}
 
     # --- catalog -------------------------------------------------------------------------------------------------
@@ -290,7 +306,9 @@ class Router:
         route = self._settled_route(params)
         if route is None:
             return settle_in_task(functools.partial(self.call_tool, params, agent), on_settled)
-        upstream = self.upstreams[route.upstream]
+        upstream = self.upstreams.get(route.upstream)
+        if upstream is None:
+            return settle_in_task(functools.partial(self.call_tool, params, agent), on_settled)
         forwarded = {**params, "name": route.tool}
         client: _AgentClient | None = None  # (made by `_call` for an agent's own session)
         if upstream.config.shared:
@@ -451,7 +469,9 @@ class Router:
     ) -> Any:
         """Send one of the agent's requests to upstream `name` (its shared session or the agent's own), with the
         server's related messages going back to that agent (through `client`, made here unless given)."""
-        upstream = self.upstreams[name]
+        upstream = self.upstreams.get(name)
+        if upstream is None:  # a reload removed it while the call was being routed
+            raise UpstreamUnavailable(name, "removed from the configuration")
         self._last_caller[name] = agent
         if client is None:
             client = self._client_for(agent, upstream.config, params)
@@ -589,7 +609,21 @@ class Router:
                 self._elicitations[config.name, elicitation_id] = agent
         return await agent.ask(method, params, timeout)
 
-    def _retire(self, upstream: ManagedUpstream) -> None:
+    def _carry_subscriptions(self, agent: Agent, upstream: ManagedUpstream, uris: set[str]) -> None:
+        """Subscribe `agent` again, through `upstream` (new after a reload), to the resources it was subscribed to:
+        a shared upstream subscribes when its session comes up (`connected`); the agent's own session is opened
+        now, and subscribes as it opens."""
+        if upstream.config.shared:
+            for uri in uris:
+                self._subscriptions.setdefault((upstream.name, uri), set()).add(agent)
+            return
+        private = AgentUpstream(upstream, _AgentClient(self, agent, upstream.config), subscribed=uris)
+        self._private[agent, upstream.name] = private
+        daemon = self.config.daemon
+        # (as long as the new upstream's first connection and then the session's own opening may take)
+        self._spawn(private.open(), upstream.name, timeout=2 * daemon.connect_timeout + upstream.config.timeout)
+
+    def _retire(self, upstream: ManagedUpstream | AgentUpstream) -> None:
         async def retire() -> None:
             try:
                 await upstream.retire()
@@ -600,10 +634,10 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _spawn(self, work: Coroutine[Any, Any, Any], upstream: str) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, Any], upstream: str, *, timeout: float = 10.0) -> None:
         async def guarded() -> None:
             try:
-                async with asyncio.timeout(10.0):
+                async with asyncio.timeout(timeout):
                     await work
             except Exception as exc:  # noqa: BLE001 - task top: background upkeep must not end the daemon
                 _log.debug("background upstream work failed", upstream=upstream, error=str(exc))
@@ -624,10 +658,17 @@ class Router:
         catalog = self._named(kind)
         route = catalog.routes.get(name)
         if route is None:
-            # A namespaced name of an upstream that is not up: say why (or bring it up), not "unknown".
-            prefix, separator, _ = name.partition(SEPARATOR)
-            pending = self.upstreams.get(prefix) if separator else None
-            if pending is not None and pending.config.namespace and pending.state is not UpstreamState.READY:
+            # A namespaced name of an upstream that is not up: say why (or bring it up), not "unknown". Upstream
+            # names may hold the separator too: of those not up whose prefix this name has, the longest.
+            owners = [
+                upstream
+                for prefix, upstream in self.upstreams.items()
+                if name.startswith(prefix + SEPARATOR)
+                and upstream.config.namespace
+                and upstream.state is not UpstreamState.READY
+            ]
+            pending = max(owners, key=lambda upstream: len(upstream.name), default=None)
+            if pending is not None:
                 await pending.ensure_ready()
                 catalog = self._named(kind)
                 route = catalog.routes.get(name)
@@ -663,6 +704,13 @@ class Router:
             }
             for upstream in self.upstreams.values()
         ]
+
+
+async def _stop(upstream: ManagedUpstream | AgentUpstream) -> None:
+    if isinstance(upstream, ManagedUpstream):
+        await upstream.stop()
+    else:
+        await upstream.close()
 
 
 class _AgentClient:

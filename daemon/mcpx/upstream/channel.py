@@ -5,6 +5,10 @@ On such a channel every message of the session shares one stream, so responses a
 call only by what they carry: a progress token, or the fact that one agent alone has calls in flight.
 A subclass opens and shuts the channel, sends one serialized message with `_send`, feeds every received
 message to `_received`, and calls `_lost` when the channel dies; everything else is here.
+
+What the server sends that is not a message is dropped with a warning, at most `_UNREADABLE_BURST` warnings at
+once and `_UNREADABLE_RATE` a second after that; how many were left out is logged with the next one, or when the
+session closes.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from mcpx.errors import (
     UpstreamUnavailable,
 )
 from mcpx.jsonrpc import Message
-from mcpx.log import get_logger
+from mcpx.log import LineBudget, get_logger
 from mcpx.redact import any_registered
 from mcpx.upstream.peer import (
     ClientSide,
@@ -42,6 +46,9 @@ from mcpx.upstream.peer import (
 )
 
 _log = get_logger("mcpx.upstream")
+
+_UNREADABLE_BURST = 200
+_UNREADABLE_RATE = 20.0  # warnings per second once the burst is spent
 
 
 @dataclass
@@ -72,6 +79,7 @@ class ChannelSession(abc.ABC):
         self._server_requests = ServerRequests(name, self._send, timeout)
         self._background: set[asyncio.Task[None]] = set()
         self._open = False
+        self._unreadable = LineBudget(_UNREADABLE_BURST, _UNREADABLE_RATE)
         self.protocol_version: str | None = None
         self.server_info: dict[str, Any] = {}
         self.capabilities: dict[str, Any] = {}
@@ -126,6 +134,7 @@ class ChannelSession(abc.ABC):
         self._server_requests.close()
         self._fail_pending(UpstreamUnavailable(self.name, reason))
         await self._stop_channel()
+        self._report_left_out()
 
     # --- requests --------------------------------------------------------------------------------------------------
 
@@ -201,12 +210,28 @@ class ChannelSession(abc.ABC):
         try:
             message = jsonrpc.validate_message(jsonrpc.loads(raw))
         except (ParseError, InvalidRequest) as exc:
-            _log.warning("upstream sent something that is not JSON-RPC", upstream=self.name, error=str(exc))
+            self.unreadable("upstream sent something that is not JSON-RPC", error=str(exc))
             return
         if "method" not in message:
             self._response(message, raw)
             return
         route_incoming(message, related=self._related(message), default=self._client, requests=self._server_requests)
+
+    def unreadable(self, event: str, **fields: Any) -> None:
+        """Warn that the server sent something that is not a message (within the session's budget of warnings)."""
+        if not self._unreadable.take():
+            return
+        self._report_left_out()
+        _log.warning(event, upstream=self.name, **fields)
+
+    def _report_left_out(self) -> None:
+        if self._unreadable.refused:
+            _log.warning(
+                "more of what the upstream sent was not a message; left out of the log",
+                upstream=self.name,
+                count=self._unreadable.refused,
+            )
+            self._unreadable.refused = 0
 
     def _response(self, message: Message, raw: bytes) -> None:
         request_id = message.get("id")

@@ -11,18 +11,20 @@ the redactor, so it never reaches a log.
 
 I/O. The child is an `asyncio.SubprocessProtocol`: stdout goes through the sans-I/O `LineFramer`, bounded by
 `max_message_bytes`; an oversized line is dropped with a warning, a line that is not JSON-RPC is dropped by
-`ChannelSession._received`, and the session goes on. stderr is free-form logging: each line (at most
-`STDERR_LINE_BYTES`) is logged at info level with the upstream's name, redacted, at most `_STDERR_BURST` lines at
-once and `_STDERR_RATE` a second after that (how many were left out is logged). A write waits for the pipe to
-drain at most the upstream's `timeout`: a child that stops reading fails the call instead of hanging it.
+`ChannelSession._received`, and the session goes on (those warnings are limited as stderr lines are, see
+`ChannelSession.unreadable`). stderr is free-form logging: each line (at most `STDERR_LINE_BYTES`) is logged at
+info level with the upstream's name, redacted, at most `_STDERR_BURST` lines at once and `_STDERR_RATE` a second
+after that (how many were left out is logged). A write waits for the pipe to drain at most the upstream's
+`timeout`: a child that stops reading fails the call instead of hanging it.
 
 Death and stop. The child has the daemon's `connect_timeout` plus the upstream's `timeout` to answer `initialize`
 (it may have to start an interpreter, or download its package). When the child exits on its own (or closes its
 stdout), the session is lost with the exit status and the child's last stderr line; the supervisor starts a new
 child, with backoff if it keeps dying. Closing the session (shutdown, reload, the end of a per-agent session)
 closes stdin, waits `STDIN_GRACE` seconds, sends SIGTERM to the process group, waits `TERM_GRACE` seconds, sends
-SIGKILL, and reaps the child. The stop runs in a task of its own, so a caller cancelled meanwhile never leaves a
-child half-stopped.
+SIGKILL, and reaps the child. Once the child has exited (on its own or so stopped), what is left of its process
+group, the helpers it started, gets SIGTERM, then SIGKILL after `TERM_GRACE` seconds. The stop runs in a task of
+its own, so a caller cancelled meanwhile never leaves a child half-stopped.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from mcpx.auth.credentials import expand_env
 from mcpx.config.model import DaemonConfig, UpstreamConfig
 from mcpx.errors import CredentialRejected, UpstreamTimeout, UpstreamUnavailable
 from mcpx.framing.ndjson import LineFramer, Oversized
-from mcpx.log import get_logger
+from mcpx.log import LineBudget, get_logger
 from mcpx.redact import redact, register_secret
 from mcpx.upstream.channel import ChannelSession
 from mcpx.upstream.peer import ClientSide, first_of
@@ -79,6 +81,7 @@ _KILL_WAIT: Final = 5.0  # SIGKILL cannot be ignored; this only bounds a wait fo
 _END_GRACE: Final = 1.0
 # After the stop, how long the last stderr lines may take to arrive (a grandchild may hold the pipe).
 _DRAIN_GRACE: Final = 0.5
+_GROUP_POLL: Final = 0.05
 
 STDERR_LINE_BYTES: Final = 8192
 _STDERR_BURST: Final = 200
@@ -140,27 +143,6 @@ def describe_exit(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
-class _LineBudget:
-    """A token bucket for stderr lines: `burst` at once, then `rate` a second; counts what it refuses."""
-
-    def __init__(self, burst: int, rate: float) -> None:
-        self._burst = float(burst)
-        self._rate = rate
-        self._tokens = float(burst)
-        self._last = time.monotonic()
-        self.refused = 0
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        self.refused += 1
-        return False
-
-
 class _Child(asyncio.SubprocessProtocol):
     """One child process's pipes and exit, as events the session waits on."""
 
@@ -176,7 +158,10 @@ class _Child(asyncio.SubprocessProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.last_stderr: str | None = None
-        self._budget = _LineBudget(_STDERR_BURST, _STDERR_RATE)
+        self._budget = LineBudget(_STDERR_BURST, _STDERR_RATE)
+        # Once what was left of its process group is stopped, the group id is never signalled again: with no
+        # member left it may be given to another process.
+        self.group_ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's process transport has the interface without the class: no isinstance check.
@@ -219,11 +204,7 @@ class _Child(asyncio.SubprocessProtocol):
     def _messages(self, items: list[bytes | Oversized]) -> None:
         for item in items:
             if isinstance(item, Oversized):
-                _log.warning(
-                    "stdio server sent a message over the size limit; skipped",
-                    upstream=self._session.name,
-                    limit=item.limit,
-                )
+                self._session.unreadable("stdio server sent a message over the size limit; skipped", limit=item.limit)
                 continue
             try:
                 self._session.received(self, item)
@@ -387,12 +368,14 @@ class StdioSession(ChannelSession):
                         )
                         _signal_group(child, signal.SIGKILL)
                         await _within(child.exited.wait(), _KILL_WAIT)
+            helpers = await _end_group(child) if child.returncode is not None else None
             await _within(_both(child.stdout_closed, child.stderr_closed), _DRAIN_GRACE)
         finally:
             transport.close()
         code = child.returncode
         status = describe_exit(code) if code is not None else "did not exit"
-        _log.info("stdio server stopped", upstream=self.name, pid=pid, by=how, status=status)
+        extra = {"helpers_stopped_by": helpers} if helpers is not None else {}
+        _log.info("stdio server stopped", upstream=self.name, pid=pid, by=how, status=status, **extra)
 
     async def _watch_child(self, child: _Child) -> None:
         """Report the session lost when the child exits or closes its stdout on its own."""
@@ -406,6 +389,10 @@ class StdioSession(ChannelSession):
         if self._child is child:
             _log.warning("stdio server ended", upstream=self.name, pid=self.pid, reason=reason)
             self._lost(reason)
+        # What the server started may outlive it; it is stopped now, not when the session is next closed or
+        # reconnected (`_stop` cancels this and ends the group itself).
+        if code is not None:
+            await _end_group(child)
 
 
 def _signal_group(child: _Child, signum: int) -> None:
@@ -416,6 +403,40 @@ def _signal_group(child: _Child, signum: int) -> None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(transport.get_pid(), signum)
+
+
+async def _end_group(child: _Child) -> str | None:
+    """Stop what is left of `child`'s process group once the child, its leader, has exited: the helpers it
+    started (SIGTERM, then SIGKILL after `TERM_GRACE`). Returns the signal that ended them, None when there were
+    none (or it was done before). While the group has members its id is not given to a new process, so the group
+    is still the child's."""
+    if child.group_ended or child.transport is None:
+        return None
+    pgid = child.transport.get_pid()
+    ended_by: str | None = None
+    if _signal_members(pgid, signal.SIGTERM):
+        ended_by = "SIGKILL"
+        deadline = time.monotonic() + TERM_GRACE
+        while time.monotonic() < deadline:
+            # No event tells when the last member of a group is gone: asked every `_GROUP_POLL` seconds.
+            await asyncio.sleep(_GROUP_POLL)
+            if not _signal_members(pgid, 0):
+                ended_by = "SIGTERM"
+                break
+        else:
+            _signal_members(pgid, signal.SIGKILL)
+    # (not when cancelled midway: then whoever cancelled it ends the group)
+    child.group_ended = True
+    return ended_by
+
+
+def _signal_members(pgid: int, signum: int) -> bool:
+    """Signal process group `pgid`; False when it has no member left (or none mcpx may signal)."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 async def _within(awaitable: Coroutine[Any, Any, Any], seconds: float) -> bool:

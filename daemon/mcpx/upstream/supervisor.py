@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -486,19 +486,24 @@ class ManagedUpstream:
 
 class AgentUpstream:
     """One agent's own session with an upstream (`sharing = "per-agent"`): opened on the agent's first call to it,
-    closed when the agent leaves, dropped when it fails so that the next call opens a fresh one (a new child
-    process for a stdio server). The shared `ManagedUpstream` keeps the catalog and the credential. The resources
-    the agent subscribed to are remembered, and subscribed to again in a session that replaces the one they were
-    made in (the server forgot it, or it died and a new one was opened)."""
+    closed when the agent leaves or a reload replaces the upstream (once the agent's calls in flight have ended),
+    dropped when it fails so that the next call opens a fresh one (a new child process for a stdio server). The
+    shared `ManagedUpstream` keeps the catalog and the credential. The resources the agent subscribed to are
+    remembered, and subscribed to again in a session that replaces the one they were made in (the server forgot
+    it, it died and a new one was opened, or a reload replaced the upstream: `subscribed` carries them over)."""
 
-    def __init__(self, shared: ManagedUpstream, client: ClientSide) -> None:
+    def __init__(self, shared: ManagedUpstream, client: ClientSide, *, subscribed: Iterable[str] = ()) -> None:
         self.shared = shared
         self._client = client
         self.session: UpstreamSession | None = None
         self._opening = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
-        self._subscribed: set[str] = set()  # the upstream's own URIs
+        self._subscribed: set[str] = set(subscribed)  # the upstream's own URIs
         self._renewing: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+        self._calls = 0  # requests in flight
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def request(
         self,
@@ -508,14 +513,21 @@ class AgentUpstream:
         *,
         forward_raw: bool = False,
     ) -> Any:
-        session = await self._open()
+        self._calls += 1
+        self._idle.clear()
         try:
-            result = await session.request(
-                method, params, timeout=self.shared.config.timeout, on_related=on_related, forward_raw=forward_raw
-            )
-        except (UpstreamUnavailable, CredentialRejected):
-            await self._drop(session)
-            raise
+            session = await self._open()
+            try:
+                result = await session.request(
+                    method, params, timeout=self.shared.config.timeout, on_related=on_related, forward_raw=forward_raw
+                )
+            except (UpstreamUnavailable, CredentialRejected):
+                await self._drop(session)
+                raise
+        finally:
+            self._calls -= 1
+            if not self._calls:
+                self._idle.set()
         uri = params.get("uri") if params is not None else None
         if method == "resources/subscribe" and isinstance(uri, str):
             self._subscribed.add(uri)
@@ -527,7 +539,32 @@ class AgentUpstream:
         if self.session is not None:
             await self.session.notify(method, params)
 
+    async def open(self) -> None:
+        """Open the session now rather than on the agent's next call (it subscribes as it opens)."""
+        await self._open()
+
+    @property
+    def subscribed(self) -> frozenset[str]:
+        """The upstream's own URIs of the resources the agent is subscribed to."""
+        return frozenset(self._subscribed)
+
+    @property
+    def idle(self) -> bool:
+        """No request of the agent is in flight."""
+        return not self._calls
+
+    async def retire(self) -> None:
+        """Close once the agent's calls in flight have ended: a reload replaced the upstream, and its calls still
+        finish on the session they started on. Bounded by the per-call timeout, plus the connect timeout, as a
+        call may still be opening the session."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.shared.daemon.connect_timeout + self.shared.config.timeout):
+                await self._idle.wait()
+        await self.close()
+
     async def close(self) -> None:
+        """Close the session; one still opening is closed once it has opened (no session outlives this)."""
+        self._closed.set()
         for task in list(self._renewing):
             task.cancel()
         if self.session is not None:
@@ -537,6 +574,8 @@ class AgentUpstream:
 
     async def _open(self) -> UpstreamSession:
         async with self._opening:
+            if self._closed.is_set():
+                raise UpstreamUnavailable(self.name, "the agent's session with it was closed")
             if self.session is not None:
                 return self.session
             if self.shared.state is not UpstreamState.READY:
@@ -553,6 +592,9 @@ class AgentUpstream:
             except BaseException:
                 await session.close()
                 raise
+            if self._closed.is_set():
+                await session.close()
+                raise UpstreamUnavailable(self.name, "the agent's session with it was closed while it opened")
             self.session = session
             _log.info("per-agent session opened", upstream=self.name)
             self._subscribe_again(session)
