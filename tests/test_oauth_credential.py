@@ -214,9 +214,12 @@ async def test_a_garbage_expires_in_means_an_unknown_expiry(tmp_path: Path, expi
         assert auth.refresh_count == 1
 
 
-def holding_refreshes(auth: AuthServer) -> tuple[asyncio.Event, asyncio.Event]:
-    """(entered, release): the authorization server rotates a refresh token, sets `entered`, and answers only
-    once `release` is set."""
+async def refresh_held_by_the_server(
+    credential: OAuthCredential, auth: AuthServer
+) -> tuple[asyncio.Task[bool], asyncio.Event]:
+    """After a login: a refresh under way (a 401's `renew`) whose answer the authorization server has made (the
+    refresh token rotated) and holds back until the returned event is set."""
+    await browser_login(credential)
     entered, release = asyncio.Event(), asyncio.Event()
     grant = auth._grant_refresh
 
@@ -227,16 +230,15 @@ def holding_refreshes(auth: AuthServer) -> tuple[asyncio.Event, asyncio.Event]:
         return answer
 
     auth._grant_refresh = held  # type: ignore[method-assign]
-    return entered, release
+    renewing = asyncio.create_task(credential.renew(credential.headers(), Challenge()))
+    async with asyncio.timeout(10):
+        await entered.wait()
+    return renewing, release
 
 
 async def test_a_refresh_under_way_does_not_undo_a_logout(tmp_path: Path) -> None:
     async with oauth_credential(tmp_path) as (credential, auth):
-        await browser_login(credential)
-        entered, release = holding_refreshes(auth)
-        renewing = asyncio.create_task(credential.renew(credential.headers(), Challenge()))
-        async with asyncio.timeout(10):
-            await entered.wait()
+        renewing, release = await refresh_held_by_the_server(credential, auth)
         logout = asyncio.create_task(credential.logout())  # its first step runs before the answer can arrive
         release.set()
         async with asyncio.timeout(10):
@@ -248,11 +250,7 @@ async def test_a_refresh_under_way_does_not_undo_a_logout(tmp_path: Path) -> Non
 
 async def test_a_refresh_under_way_does_not_replace_a_newer_login(tmp_path: Path) -> None:
     async with oauth_credential(tmp_path) as (credential, auth):
-        await browser_login(credential)
-        entered, release = holding_refreshes(auth)
-        renewing = asyncio.create_task(credential.renew(credential.headers(), Challenge()))
-        async with asyncio.timeout(10):
-            await entered.wait()
+        renewing, release = await refresh_held_by_the_server(credential, auth)
         await browser_login(credential)  # the user logs in again meanwhile
         newest = credential.headers()
         release.set()
