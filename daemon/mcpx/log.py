@@ -45,14 +45,14 @@ def get_logger(name: str) -> Any:
 
 class LineBudget:
     """A token bucket for lines an upstream makes mcpx log (its stderr, what it sent that is not a message):
-    `burst` at once, then `rate` a second; counts what it refuses, for the caller to log."""
+    `burst` at once, then `rate` a second; counts what it refuses, for the caller to log (`left_out`)."""
 
-    def __init__(self, burst: int, rate: float) -> None:
+    def __init__(self, burst: int = 200, rate: float = 20.0) -> None:
         self._burst = float(burst)
         self._rate = rate
         self._tokens = float(burst)
         self._last = time.monotonic()
-        self.refused = 0
+        self._refused = 0
 
     def take(self) -> bool:
         now = time.monotonic()
@@ -61,8 +61,13 @@ class LineBudget:
         if self._tokens >= 1:
             self._tokens -= 1
             return True
-        self.refused += 1
+        self._refused += 1
         return False
+
+    def left_out(self) -> int:
+        """How many lines were refused since the last call (the count then starts again)."""
+        refused, self._refused = self._refused, 0
+        return refused
 
 
 def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

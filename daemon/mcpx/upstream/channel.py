@@ -6,9 +6,8 @@ call only by what they carry: a progress token, or the fact that one agent alone
 A subclass opens and shuts the channel, sends one serialized message with `_send`, feeds every received
 message to `_received`, and calls `_lost` when the channel dies; everything else is here.
 
-What the server sends that is not a message is dropped with a warning, at most `_UNREADABLE_BURST` warnings at
-once and `_UNREADABLE_RATE` a second after that; how many were left out is logged with the next one, or when the
-session closes.
+What the server sends that is not a message is dropped with a warning, within a `LineBudget` (200 warnings at
+once, then 20 a second); how many were left out is logged with the next one, or when the session closes.
 """
 
 from __future__ import annotations
@@ -47,9 +46,6 @@ from mcpx.upstream.peer import (
 
 _log = get_logger("mcpx.upstream")
 
-_UNREADABLE_BURST = 200
-_UNREADABLE_RATE = 20.0  # warnings per second once the burst is spent
-
 
 @dataclass
 class _Pending:
@@ -79,7 +75,7 @@ class ChannelSession(abc.ABC):
         self._server_requests = ServerRequests(name, self._send, timeout)
         self._background: set[asyncio.Task[None]] = set()
         self._open = False
-        self._unreadable = LineBudget(_UNREADABLE_BURST, _UNREADABLE_RATE)
+        self._unreadable = LineBudget()
         self.protocol_version: str | None = None
         self.server_info: dict[str, Any] = {}
         self.capabilities: dict[str, Any] = {}
@@ -225,13 +221,12 @@ class ChannelSession(abc.ABC):
         _log.warning(event, upstream=self.name, **fields)
 
     def _report_left_out(self) -> None:
-        if self._unreadable.refused:
+        if left_out := self._unreadable.left_out():
             _log.warning(
                 "more of what the upstream sent was not a message; left out of the log",
                 upstream=self.name,
-                count=self._unreadable.refused,
+                count=left_out,
             )
-            self._unreadable.refused = 0
 
     def _response(self, message: Message, raw: bytes) -> None:
         request_id = message.get("id")

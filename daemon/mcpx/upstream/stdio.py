@@ -13,8 +13,8 @@ I/O. The child is an `asyncio.SubprocessProtocol`: stdout goes through the sans-
 `max_message_bytes`; an oversized line is dropped with a warning, a line that is not JSON-RPC is dropped by
 `ChannelSession._received`, and the session goes on (those warnings are limited as stderr lines are, see
 `ChannelSession.unreadable`). stderr is free-form logging: each line (at most `STDERR_LINE_BYTES`) is logged at
-info level with the upstream's name, redacted, at most `_STDERR_BURST` lines at once and `_STDERR_RATE` a second
-after that (how many were left out is logged). A write waits for the pipe to drain at most the upstream's
+info level with the upstream's name, redacted, within a `LineBudget` (200 lines at once, then 20 a second; how
+many were left out is logged). A write waits for the pipe to drain at most the upstream's
 `timeout`: a child that stops reading fails the call instead of hanging it.
 
 Death and stop. The child has the daemon's `connect_timeout` plus the upstream's `timeout` to answer `initialize`
@@ -84,8 +84,6 @@ _DRAIN_GRACE: Final = 0.5
 _GROUP_POLL: Final = 0.05
 
 STDERR_LINE_BYTES: Final = 8192
-_STDERR_BURST: Final = 200
-_STDERR_RATE: Final = 20.0  # lines per second once the burst is spent
 _LAST_LINE_CHARS: Final = 200
 
 _SECRET_NAME = re.compile(r"auth|token|key|secret|passw|cookie|session|credential|signature|private", re.IGNORECASE)
@@ -158,7 +156,7 @@ class _Child(asyncio.SubprocessProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.last_stderr: str | None = None
-        self._budget = LineBudget(_STDERR_BURST, _STDERR_RATE)
+        self._budget = LineBudget()
         # Once what was left of its process group is stopped, the group id is never signalled again: with no
         # member left it may be given to another process.
         self.group_ended = False
@@ -220,9 +218,8 @@ class _Child(asyncio.SubprocessProtocol):
                 self.last_stderr = line
             if not self._budget.take():
                 continue
-            if self._budget.refused:
-                _log.info("stdio server stderr lines left out", upstream=self._session.name, count=self._budget.refused)
-                self._budget.refused = 0
+            if left_out := self._budget.left_out():
+                _log.info("stdio server stderr lines left out", upstream=self._session.name, count=left_out)
             _log.info("stdio server stderr", upstream=self._session.name, line=line)
 
 
@@ -399,10 +396,8 @@ def _signal_group(child: _Child, signum: int) -> None:
     """Signal the child's process group (its own session), only while the child is not reaped: its pid, and so
     its group id, cannot have been reused by then."""
     transport = child.transport
-    if transport is None or child.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(transport.get_pid(), signum)
+    if transport is not None and child.returncode is None:
+        _signal_members(transport.get_pid(), signum)
 
 
 async def _end_group(child: _Child) -> str | None:

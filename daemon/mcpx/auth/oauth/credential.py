@@ -154,23 +154,23 @@ def _succeeded(task: asyncio.Task[None]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None
 
 
+def _finite(value: object) -> float | None:
+    """`value` as a float, if it is a finite number (a boolean is not one; an integer too large for a float is not
+    finite)."""
+    if type(value) is not int and type(value) is not float:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def token_lifetime(expires_in: object) -> float | None:
     """The seconds a token lives, from a token response's `expires_in` (RFC 6749 §5.1: a positive number); None when
     it is anything else (absent, zero, negative, not finite, a string, a boolean): the token's expiry is unknown."""
-    if type(expires_in) is not int and type(expires_in) is not float:
-        return None
-    try:
-        seconds = float(expires_in)
-    except OverflowError:
-        return None
-    if not math.isfinite(seconds) or seconds <= 0:
-        return None
-    return min(seconds, MAX_TOKEN_LIFETIME)
-
-
-def _instant(value: object) -> float | None:
-    """A stored time (seconds since the epoch), if it is a finite number."""
-    return float(value) if type(value) in (int, float) and math.isfinite(value) else None  # type: ignore[arg-type]
+    seconds = _finite(expires_in)
+    return min(seconds, MAX_TOKEN_LIFETIME) if seconds is not None and seconds > 0 else None
 
 
 class OAuthCredential:
@@ -269,7 +269,7 @@ class OAuthCredential:
 
     def status(self) -> dict[str, Any]:
         tokens = self._tokens()
-        expires_at = _instant(tokens.get("expires_at")) if tokens else None
+        expires_at = _finite(tokens.get("expires_at")) if tokens else None
         return {
             "logged_in": tokens is not None,
             "storage": self._context.backend,
@@ -303,7 +303,7 @@ class OAuthCredential:
 
     @staticmethod
     def _expired(tokens: Mapping[str, Any], margin: float = 0.0) -> bool:
-        expires_at = _instant(tokens.get("expires_at"))
+        expires_at = _finite(tokens.get("expires_at"))
         return expires_at is not None and expires_at - margin <= time.time()
 
     async def _load(self) -> None:
@@ -437,10 +437,10 @@ class OAuthCredential:
         if self._proactive is not None:
             self._proactive.cancel()
             self._proactive = None
-        expires_at = _instant(tokens.get("expires_at")) if tokens is not None else None
+        expires_at = _finite(tokens.get("expires_at")) if tokens is not None else None
         if tokens is None or expires_at is None or not self._refreshable(tokens):
             return
-        obtained_at = _instant(tokens.get("obtained_at")) or time.time()
+        obtained_at = _finite(tokens.get("obtained_at")) or time.time()
         lifetime = expires_at - obtained_at
         # Refresh when a fifth of the lifetime is left (at most five minutes before expiry), not too soon.
         at = max(expires_at - min(300.0, max(0.5, lifetime / 5)), obtained_at + MIN_PROACTIVE_REFRESH)
