@@ -64,8 +64,9 @@ async def test_malformed_and_oversized_messages_get_errors_and_the_session_goes_
 async def test_handshake_versions_discover_fallback_and_unknown_methods(sandbox: Sandbox) -> None:
     sandbox.write_config("")
     async with running_daemon(sandbox), raw_agent(sandbox) as peer:
+        # server/discover is 2026-07-28's: without that protocol's envelope it is invalid (test_modern_agents.py).
         discover = await peer.request(1, "server/discover", {})
-        assert discover["error"]["code"] == -32601  # a 2026-07-28 client falls back to initialize on this
+        assert discover["error"]["code"] == -32602
 
         for version in ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"):
             reply = await peer.request(

@@ -3,6 +3,7 @@
     McpxError
     ├── AgentError            the agent sent something wrong        → JSON-RPC error to that agent
     │   ├── ParseError, InvalidRequest, MethodNotFound, InvalidParams
+    │   └── UnsupportedProtocolVersion  a 2026-07-28 request names a version mcpx does not speak
     ├── UpstreamError         an upstream failed or misbehaved       → tool error (tools/call) or JSON-RPC error
     │   ├── UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError, UpstreamHTTPError
     │   ├── UpstreamInterrupted the request's fate is unknown (not sent twice): the upstream itself is not broken
@@ -31,6 +32,7 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+UNSUPPORTED_PROTOCOL_VERSION = -32022  # (protocol 2026-07-28 `basic/versioning`)
 # mcpx's own server-defined codes (JSON-RPC reserves -32000..-32099 for implementations).
 UPSTREAM_FAILED = -32001
 CONFIG_INVALID = -32002
@@ -71,6 +73,17 @@ class MethodNotFound(AgentError):
 
 class InvalidParams(AgentError):
     code = INVALID_PARAMS
+
+
+class UnsupportedProtocolVersion(AgentError):
+    """A 2026-07-28 request names a protocol version mcpx does not speak; the error lists those it does."""
+
+    code = UNSUPPORTED_PROTOCOL_VERSION
+
+    def __init__(self, requested: str, supported: tuple[str, ...]) -> None:
+        super().__init__(f"unsupported protocol version {requested!r}; supported: {', '.join(supported)}")
+        self.requested = requested
+        self.supported = supported
 
 
 # --- an upstream is to blame -------------------------------------------------------------------------------------
@@ -168,6 +181,9 @@ def jsonrpc_error(exc: McpxError) -> dict[str, Any]:
     """The JSON-RPC `error` object an agent receives for `exc`."""
     if isinstance(exc, UpstreamRpcError):
         return exc.error
+    if isinstance(exc, UnsupportedProtocolVersion):
+        data = {"supported": list(exc.supported), "requested": redact(exc.requested)}
+        return {"code": exc.code, "message": redact(str(exc)), "data": data}
     if isinstance(exc, AgentError):
         return {"code": exc.code, "message": redact(str(exc))}
     if isinstance(exc, ConfigError):

@@ -5,6 +5,10 @@ upstream runs as a task owned by this session, keyed by the agent's own request 
 exactly the id the agent sent and `notifications/cancelled` can stop it. Control requests from `mcpxctl`
 (`mcpx/status`, `mcpx/tools`, `mcpx/reload`, `mcpx/login`, `mcpx/logout`) arrive on the same socket and are
 answered here too.
+
+Both protocol eras are served, per request as a dual-era server does (2026-07-28 `basic/versioning`): a request
+with a 2026-07-28 `_meta` envelope is served statelessly (`downstream/modern.py`), anything else as in the
+handshake era. An agent that never sent `initialize` hears only what its `subscriptions/listen` streams ask for.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import asyncio
 import functools
 import itertools
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from mcpx import __version__, jsonrpc
 from mcpx.audit import timestamp as audit_timestamp
+from mcpx.downstream import modern
 from mcpx.downstream.peercred import PeerCredentials
 from mcpx.errors import (
     INTERNAL_ERROR,
@@ -37,7 +43,7 @@ from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
 from mcpx.redact import scrub
 from mcpx.router.router import LIST_METHODS, Router, list_response
-from mcpx.upstream.peer import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION
+from mcpx.upstream.peer import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION, STATELESS_VERSION
 
 _log = get_logger("mcpx.agent")
 
@@ -80,6 +86,14 @@ class AgentSession:
         self._asks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ask_ids = itertools.count(1)
         self._closed = False
+        # Protocol 2026-07-28: whether the agent has sent such a request; its calls that wait for its retry with
+        # answers (by requestState); its subscriptions/listen streams, and how many of them name each resource.
+        self._joined = False
+        self._modern = False
+        self._suspended: dict[str, modern.ModernCall] = {}
+        self._listens: dict[RequestId, modern.Listen] = {}
+        self._listened_uris: Counter[str] = Counter()
+        self._background: set[asyncio.Task[Any]] = set()
 
     # --- input ---------------------------------------------------------------------------------------------------
 
@@ -119,6 +133,11 @@ class AgentSession:
         for task in self._in_flight.values():
             task.cancel()
         self._in_flight.clear()
+        for call in self._suspended.values():
+            if call.future is not None:
+                call.future.cancel()
+        self._suspended.clear()
+        self._listens.clear()
         for future in self._asks.values():
             if not future.done():  # the upstream gets an answer now rather than waiting out its deadline
                 future.set_result(unanswered("request", "the agent has disconnected", code=INTERNAL_ERROR))
@@ -129,12 +148,15 @@ class AgentSession:
     def _on_request(self, request_id: RequestId, method: str, params: dict[str, Any]) -> None:
         if self._closed:
             return  # (the rest of a batch read before the connection closed: no one to answer, nothing to start)
-        if request_id in self._in_flight:
+        if request_id in self._in_flight or request_id in self._listens:
             error = InvalidRequest(f"request id {request_id!r} is already in use by a request in flight")
             self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
             return
         try:
-            if method == "tools/call":
+            envelope = modern.envelope(params)
+            if envelope is not None:
+                self._on_modern_request(request_id, method, params, envelope)
+            elif method == "tools/call":
                 self._call_tool_at_once(request_id, params)
             elif method in LIST_METHODS:
                 if self._router.settled:
@@ -158,8 +180,10 @@ class AgentSession:
                     # The capabilities announced are those of the upstreams: wait (bounded) for their first attempts.
                     self._spawn(request_id, functools.partial(self._initialize_when_settled, request_id, params))
             elif method == "server/discover":
-                # 2026-07-28 clients probe with server/discover and fall back to initialize on this error.
-                raise MethodNotFound("server/discover: this server speaks the initialize handshake (2025-11-25)")
+                raise InvalidParams(
+                    f"server/discover needs the {STATELESS_VERSION} envelope in _meta "
+                    f"('{modern.PROTOCOL_VERSION_KEY}', '{modern.CLIENT_CAPABILITIES_KEY}')"
+                )
             elif method == "mcpx/status":
                 self._reply(request_id, {**self._control.status()})
             elif method == "mcpx/tools":
@@ -192,6 +216,142 @@ class AgentSession:
         except Exception:  # noqa: BLE001 - a bug in mcpx: the agent still gets an answer, the session goes on
             self._internal_error(request_id)
 
+    # --- protocol 2026-07-28 ----------------------------------------------------------------------------------
+
+    def _on_modern_request(
+        self, request_id: RequestId, method: str, params: dict[str, Any], envelope: modern.Envelope
+    ) -> None:
+        """Serve one request that carries a 2026-07-28 envelope (raises `AgentError`s for `_on_request`)."""
+        modern.refuse_removed(method)
+        if not self._modern:
+            self._modern = True
+            if not self.client_info:
+                self.client_info = envelope.client_info
+            self._join()
+        params = modern.without_envelope(params)
+        if method == "server/discover":
+            if self._router.settled:
+                self._reply(request_id, self._discover())
+            else:
+                self._spawn(request_id, functools.partial(self._discover_when_settled, request_id))
+        elif method == "subscriptions/listen":
+            listen = modern.listen_request(request_id, params, self._router.capabilities())
+            self._spawn(request_id, functools.partial(self._open_listen, listen))
+        elif method in LIST_METHODS:
+            extra = modern.list_extra()
+            if self._router.settled:
+                self._send(list_response(request_id, method, self._router, params.get("cursor"), extra))
+            else:
+                cursor = params.get("cursor")
+                self._spawn(request_id, functools.partial(self._list_when_settled, request_id, method, cursor, extra))
+        elif method in modern.MRTR_METHODS:
+            # (the answers and the state are mcpx's, not the upstream's)
+            state, answers = params.pop("requestState", None), params.pop("inputResponses", None)
+            if state is not None:
+                self._resume(request_id, method, state, answers)
+                return
+            waiting = modern.ModernCall(
+                method,
+                request_id,
+                envelope,
+                send=self._send_message_now,
+                unrelated=self._deliver_listened,
+                on_suspend=self._suspend,
+            )
+            if method == "tools/call":
+                self._call_tool_at_once(request_id, params, waiting)
+                return
+            route = getattr(self._router, self._ROUTED[method])
+            forward = functools.partial(
+                self._forward,
+                request_id,
+                stateless=True,
+                cacheable=method == "resources/read",
+                waiting=waiting,
+            )
+            self._spawn(request_id, lambda: forward(route(params, self, waiting)))
+            waiting.future = self._in_flight[request_id]
+        elif method == "completion/complete":
+            complete = functools.partial(self._router.complete, params, self)
+            self._spawn(request_id, lambda: self._forward(request_id, complete(), stateless=True))
+        else:
+            raise MethodNotFound(f"method not found: {method}")
+
+    def _discover(self) -> dict[str, Any]:
+        return modern.discover_result(self._router.capabilities(), self._router.instructions())
+
+    async def _discover_when_settled(self, request_id: RequestId) -> None:
+        await self._router.wait_settled(self._router.config.daemon.connect_timeout)
+        self._reply(request_id, self._discover())
+
+    def _suspend(self, call: modern.ModernCall, request_id: RequestId) -> None:
+        """`call` answered the agent's request `request_id` with input requests: it waits for the agent's retry."""
+        if self._in_flight.get(request_id) is call.future:
+            del self._in_flight[request_id]
+        if len(self._suspended) >= modern.MAX_SUSPENDED:
+            oldest = self._suspended.pop(next(iter(self._suspended)))
+            if oldest.future is not None:
+                oldest.future.cancel()
+        self._suspended[call.state] = call
+
+    def _resume(self, request_id: RequestId, method: str, state: object, answers: object) -> None:
+        """The agent sent a request again with the answers to the input requests mcpx gave it."""
+        call = self._suspended.get(state) if isinstance(state, str) else None
+        if call is None or call.method != method:
+            raise InvalidParams(f"{method}: requestState is unknown or expired; send the request again without it")
+        del self._suspended[call.state]
+        if call.future is not None and not call.future.done():
+            self._in_flight[request_id] = call.future
+        call.resume(request_id, answers if isinstance(answers, dict) else {})
+
+    def _finish_waiting(self, call: modern.ModernCall, answer: Callable[[RequestId], None]) -> None:
+        """The upstream has answered a 2026-07-28 call: answer the agent's request that waits for it, or keep the
+        answer for the agent's retry (for as long as the upstream would have waited for it)."""
+        request_id = call.answer_id
+        if call.finish(answer):
+            if request_id is not None and self._in_flight.get(request_id) is call.future:
+                del self._in_flight[request_id]
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_later(modern.HELD_ANSWER_SECONDS, lambda: self._suspended.pop(call.state, None))
+
+    async def _open_listen(self, listen: modern.Listen) -> None:
+        """Open a `subscriptions/listen` stream: subscribe to the resources it names, acknowledge what it will get,
+        then deliver (`_on_catalog_changed`, `send_message`). It lasts until the agent cancels it or goes."""
+        honored: set[str] = set()
+        for uri in sorted(listen.uris):
+            if self._listened_uris[uri] == 0:
+                try:
+                    await self._router.subscribe_resource({"uri": uri}, self)
+                except McpxError as exc:
+                    _log.debug("a listen's resource subscription failed", uri=uri, error=str(exc))
+                    continue
+            self._listened_uris[uri] += 1
+            honored.add(uri)
+        listen.uris = frozenset(honored)
+        self._listens[listen.request_id] = listen
+        self._send_message_now(listen.acknowledgement())
+
+    def _close_listen(self, request_id: RequestId) -> bool:
+        listen = self._listens.pop(request_id, None)
+        if listen is None:
+            return False
+        for uri in listen.uris:
+            self._listened_uris[uri] -= 1
+            if self._listened_uris[uri] <= 0:
+                del self._listened_uris[uri]
+                task = asyncio.get_running_loop().create_task(self._unsubscribe(uri))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return True
+
+    async def _unsubscribe(self, uri: str) -> None:
+        try:
+            async with asyncio.timeout(self._router.config.daemon.connect_timeout):
+                await self._router.unsubscribe_resource({"uri": uri}, self)
+        except (McpxError, TimeoutError) as exc:
+            _log.debug("ending a listen's resource subscription failed", uri=uri, error=str(exc))
+
     # Agent requests answered by one router method, called with (params, this session).
     _ROUTED: Final = {
         "resources/read": "read_resource",
@@ -209,9 +369,7 @@ class AgentSession:
         self._client_capabilities = capabilities if isinstance(capabilities, dict) else {}
         if not self.initialized:
             self.initialized = True
-            self._router.subscribe(self._on_catalog_changed)
-            self._router.agent_joined(self)
-            _log.info("agent connected", client=self.client_info.get("name"), pid=self.peer.pid)
+            self._join()
         result: dict[str, Any] = {
             "protocolVersion": self.protocol_version,
             "capabilities": self._router.capabilities(),
@@ -222,47 +380,87 @@ class AgentSession:
             result["instructions"] = instructions
         return result
 
+    def _join(self) -> None:
+        """The agent introduced itself (its first `initialize`, or its first 2026-07-28 request)."""
+        if self._joined:
+            return  # (joined already, in the other era)
+        self._joined = True
+        self._router.subscribe(self._on_catalog_changed)
+        self._router.agent_joined(self)
+        _log.info("agent connected", client=self.client_info.get("name"), pid=self.peer.pid)
+
     async def _initialize_when_settled(self, request_id: RequestId, params: dict[str, Any]) -> None:
         await self._router.wait_settled(self._router.config.daemon.connect_timeout)
         self._reply(request_id, self._initialize(params))
 
-    async def _list_when_settled(self, request_id: RequestId, method: str, cursor: object) -> None:
+    async def _list_when_settled(self, request_id: RequestId, method: str, cursor: object, extra: bytes = b"") -> None:
         await self._router.wait_settled(self._router.config.daemon.connect_timeout)
         try:
-            self._send(list_response(request_id, method, self._router, cursor))
+            self._send(list_response(request_id, method, self._router, cursor, extra))
         except AgentError as exc:
             self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
 
-    async def _forward(self, request_id: RequestId, call: Awaitable[Any]) -> None:
-        """Answer with the upstream's result, or with its JSON-RPC error, or with mcpx's own error."""
+    async def _forward(
+        self,
+        request_id: RequestId,
+        call: Awaitable[Any],
+        *,
+        stateless: bool = False,
+        cacheable: bool = False,
+        waiting: modern.ModernCall | None = None,
+    ) -> None:
+        """Answer with the upstream's result, or with its JSON-RPC error, or with mcpx's own error. A 2026-07-28
+        request (`stateless`) gets a 2026-07-28 result; one that may have asked the agent for input (`waiting`) is
+        answered under the id of the agent's latest retry."""
+        answer: Callable[[RequestId], None]
         try:
             result = await call
         except McpxError as exc:
-            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+            error = jsonrpc_error(exc)
+            answer = lambda answer_id: self.send_message(jsonrpc.error_response(answer_id, error))  # noqa: E731
         else:
-            self._reply(request_id, {} if result is None else result)
+            result = {} if result is None else result
+            if stateless:
+                result = modern.complete(result, cacheable=cacheable)
+            answer = functools.partial(self._reply, result=result)
+        if waiting is None:
+            answer(request_id)
+        else:
+            self._finish_waiting(waiting, answer)
 
-    def _call_tool_at_once(self, request_id: RequestId, params: dict[str, Any]) -> None:
+    def _call_tool_at_once(
+        self, request_id: RequestId, params: dict[str, Any], waiting: modern.ModernCall | None = None
+    ) -> None:
         """Start `tools/call` (without a task where the router can); it is answered the moment it ends."""
-        call = _ToolCall(self, request_id, params)
-        future = self._router.start_call_tool(params, self, call.settled)
+        call = _ToolCall(self, request_id, params, waiting)
+        future = self._router.start_call_tool(params, self, call.settled, waiting)
         if not call.ended:
             call.future = self._in_flight[request_id] = future
+            if waiting is not None:
+                waiting.future = future
 
     def _answer_call(
-        self, request_id: RequestId, params: dict[str, Any], started: float, result: Any, error: BaseException | None
+        self,
+        request_id: RequestId,
+        params: dict[str, Any],
+        started: float,
+        result: Any,
+        error: BaseException | None,
+        *,
+        stateless: bool = False,
     ) -> None:
         """Answer a tool call and audit it. Upstream failures become tool errors the model can read; the agent's
         own mistakes and the upstream's JSON-RPC errors are JSON-RPC errors. Anything else is raised."""
         if error is None:
             outcome = "ok"
-            self._reply(request_id, result)
+            self._reply(request_id, modern.complete(result) if stateless else result)
         elif isinstance(error, UpstreamRpcError):
             outcome = "upstream_rpc_error"
             self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
         elif isinstance(error, NeedsLogin | UpstreamError):
             outcome = "needs_login" if isinstance(error, NeedsLogin) else "upstream_error"
-            self._reply(request_id, tool_error_result(error))
+            failure = tool_error_result(error)
+            self._reply(request_id, modern.complete(failure) if stateless else failure)
         elif isinstance(error, AgentError):
             outcome = "agent_error"
             self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(error)))
@@ -370,17 +568,25 @@ class AgentSession:
     def _on_notification(self, method: str, params: dict[str, Any]) -> None:
         if method == "notifications/cancelled":
             request_id = params.get("requestId")
-            task = self._in_flight.pop(request_id, None) if jsonrpc.is_request_id(request_id) else None  # type: ignore[arg-type]
+            if not jsonrpc.is_request_id(request_id):
+                return
+            task = self._in_flight.pop(request_id, None)  # type: ignore[arg-type]
             if task is not None:
                 task.cancel()  # MCP: no response is sent for a cancelled request
+            self._close_listen(request_id)  # type: ignore[arg-type]
         elif method == "notifications/roots/list_changed":
             self._router.roots_changed(self)
         elif method != "notifications/initialized":
             _log.debug("agent notification ignored", method=method)
 
     def _on_catalog_changed(self, kind: str) -> None:
-        if not self._closed:
+        if self._closed:
+            return
+        if self.initialized:
             self._send(_LIST_CHANGED[kind])
+        for listen in self._listens.values():
+            if kind in listen.kinds:
+                self._send_message_now(listen.tagged(jsonrpc.loads(_LIST_CHANGED[kind])))
 
     # --- output --------------------------------------------------------------------------------------------------
 
@@ -388,8 +594,25 @@ class AgentSession:
         self.send_message(jsonrpc.result_response(request_id, result))
 
     def send_message(self, message: Message) -> None:
+        """Send a response, or a server notification that belongs to no call of a 2026-07-28 request. An agent that
+        never sent `initialize` gets such a notification only on a listen stream that asked for it."""
+        if self._modern and not self.initialized and "method" in message and "id" not in message:
+            self._deliver_listened(message)
+            return
+        self._send_message_now(message)
+
+    def _send_message_now(self, message: Message) -> None:
         if not self._closed:
             self._send(scrub(jsonrpc.dumps(message)))
+
+    def _deliver_listened(self, message: Message) -> None:
+        params = message.get("params")
+        uri = params.get("uri") if isinstance(params, dict) else None
+        if message.get("method") != "notifications/resources/updated" or not isinstance(uri, str):
+            return  # (log messages need a request's log level; progress and the rest belong to requests)
+        for listen in self._listens.values():
+            if uri in listen.uris:
+                self._send_message_now(listen.tagged(message))
 
     async def drain(self, timeout: float) -> int:
         """The daemon is stopping (the caller no longer hands this session new requests): wait up to `timeout`
@@ -399,6 +622,13 @@ class AgentSession:
         deadline = loop.time() + timeout
         while self._in_flight and (left := deadline - loop.time()) > 0:
             await asyncio.wait(list(self._in_flight.values()), timeout=left)
+        for listen in list(self._listens.values()):
+            self._send_message_now(listen.ended())
+        self._listens.clear()
+        for call in self._suspended.values():
+            if call.future is not None:
+                call.future.cancel()
+        self._suspended.clear()
         cut = list(self._in_flight.items())
         for _, task in cut:
             task.cancel()
@@ -414,15 +644,22 @@ class AgentSession:
 class _ToolCall:
     """One agent's `tools/call` in flight: answered and audited when the router says how it ended."""
 
-    __slots__ = ("_session", "ended", "future", "params", "request_id", "started")
+    __slots__ = ("_session", "ended", "future", "params", "request_id", "started", "waiting")
 
-    def __init__(self, session: AgentSession, request_id: RequestId, params: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        session: AgentSession,
+        request_id: RequestId,
+        params: dict[str, Any],
+        waiting: modern.ModernCall | None = None,
+    ) -> None:
         self._session = session
         self.request_id = request_id
         self.params = params
         self.started = time.monotonic()
         self.future: asyncio.Future[Any] | None = None
         self.ended = False
+        self.waiting = waiting  # (a 2026-07-28 call, answered under the id of the agent's latest retry)
 
     def settled(self, result: Any, error: BaseException | None) -> None:
         self.ended = True
@@ -431,8 +668,18 @@ class _ToolCall:
             del session._in_flight[self.request_id]
         if isinstance(error, asyncio.CancelledError):  # MCP: a cancelled request gets no response
             session._audit(self.params, "cancelled", time.monotonic() - self.started, None)
+            if self.waiting is not None:
+                session._suspended.pop(self.waiting.state, None)
             return
+        if self.waiting is None:
+            self._answer(self.request_id, result, error)
+        else:
+            session._finish_waiting(self.waiting, functools.partial(self._answer, result=result, error=error))
+
+    def _answer(self, request_id: RequestId, result: Any, error: BaseException | None) -> None:
+        session = self._session
         try:
-            session._answer_call(self.request_id, self.params, self.started, result, error)
+            stateless = self.waiting is not None
+            session._answer_call(request_id, self.params, self.started, result, error, stateless=stateless)
         except Exception:  # noqa: BLE001 - callback top: one bad request must not end the session
-            session._internal_error(self.request_id)
+            session._internal_error(request_id)

@@ -285,7 +285,7 @@ class Router:
 
     # --- calls ---------------------------------------------------------------------------------------------------
 
-    async def call_tool(self, params: dict[str, Any], agent: Agent) -> Any:
+    async def call_tool(self, params: dict[str, Any], agent: Agent, call: Agent | None = None) -> Any:
         """Route `tools/call` to the owning upstream under the tool's original name; return the result as is
         (resource URIs in it exposed where the agent needs them to read them back).
 
@@ -297,28 +297,34 @@ class Router:
         if route is None:
             route = await self._route(TOOLS, params.get("name"))
         forwarded = {**params, "name": route.tool}
-        return await self._call(route.upstream, "tools/call", forwarded, agent)
+        return await self._call(route.upstream, "tools/call", forwarded, agent, call=call)
 
-    def start_call_tool(self, params: dict[str, Any], agent: Agent, on_settled: Settled) -> asyncio.Future[Any]:
+    def start_call_tool(
+        self, params: dict[str, Any], agent: Agent, on_settled: Settled, call: Agent | None = None
+    ) -> asyncio.Future[Any]:
         """`call_tool`, started: `on_settled` is told how it ended the moment it ends; the future returned ends
         then too, and cancels the call when cancelled. A known tool of a shared upstream starts without a task
-        where the transport can (`UpstreamSession.start_request`); anything else runs as a task."""
+        where the transport can (`UpstreamSession.start_request`); anything else runs as a task.
+
+        `call` (given for an agent speaking protocol 2026-07-28) is where the server's messages related to this
+        call go, instead of `agent` itself: it knows the call's capabilities and log level, and puts the server's
+        requests to the agent as input requests of the call."""
         route = self._settled_route(params)
         if route is None:
-            return settle_in_task(functools.partial(self.call_tool, params, agent), on_settled)
+            return settle_in_task(functools.partial(self.call_tool, params, agent, call), on_settled)
         upstream = self.upstreams.get(route.upstream)
         if upstream is None:
-            return settle_in_task(functools.partial(self.call_tool, params, agent), on_settled)
+            return settle_in_task(functools.partial(self.call_tool, params, agent, call), on_settled)
         forwarded = {**params, "name": route.tool}
         client: _AgentClient | None = None  # (made by `_call` for an agent's own session)
         if upstream.config.shared:
             self._last_caller[route.upstream] = agent
-            client = self._client_for(agent, upstream.config, forwarded)
+            client = self._client_for(agent, upstream.config, forwarded, call)
             told = _exposing(upstream.config, on_settled) if self._exposes(upstream) else on_settled
             started = upstream.start_request("tools/call", forwarded, client, forward_raw=True, on_settled=told)
             if started is not None:
                 return started
-        make = functools.partial(self._call, route.upstream, "tools/call", forwarded, agent, client=client)
+        make = functools.partial(self._call, route.upstream, "tools/call", forwarded, agent, client=client, call=call)
         return settle_in_task(make, on_settled)
 
     def _settled_route(self, params: dict[str, Any]) -> ToolRoute | None:
@@ -326,10 +332,10 @@ class Router:
         name = params.get("name")
         return self.catalog.routes.get(name) if self._settled and isinstance(name, str) else None
 
-    async def get_prompt(self, params: dict[str, Any], agent: Agent) -> Any:
+    async def get_prompt(self, params: dict[str, Any], agent: Agent, call: Agent | None = None) -> Any:
         """Route `prompts/get` like a tool call; the result comes back as the upstream wrote it."""
         route = await self._route(PROMPTS, params.get("name"))
-        return await self._call(route.upstream, "prompts/get", {**params, "name": route.tool}, agent)
+        return await self._call(route.upstream, "prompts/get", {**params, "name": route.tool}, agent, call=call)
 
     async def complete(self, params: dict[str, Any], agent: Agent) -> Any:
         """Route `completion/complete` to the upstream of the prompt or resource template it completes."""
@@ -345,14 +351,15 @@ class Router:
             forwarded = {**params, "ref": {**ref, "uri": route.tool}}
         return await self._call(route.upstream, "completion/complete", forwarded, agent, expose=False)
 
-    async def read_resource(self, params: dict[str, Any], agent: Agent) -> Any:
+    async def read_resource(self, params: dict[str, Any], agent: Agent, call: Agent | None = None) -> Any:
         """Route `resources/read` by URI (see `catalog.ResourceCatalog.route`); the contents name the URI the agent
         asked for."""
         route = await self._resource_route(params.get("uri"), "resources/read")
         upstream = self.upstreams[route.upstream]
         if not upstream.config.namespace:
-            return await self._call(route.upstream, "resources/read", params, agent, expose=False)
-        result = await self._call(route.upstream, "resources/read", {**params, "uri": route.tool}, agent, raw=False)
+            return await self._call(route.upstream, "resources/read", params, agent, expose=False, call=call)
+        forwarded = {**params, "uri": route.tool}
+        result = await self._call(route.upstream, "resources/read", forwarded, agent, raw=False, call=call)
         contents = result.get("contents") if isinstance(result, dict) else None
         if isinstance(contents, list):
             result = {
@@ -466,15 +473,17 @@ class Router:
         raw: bool = True,
         expose: bool = True,
         client: _AgentClient | None = None,
+        call: Agent | None = None,
     ) -> Any:
         """Send one of the agent's requests to upstream `name` (its shared session or the agent's own), with the
-        server's related messages going back to that agent (through `client`, made here unless given)."""
+        server's related messages going back to that agent (through `client`, made here unless given, to `call`
+        when there is one)."""
         upstream = self.upstreams.get(name)
         if upstream is None:  # a reload removed it while the call was being routed
             raise UpstreamUnavailable(name, "removed from the configuration")
         self._last_caller[name] = agent
         if client is None:
-            client = self._client_for(agent, upstream.config, params)
+            client = self._client_for(agent, upstream.config, params, call)
         target = self._target(upstream, agent)
         result = await target.request(method, params, client, forward_raw=raw)
         if expose and self._exposes(upstream):
@@ -495,15 +504,17 @@ class Router:
             private = self._private[key] = AgentUpstream(upstream, _AgentClient(self, agent, upstream.config))
         return private
 
-    def _client_for(self, agent: Agent, config: UpstreamConfig, params: dict[str, Any]) -> _AgentClient:
+    def _client_for(
+        self, agent: Agent, config: UpstreamConfig, params: dict[str, Any], call: Agent | None = None
+    ) -> _AgentClient:
         """The client side of one call. A progress token is replaced by one unique across agents (the agent's own
         comes back on its notifications)."""
         meta = params.get("_meta")
         if not isinstance(meta, dict) or "progressToken" not in meta:
-            return _AgentClient(self, agent, config)
+            return _AgentClient(self, agent, config, call=call)
         upstream_token = f"mcpx-{next(self._progress_tokens)}"
         params["_meta"] = {**meta, "progressToken": upstream_token}
-        return _AgentClient(self, agent, config, progress=(upstream_token, meta["progressToken"]))
+        return _AgentClient(self, agent, config, progress=(upstream_token, meta["progressToken"]), call=call)
 
     async def _resource_route(self, uri: object, method: str) -> ToolRoute:
         if not isinstance(uri, str):
@@ -717,15 +728,21 @@ class _AgentClient:
     """The client side of an agent's call (or of its own session): the server's messages reach that agent, its
     progress under the agent's own token, resource URIs as the agent knows them."""
 
-    __slots__ = ("_agent", "_config", "_progress", "_router")
+    __slots__ = ("_agent", "_config", "_progress", "_reached", "_router")
 
     def __init__(
-        self, router: Router, agent: Agent, config: UpstreamConfig, progress: tuple[str, object] | None = None
+        self,
+        router: Router,
+        agent: Agent,
+        config: UpstreamConfig,
+        progress: tuple[str, object] | None = None,
+        call: Agent | None = None,
     ) -> None:
         self._router = router
         self._agent = agent
         self._config = config
         self._progress = progress  # (the upstream's token, the agent's token)
+        self._reached = agent if call is None else call  # (a 2026-07-28 agent's call takes what is related to it)
 
     @property
     def agent(self) -> object:
@@ -746,10 +763,10 @@ class _AgentClient:
             message = _with_exposed_update(self._config, message)
         elif method in _LIST_CHANGED_METHODS:
             return  # the catalog is refreshed from the shared session; agents hear of changes from the router
-        self._agent.send_message(message)
+        self._reached.send_message(message)
 
     async def ask(self, method: str, params: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-        return await self._router.ask_agent(self._agent, self._config, method, params, timeout)
+        return await self._router.ask_agent(self._reached, self._config, method, params, timeout)
 
 
 _LIST_CHANGED_METHODS: Final = frozenset(
@@ -800,8 +817,11 @@ _LIST_KINDS: Final = {spec.method: (kind, spec.key) for kind, spec in LISTS.item
 LIST_METHODS: Final = frozenset(_LIST_KINDS)
 
 
-def list_response(request_id: jsonrpc.RequestId, method: str, router: Router, cursor: object = None) -> bytes:
-    """The full response to one of the `LIST_METHODS`, spliced from the pre-serialized pages of the catalog.
+def list_response(
+    request_id: jsonrpc.RequestId, method: str, router: Router, cursor: object = None, extra: bytes = b""
+) -> bytes:
+    """The full response to one of the `LIST_METHODS`, spliced from the pre-serialized pages of the catalog;
+    `extra` is more members of the result, serialized, each with its leading comma.
 
     Raises:
         InvalidParams: a cursor that is not one this catalog gave (or that a change of the catalog outdated).
@@ -817,9 +837,10 @@ def list_response(request_id: jsonrpc.RequestId, method: str, router: Router, cu
     more = (
         b',"nextCursor":%b' % jsonrpc.dumps(page_cursor(router.generation, page + 1)) if page + 1 < len(pages) else b""
     )
-    return b'{"jsonrpc":"2.0","id":%b,"result":{"%b":%b%b}}' % (
+    return b'{"jsonrpc":"2.0","id":%b,"result":{"%b":%b%b%b}}' % (
         jsonrpc.dumps(request_id),
         key.encode(),
         pages[page],
         more,
+        extra,
     )
