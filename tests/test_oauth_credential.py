@@ -4,6 +4,7 @@ authorization server: which client each request uses, revocation at logout, what
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from pathlib import Path
@@ -11,9 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from mcpx.auth.oauth import credential as credential_module
 from mcpx.auth.oauth import endpoints
+from mcpx.auth.oauth import store as store_module
 from mcpx.auth.oauth.credential import (
     MAX_TOKEN_LIFETIME,
     LoginError,
@@ -24,6 +27,7 @@ from mcpx.auth.oauth.credential import (
 from mcpx.auth.oauth.metadata import Challenge
 from mcpx.config.model import OAuthClientCredentialsAuth, UpstreamConfig
 from mcpx.errors import NeedsLogin, UpstreamUnavailable
+from tests.support.keyrings import ControlledKeyring, abandoned_calls_returned, installed
 from tests.support.oauth import browser_login, credential_for, oauth_credential, protected, refreshed
 from tests.support.oauth_server import AuthServer, follow_authorization
 
@@ -298,3 +302,72 @@ async def test_a_browser_login_nobody_waits_for_expires(tmp_path: Path, monkeypa
         async with aiohttp.ClientSession() as http:
             with pytest.raises(aiohttp.ClientConnectionError):
                 await http.get(flow.pending.redirect_uri + "?state=s&code=c")
+
+
+async def test_a_refresh_token_rotated_while_the_keyring_hangs_survives_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keyring took the login, then stops answering; two refreshes rotate the refresh token (the server, strict,
+    refuses a rotated-out one and then revokes the whole grant). The first save hangs and is given up, the second is
+    refused at once while that call hangs: both go to the file, status says so, no log line or status holds a
+    token. The hung call lands late (the first rotation, already stale, into the keyring). The next daemon (a new
+    context and store, the keyring answering) refreshes with the last rotated token, and its save goes back to the
+    keyring."""
+    monkeypatch.setattr(store_module, "KEYRING_TIMEOUT", 0.5)
+    state = tmp_path / "state"
+    with installed(ControlledKeyring()) as backend:
+        assert isinstance(backend, ControlledKeyring)
+        async with protected() as (auth, upstream):
+            context = OAuthContext(state, "auto")
+            credential = credential_for(upstream.url, context)
+            seen: list[str] = []
+            try:
+                await browser_login(credential)
+                assert credential.status()["storage"] == "keyring"
+                backend.hang()
+                with capture_logs() as logs:
+                    for _ in range(2):
+                        tokens = credential._tokens()
+                        assert tokens is not None
+                        seen += [tokens["access_token"], tokens["refresh_token"]]
+                        auth.expire_access_tokens()
+                        assert await credential.renew(credential.headers(), Challenge())
+                assert auth.refresh_count == 2
+                rotated = credential._tokens()
+                assert rotated is not None
+                seen += [rotated["access_token"], rotated["refresh_token"]]
+                status = credential.status()
+                assert status["storage"] == "file"
+                assert status["storage_note"] == "the OS keyring did not answer within 0.5 s"
+                shown = json.dumps(status) + repr(logs)
+                assert not [secret for secret in seen if secret in shown]
+                assert "could not store OAuth tokens" not in repr(logs)
+            finally:
+                await credential.close()
+                await context.close()
+            # mcpxd stops; the hung call lands: the keyring holds the first rotation, whose refresh token is dead.
+            backend.answer()
+            assert await asyncio.to_thread(abandoned_calls_returned)
+            assert json.loads(backend.entries[("mcpx", "protected")])["tokens"]["refresh_token"] == seen[3]
+
+            context = OAuthContext(state, "auto")
+            following = credential_for(upstream.url, context)
+            try:
+                await following.prepare()
+                assert following.headers() == {"Authorization": f"Bearer {rotated['access_token']}"}
+                auth.expire_access_tokens()
+                assert await following.renew(following.headers(), Challenge())
+                assert auth.refresh_count == 3 and auth.invalid_grant_count == 0 and auth.families_revoked == 0
+                # That save went to the keyring again, and the file copy is gone.
+                assert following.status()["storage"] == "keyring" and following.status()["storage_note"] is None
+                current = following._tokens()
+                assert current is not None
+                assert json.loads(backend.entries[("mcpx", "protected")])["tokens"] == current
+                assert json.loads((state / "oauth-tokens.json").read_text())["upstreams"] == {}
+                # A logout removes it everywhere.
+                assert await following.logout()
+                assert ("mcpx", "protected") not in backend.entries
+                assert json.loads((state / "oauth-tokens.json").read_text())["upstreams"] == {}
+            finally:
+                await following.close()
+                await context.close()

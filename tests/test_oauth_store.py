@@ -28,6 +28,7 @@ from structlog.testing import capture_logs
 from mcpx.auth.oauth import store as store_module
 from mcpx.auth.oauth.store import FileStore, KeyringStore, StoreError, open_store
 from tests.support.daemon import Sandbox, mcpxctl, running_daemon
+from tests.support.keyrings import ControlledKeyring, abandoned_calls_returned, installed
 from tests.support.oauth import login, oauth_config, protected
 
 RECORD = {"issuer": "https://as.example", "tokens": {"access_token": "at-1", "refresh_token": "rt-1"}}
@@ -119,9 +120,12 @@ async def test_no_os_keyring_falls_back_to_the_file_and_says_why(state: Path, us
     use_keyring(keyring.backends.fail.Keyring())  # type: ignore[no-untyped-call]
     with capture_logs() as logs:
         chosen = await open_store(state, "auto")
-    assert isinstance(chosen, FileStore) and chosen.backend == "file"
-    assert chosen.note == "no OS keyring is available"
+        assert chosen.backend == "file" and chosen.note == "no OS keyring is available"
+        await chosen.save("up", RECORD)  # the file takes it, and that was said once already
+        assert await chosen.load("up") == RECORD
+        assert chosen.note == "no OS keyring is available"
     assert [event["event"] for event in logs] == ["OAuth tokens are kept in a private file, not the OS keyring"]
+    assert await FileStore(state / "oauth-tokens.json").load("up") == RECORD
     with pytest.raises(StoreError, match="no OS keyring"):
         await open_store(state, "keyring")
     explicit = await open_store(state, "file")
@@ -137,7 +141,7 @@ async def test_a_hanging_keyring_is_given_up_within_its_bound(
         started = time.monotonic()
         chosen = await open_store(state, "auto")
         elapsed = time.monotonic() - started
-        assert isinstance(chosen, FileStore)
+        assert chosen.backend == "file"
         assert chosen.note == "the OS keyring did not answer within 0.2 s"
         assert 0.2 <= elapsed < 5
         assert backend.entered.is_set()
@@ -151,9 +155,7 @@ async def test_a_hanging_keyring_is_given_up_within_its_bound(
     finally:
         backend.release.set()
     # Once the stuck call has returned, the keyring is tried again (and answers now).
-    stuck = store_module._Hung.thread
-    assert stuck is not None
-    await asyncio.to_thread(stuck.join, 10)
+    assert await asyncio.to_thread(abandoned_calls_returned)
     assert isinstance(await open_store(state, "keyring"), KeyringStore)
 
 
@@ -208,7 +210,282 @@ async def test_keyring_store_round_trip_and_failures(state: Path, use_keyring: A
     assert str(raised.value) == "the OS keyring failed: RuntimeError"  # the backend's message is not repeated
     with pytest.raises(StoreError):
         await open_store(state, "keyring")
-    assert isinstance(await open_store(state, "auto"), FileStore)
+    assert (await open_store(state, "auto")).backend == "file"
+
+
+# ---- the keyring stops answering mid-run: the file takes the saves, and wins at the next load
+
+CANARY = "canary"  # every token below holds it: no log line, note or error may
+# The keyring's bound in these tests: short, as each hang costs it, yet far above a healthy call's time.
+HUNG_AFTER = 0.5
+NOT_ANSWERED = "the OS keyring did not answer within 0.5 s"
+
+
+def login_record(n: int) -> dict[str, Any]:
+    """The record after the n-th rotation of the refresh token."""
+    return {
+        "issuer": "https://as.example",
+        "resource": "https://up.example/mcp",
+        "tokens": {"access_token": f"canary-at-{n}", "refresh_token": f"canary-rt-{n}"},
+    }
+
+
+def file_entries(state: Path) -> dict[str, Any]:
+    path = state / "oauth-tokens.json"
+    if not path.exists():
+        return {}
+    upstreams: dict[str, Any] = json.loads(path.read_text())["upstreams"]
+    return upstreams
+
+
+def shown(chosen: store_module.TokenStore) -> tuple[str, str | None]:
+    """What `mcpxctl status` shows of the store: its backend and note (read afresh: they change)."""
+    return chosen.backend, chosen.note
+
+
+def in_keyring(backend: ControlledKeyring, name: str = "up") -> Any:
+    raw = backend.entries.get(("mcpx", name))
+    return None if raw is None else json.loads(raw)
+
+
+@pytest.fixture
+def controlled(monkeypatch: pytest.MonkeyPatch) -> Iterator[ControlledKeyring]:
+    """A keyring in memory that tests make hang or fail; a hung call is given up after HUNG_AFTER seconds."""
+    monkeypatch.setattr(store_module, "KEYRING_TIMEOUT", HUNG_AFTER)
+    with installed(ControlledKeyring()) as backend:
+        assert isinstance(backend, ControlledKeyring)
+        yield backend
+
+
+async def fallen_back(state: Path, backend: ControlledKeyring) -> store_module.TokenStore:
+    """A store whose keyring took login 1, then hung while login 2 was saved (the file took it); the hung call
+    has not returned."""
+    chosen = await open_store(state, "auto")
+    assert shown(chosen) == ("keyring", None)
+    await chosen.save("up", login_record(1))
+    backend.hang()
+    await chosen.save("up", login_record(2))
+    assert backend.entered.is_set()
+    return chosen
+
+
+async def hung_call_lands(backend: ControlledKeyring) -> None:
+    backend.answer()
+    assert await asyncio.to_thread(abandoned_calls_returned)
+
+
+async def test_a_token_rotated_while_the_keyring_hangs_is_what_the_next_daemon_loads(
+    state: Path, controlled: ControlledKeyring
+) -> None:
+    backend = controlled
+    with capture_logs() as logs:
+        chosen = await fallen_back(state, backend)
+        await chosen.save("up", login_record(3))  # refused at once while that call hangs: the file again
+        assert await chosen.load("up") == login_record(3)
+    assert file_entries(state) == {"up": login_record(3)}
+    assert stat.S_IMODE((state / "oauth-tokens.json").stat().st_mode) == 0o600
+    assert in_keyring(backend) == login_record(1)
+    assert backend.calls == ["get", "set", "set"]  # the probe, login 1, login 2 (hung); no pile of stuck calls
+    assert shown(chosen) == ("file", NOT_ANSWERED)
+    (warning,) = logs  # said once, not at every save
+    assert warning["log_level"] == "warning" and warning["path"] == str(state / "oauth-tokens.json")
+    assert CANARY not in repr(logs) and CANARY not in str(shown(chosen))
+
+    # The hung call lands late (login 2, already outdated, goes into the keyring); the daemon stops. The next one
+    # finds the keyring answering, and still gets the last rotated token.
+    await hung_call_lands(backend)
+    assert in_keyring(backend) == login_record(2)
+    following = await open_store(state, "auto")
+    assert await following.load("up") == login_record(3)
+    assert shown(following) == (
+        "file",
+        "the OS keyring did not take them when they were last saved; the next save moves them to it",
+    )
+
+
+async def test_a_keyring_that_answers_again_takes_the_saves_back_and_the_file_copy_goes(
+    state: Path, controlled: ControlledKeyring
+) -> None:
+    backend = controlled
+    chosen = await fallen_back(state, backend)
+    await FileStore(state / "oauth-tokens.json").save("other", {"resource": "r", "tokens": {"access_token": "x"}})
+    await hung_call_lands(backend)
+    with capture_logs() as logs:
+        await chosen.save("up", login_record(3))
+    assert in_keyring(backend) == login_record(3)
+    assert file_entries(state) == {"other": {"resource": "r", "tokens": {"access_token": "x"}}}  # others untouched
+    assert shown(chosen) == ("keyring", None)
+    assert [event["event"] for event in logs] == [
+        "the OS keyring answers again; OAuth tokens are moved back to it as they are saved"
+    ]
+    assert await open_store(state, "auto") is not chosen
+    assert await (await open_store(state, "auto")).load("up") == login_record(3)
+    # A second spell of trouble is warned about again.
+    backend.failing = True
+    with capture_logs() as logs:
+        await chosen.save("up", login_record(4))
+    assert [event["log_level"] for event in logs] == ["warning"] and CANARY not in repr(logs)
+    assert shown(chosen) == ("file", "the OS keyring failed: RuntimeError")  # not the backend's message
+    assert file_entries(state)["up"] == login_record(4)
+
+
+async def test_a_keyring_that_hung_at_start_is_asked_again_once_that_call_returns(
+    state: Path, controlled: ControlledKeyring
+) -> None:
+    backend = controlled
+    backend.entries[("mcpx", "up")] = json.dumps(login_record(1))
+    backend.hang()
+    chosen = await open_store(state, "auto")
+    assert shown(chosen) == ("file", NOT_ANSWERED)
+    await chosen.save("up", login_record(2))
+    assert file_entries(state) == {"up": login_record(2)} and in_keyring(backend) == login_record(1)
+    await hung_call_lands(backend)
+    await chosen.save("up", login_record(3))
+    assert in_keyring(backend) == login_record(3) and file_entries(state) == {}
+    assert shown(chosen) == ("keyring", None)
+
+
+class Crash(BaseException):
+    """The process dies here (kill -9): nothing after it runs, not even the store's own error handling."""
+
+
+@pytest.mark.parametrize("operation", ["save", "delete"])
+@pytest.mark.parametrize("crash_after", [0, 1, 2, 3])
+async def test_a_crash_between_the_two_stores_writes_leaves_the_newest_state(
+    state: Path, controlled: ControlledKeyring, monkeypatch: pytest.MonkeyPatch, operation: str, crash_after: int
+) -> None:
+    """The keyring holds login 1, the file login 2 (saved there while the keyring hung), and the keyring answers
+    again. The process dies after the store's n-th write (file or keyring) of a save of login 3 or of a logout:
+    the next daemon loads login 2 (nothing written yet), then login 3 or nothing; never login 1."""
+    backend = controlled
+    backend.entries[("mcpx", "up")] = json.dumps(login_record(1))
+    await FileStore(state / "oauth-tokens.json").save("up", login_record(2))
+    chosen = await open_store(state, "auto")
+    writes: list[str] = []
+
+    def counted(write: Any, what: str) -> Any:
+        def write_then_maybe_crash(*args: Any) -> Any:
+            result = write(*args)
+            writes.append(what)
+            if len(writes) == crash_after:
+                raise Crash
+            return result
+
+        return write_then_maybe_crash
+
+    monkeypatch.setattr(FileStore, "_write", counted(FileStore._write, "file"))
+    monkeypatch.setattr(backend, "set_password", counted(backend.set_password, "keyring"))
+    monkeypatch.setattr(backend, "delete_password", counted(backend.delete_password, "keyring"))
+    expected: dict[str, Any] | None
+    if crash_after == 0:
+        expected = login_record(2)
+    else:
+        expected = login_record(3) if operation == "save" else None
+        with pytest.raises(Crash):
+            if operation == "save":
+                await chosen.save("up", login_record(3))
+            else:
+                await chosen.delete("up")
+    assert writes == ["file", "keyring", "file"][:crash_after]
+    monkeypatch.undo()
+    following = await open_store(state, "auto")
+    assert await following.load("up") == expected
+    # Whatever the crash left, the next save or logout ends with one copy, in the keyring.
+    if expected is None:
+        await following.delete("up")
+        assert in_keyring(backend) is None
+    else:
+        await following.save("up", login_record(4))
+        assert in_keyring(backend) == login_record(4)
+    assert file_entries(state) == {}
+
+
+async def test_a_save_the_keyring_fails_goes_to_the_file_and_a_crash_after_it_keeps_it(
+    state: Path, controlled: ControlledKeyring
+) -> None:
+    backend = controlled
+    chosen = await open_store(state, "auto")
+    await chosen.save("up", login_record(1))
+    backend.failing = True
+    await chosen.save("up", login_record(2))  # nothing after this write: as good as a kill -9 right after it
+    backend.failing = False
+    assert await (await open_store(state, "auto")).load("up") == login_record(2)
+
+
+async def test_logout_removes_the_login_from_both_stores(state: Path, controlled: ControlledKeyring) -> None:
+    backend = controlled
+    chosen = await fallen_back(state, backend)
+    await hung_call_lands(backend)
+    await chosen.delete("up")
+    assert in_keyring(backend) is None and file_entries(state) == {}
+    assert await chosen.load("up") is None
+    assert await (await open_store(state, "auto")).load("up") is None
+
+
+async def test_a_logout_the_hung_keyring_cannot_take_does_not_come_back(
+    state: Path, controlled: ControlledKeyring
+) -> None:
+    backend = controlled
+    chosen = await open_store(state, "auto")
+    await chosen.save("up", login_record(1))
+    backend.hang()
+    with capture_logs() as logs:
+        await chosen.delete("up")  # returns within the bound; the keyring still holds the login
+    assert in_keyring(backend) == login_record(1)
+    assert file_entries(state) == {"up": {"logged_out": True}}  # a marker, no secret
+    assert CANARY not in repr(logs)
+    assert await chosen.load("up") is None
+    # The daemon restarts; the keyring answers, the hung delete never landed: the login stays logged out.
+    backend.hanging = False
+    assert await (await open_store(state, "auto")).load("up") is None
+    await hung_call_lands(backend)
+    # A new login puts the keyring back in charge and the marker goes.
+    following = await open_store(state, "auto")
+    await following.save("up", login_record(2))
+    assert in_keyring(backend) == login_record(2) and file_entries(state) == {}
+    assert await (await open_store(state, "auto")).load("up") == login_record(2)
+
+
+async def test_logout_while_the_keyring_hung_at_start_does_not_let_its_copy_come_back(
+    state: Path, controlled: ControlledKeyring
+) -> None:
+    backend = controlled
+    backend.entries[("mcpx", "up")] = json.dumps(login_record(1))
+    backend.hang()
+    chosen = await open_store(state, "auto")  # the keyring did not answer: the file alone, for now
+    await chosen.delete("up")
+    await hung_call_lands(backend)
+    assert in_keyring(backend) == login_record(1)  # nobody could delete it
+    assert await (await open_store(state, "auto")).load("up") is None
+
+
+async def test_keyring_without_fallback_refuses_rather_than_writing_the_file(
+    state: Path, controlled: ControlledKeyring
+) -> None:
+    backend = controlled
+    chosen = await open_store(state, "keyring")
+    backend.failing = True
+    with pytest.raises(StoreError) as raised:
+        await chosen.save("up", login_record(1))
+    assert str(raised.value) == "the OS keyring failed: RuntimeError"
+    assert not (state / "oauth-tokens.json").exists()
+
+
+async def test_a_file_the_store_could_not_write_is_a_store_error_without_secrets(
+    state: Path, controlled: ControlledKeyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keyring and disk both refuse: the credential is told (a StoreError it logs), not handed an OSError."""
+    backend = controlled
+    chosen = await open_store(state, "auto")
+    backend.failing = True
+
+    def refuse(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    with pytest.raises(StoreError, match="No space left on device") as raised:
+        await chosen.save("up", login_record(1))
+    assert CANARY not in str(raised.value)
 
 
 # ---- the file store

@@ -8,6 +8,27 @@ created 0600, written atomically (temp file, fsync, rename, fsync of the directo
 new content, never a mix, even after `kill -9`; temp files such a kill leaves behind are removed by the next
 write), refused when its owner or mode, or its directory's, is wrong or it is a symlink (TOK-7/8), and moved
 aside with a loud error when it cannot be parsed (TOK-9).
+
+With `token_store = "auto"` the keyring store keeps the file as its fallback, so that a refresh token the server
+rotated is never held only in memory because the keyring stopped answering mid-run ("keyring" puts no new record
+in the file: such a save fails; it still follows the rule for entries an earlier run left there). The rule:
+
+    An upstream's entry in the file, when it has one, wins over the keyring's: a record, or a logout marker
+    (`{"logged_out": true}`, no secret) that means "none". Without a file entry, the keyring's record counts.
+
+Every write keeps that rule true at each step, so a `kill -9` between any two writes leaves the newest state:
+- a save to an upstream with no file entry goes to the keyring; if the keyring fails or does not answer, the same
+  record goes to the file (once warned per spell of keyring trouble; `note` says why). A crash before the file
+  write loses only a save that had not returned.
+- a save to an upstream with a file entry goes to the file first (it stays the newest), then to the keyring, and
+  only once the keyring has taken it is the file entry removed: a crash in between leaves the same record in
+  both. A keyring that answers again thus takes the saves back, and the file copy goes.
+- a logout (`delete`) first turns a record in the file into a logout marker, then deletes the keyring entry, then
+  removes the file entry; if the keyring cannot delete, a marker is written (or kept), so a keyring copy (or a
+  hung delete that never lands) cannot bring the login back.
+A keyring call abandoned while it hangs may still land later, but only an older or the same save (or a delete):
+no keyring call is made while one hangs, so the file entry that holds the newer state is never removed under it.
+A keyring that did not answer when the store was opened is asked again once that call has returned.
 """
 
 from __future__ import annotations
@@ -35,16 +56,27 @@ _TEMP_PREFIX: Final = ".oauth-tokens-"
 _T = TypeVar("_T")
 
 Record = dict[str, Any]
+# What the file holds for an upstream logged out while the keyring may still hold its record (see the rule above).
+_LOGGED_OUT: Final[Record] = {"logged_out": True}
+# The note when records are in the file but this daemon has not seen the keyring fail (an earlier one did).
+_LEFT_IN_FILE: Final = "the OS keyring did not take them when they were last saved; the next save moves them to it"
 
 
 class StoreError(Exception):
     """The store cannot be used safely; the message says why and what to do."""
 
 
+class KeyringTimeout(StoreError):
+    """The keyring did not answer in time, or an earlier call of ours still hangs in it."""
+
+
 class TokenStore(Protocol):
-    backend: str
+    @property
+    def backend(self) -> str: ...
+
     # Why tokens are not where the user may expect them (the file store standing in for the keyring), or None.
-    note: str | None
+    @property
+    def note(self) -> str | None: ...
 
     async def load(self, name: str) -> Record | None: ...
 
@@ -65,9 +97,17 @@ class FileStore:
         self._swept = False
 
     async def load(self, name: str) -> Record | None:
+        record = await self.entry(name)
+        return None if record is None or _logged_out(record) else record
+
+    async def entry(self, name: str) -> Record | None:
+        """What the file holds for `name`: a record, a logout marker, or None."""
         async with self._lock:
             record = self._read().get(name)
         return record if isinstance(record, dict) else None
+
+    async def mark_logged_out(self, name: str) -> None:
+        await self.save(name, dict(_LOGGED_OUT))
 
     async def save(self, name: str, record: Record) -> None:
         async with self._lock:
@@ -176,16 +216,53 @@ class FileStore:
 
 
 class KeyringStore:
-    """One keyring entry per upstream (service `mcpx`, user = upstream name)."""
+    """One keyring entry per upstream (service `mcpx`, user = upstream name), and the file store's entries, which
+    win when there are any (the rule in the module docstring). `keyring_module` is None when the keyring did not
+    answer when the store was opened (`unavailable` says why): the file then takes everything, and the keyring is
+    asked again once a call that hung has returned (`probe_again`). `fallback=False` (`token_store = "keyring"`):
+    a save the keyring refuses fails, rather than going to the file."""
 
-    backend = "keyring"
-    note: str | None = None
-
-    def __init__(self, keyring_module: Any) -> None:
+    def __init__(
+        self,
+        keyring_module: Any | None,
+        file: FileStore,
+        *,
+        fallback: bool = True,
+        unavailable: str | None = None,
+        probe_again: bool = False,
+    ) -> None:
         self._keyring = keyring_module
+        self._file = file
+        self._fallback = fallback
+        self._probe_again = probe_again
+        # Why the keyring is not taking records (the note), and whether that was already logged.
+        self._reason = unavailable
+        self._warned = unavailable is not None
+        # The upstreams whose newest record is in the file, as far as this store has seen.
+        self._in_file: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    @property
+    def backend(self) -> str:
+        return "file" if self._keyring is None or self._in_file else "keyring"
+
+    @property
+    def note(self) -> str | None:
+        return None if self.backend == "keyring" else self._reason or _LEFT_IN_FILE
 
     async def load(self, name: str) -> Record | None:
-        raw = await _bounded(lambda: self._keyring.get_password(KEYRING_SERVICE, name))
+        async with self._lock:
+            entry = await self._file.entry(name)
+            if entry is not None:
+                if _logged_out(entry):
+                    return None
+                self._in_file.add(name)
+                return entry
+            self._in_file.discard(name)
+            keyring = await self._answering()
+            if keyring is None:
+                return None
+            raw = await _bounded(lambda: keyring.get_password(KEYRING_SERVICE, name))
         if raw is None:
             return None
         try:
@@ -197,23 +274,129 @@ class KeyringStore:
 
     async def save(self, name: str, record: Record) -> None:
         data = jsonrpc.dumps(record).decode()
-        await _bounded(lambda: self._keyring.set_password(KEYRING_SERVICE, name, data))
+        async with self._lock:
+            entry = await self._file.entry(name)
+            if entry is not None:
+                # The file holds this upstream's newest state: it takes the new one first, so it stays so.
+                await self._write_file(name, record)
+                self._in_file.add(name)
+            try:
+                await self._keyring_call(lambda keyring: keyring.set_password(KEYRING_SERVICE, name, data))
+            except StoreError as exc:
+                if entry is None:
+                    if not self._fallback:
+                        raise
+                    await self._write_file(name, record)
+                    self._in_file.add(name)
+                self._keyring_failed(exc)
+                return
+            if entry is not None:
+                await self._remove_from_file(name)
+            self._in_file.discard(name)
+            self._keyring_answered()
 
     async def delete(self, name: str) -> None:
-        errors = getattr(self._keyring, "errors", None)
-        missing = getattr(errors, "PasswordDeleteError", LookupError)
-
-        def delete() -> None:
+        def delete(keyring: Any) -> None:
+            missing = getattr(getattr(keyring, "errors", None), "PasswordDeleteError", LookupError)
             with contextlib.suppress(missing):
-                self._keyring.delete_password(KEYRING_SERVICE, name)
+                keyring.delete_password(KEYRING_SERVICE, name)
 
-        await _bounded(delete)
+        async with self._lock:
+            entry = await self._file.entry(name)
+            if entry is not None and not _logged_out(entry):
+                # From here on nothing of this login can come back, whatever the keyring does or a crash cuts.
+                await self._mark_logged_out(name)
+            self._in_file.discard(name)
+            try:
+                await self._keyring_call(delete)
+            except StoreError as exc:
+                if entry is None:
+                    await self._mark_logged_out(name)
+                _log.info(
+                    "the OS keyring could not delete a login; the token file records the logout instead",
+                    upstream=name,
+                    reason=str(exc),
+                )
+                return
+            if entry is not None:
+                await self._remove_from_file(name)
+            self._keyring_answered()
+
+    async def _answering(self) -> Any | None:
+        """The keyring module, if the keyring may be asked now: when it did not answer at first, it is probed
+        again once the call that hung has returned (one that failed outright is not)."""
+        if self._keyring is None and self._probe_again and not _hung():
+            try:
+                self._keyring = await _bounded(probe_keyring)
+            except KeyringTimeout as exc:
+                self._reason = str(exc)
+            except StoreError as exc:
+                self._reason = str(exc)
+                self._probe_again = False
+            else:
+                _log.info("the OS keyring answers now; OAuth tokens go to it from the next save")
+        return self._keyring
+
+    async def _keyring_call(self, call: Callable[[Any], object]) -> None:
+        keyring = await self._answering()
+        if keyring is None:
+            raise StoreError(self._reason or "the OS keyring is not available")
+        await _bounded(lambda: call(keyring))
+
+    def _keyring_failed(self, exc: StoreError) -> None:
+        """A save went to the file instead of the keyring: said once per spell of keyring trouble, whose first
+        failure is the note (the later ones are mostly "has not answered an earlier request yet")."""
+        if not self._warned or self._reason is None:
+            self._reason = str(exc)
+        if not self._warned:
+            self._warned = True
+            _log.warning(
+                "the OS keyring did not take OAuth tokens; they are kept in the private token file until it does",
+                reason=str(exc),
+                path=str(self._file.path),
+            )
+
+    def _keyring_answered(self) -> None:
+        if self._warned and self._keyring is not None:
+            self._warned = False
+            _log.info("the OS keyring answers again; OAuth tokens are moved back to it as they are saved")
+
+    async def _write_file(self, name: str, record: Record) -> None:
+        try:
+            await self._file.save(name, record)
+        except OSError as exc:
+            raise StoreError(f"cannot write the token store {self._file.path}: {exc.strerror}") from None
+
+    async def _mark_logged_out(self, name: str) -> None:
+        try:
+            await self._file.mark_logged_out(name)
+        except OSError as exc:
+            raise StoreError(f"cannot write the token store {self._file.path}: {exc.strerror}") from None
+
+    async def _remove_from_file(self, name: str) -> None:
+        """The keyring holds the newest state now; the file's entry only repeats it (or a logout it has taken).
+        If the file cannot be rewritten, the entry stays: the same record, or a logout, still wins."""
+        try:
+            await self._file.delete(name)
+        except OSError as exc:
+            _log.warning("could not remove an entry from the token file", path=str(self._file.path), error=exc.strerror)
+
+
+def _logged_out(entry: Record) -> bool:
+    return entry == _LOGGED_OUT
 
 
 class _Hung:
-    """The keyring call that did not answer in time, while its thread still waits (at most one is ever left)."""
+    """The keyring calls that did not answer in time, while their threads still wait (normally at most one: no
+    call is made while one hangs)."""
 
-    thread: threading.Thread | None = None
+    threads: list[threading.Thread] = []  # noqa: RUF012 - the process's one list
+
+
+def _hung() -> bool:
+    """Whether a keyring call we abandoned still hangs (forgetting those that have returned)."""
+    _Hung.threads = [thread for thread in _Hung.threads if thread.is_alive()]
+    return bool(_Hung.threads)
 
 
 async def _bounded(call: Callable[[], _T]) -> _T:
@@ -221,11 +404,8 @@ async def _bounded(call: Callable[[], _T]) -> _T:
 
     Not `asyncio.to_thread`: a call that never returns would hold a thread of the default executor, which the
     interpreter joins at exit, so a hung keyring would keep mcpxd from ever stopping."""
-    hung = _Hung.thread
-    if hung is not None:
-        if hung.is_alive():
-            raise StoreError("the OS keyring has not answered an earlier request yet")
-        _Hung.thread = None
+    if _hung():
+        raise KeyringTimeout("the OS keyring has not answered an earlier request yet")
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[_T] = loop.create_future()
 
@@ -250,8 +430,8 @@ async def _bounded(call: Callable[[], _T]) -> _T:
         async with asyncio.timeout(KEYRING_TIMEOUT):
             return await answer
     except TimeoutError:
-        _Hung.thread = thread
-        raise StoreError(f"the OS keyring did not answer within {KEYRING_TIMEOUT:g} s") from None
+        _Hung.threads.append(thread)
+        raise KeyringTimeout(f"the OS keyring did not answer within {KEYRING_TIMEOUT:g} s") from None
     except StoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - keyring backends raise anything; none may reach the caller raw
@@ -259,9 +439,9 @@ async def _bounded(call: Callable[[], _T]) -> _T:
 
 
 async def open_store(state_dir: Path, choice: str = "auto") -> TokenStore:
-    """The keyring if one answers (one bound for choosing the backend and a probe read), else the file store, with
-    a warning saying where tokens go. `choice` is `[daemon] token_store`: "auto", "keyring" (no fallback) or
-    "file"."""
+    """The keyring if one answers (one bound for choosing the backend and a probe read), else the file, with a
+    warning saying where tokens go. `choice` is `[daemon] token_store`: "auto", "keyring" (no file for tokens the
+    keyring refuses) or "file" (the file alone). Both keyring choices honour the file's entries (see the rule)."""
     path = state_dir / "oauth-tokens.json"
     if choice == "file":
         return FileStore(path)
@@ -271,8 +451,8 @@ async def open_store(state_dir: Path, choice: str = "auto") -> TokenStore:
         if choice == "keyring":
             raise
         _log.warning("OAuth tokens are kept in a private file, not the OS keyring", reason=str(exc), path=str(path))
-        return FileStore(path, note=str(exc))
-    return KeyringStore(keyring)
+        return KeyringStore(None, FileStore(path), unavailable=str(exc), probe_again=isinstance(exc, KeyringTimeout))
+    return KeyringStore(keyring, FileStore(path), fallback=choice != "keyring")
 
 
 def probe_keyring() -> Any:
