@@ -7,6 +7,9 @@ the bytes matter."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,12 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp.types import ElicitRequestParams, ElicitResult, RequestParamsMeta, TextResourceContents
 
+from mcpx.config.load import parse_config
+from mcpx.downstream.peercred import PeerCredentials
+from mcpx.downstream.session import AgentSession
+from mcpx.router.router import Router
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, running_daemon, upstream_toml
+from tests.support.inprocess import NoControl
 from tests.support.raw import RawAgent, raw_agent
 from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
@@ -291,3 +299,51 @@ async def test_log_messages_of_a_call_follow_the_requests_own_log_level(sandbox:
         await call(2, **{"io.modelcontextprotocol/logLevel": "warning"})
         await call(3, **{"io.modelcontextprotocol/logLevel": "debug"})
         assert seen == ["2:warning", "3:debug", "3:warning"]
+
+
+async def test_a_stopping_daemon_ends_listen_streams_with_a_complete_result(tmp_path: Path) -> None:
+    alpha = Upstream("alpha", json_response=False, customize=with_questions)
+    async with running(alpha):
+        router = Router(parse_config(upstream_toml("alpha", alpha.url), tmp_path / "config.toml"), tmp_path)
+        await router.start()
+        sent: list[dict[str, Any]] = []
+        arrived = asyncio.Event()
+
+        def send(data: bytes) -> None:
+            sent.append(json.loads(data))
+            arrived.set()
+
+        async def next_sent(predicate: Any) -> dict[str, Any]:
+            async with asyncio.timeout(10):
+                while True:
+                    found = [message for message in sent if predicate(message)]
+                    if found:
+                        return found[0]
+                    arrived.clear()
+                    await arrived.wait()
+
+        session = AgentSession(router, NoControl(), send, PeerCredentials(uid=os.getuid(), pid=None))
+        try:
+            await router.wait_settled(10)
+            listen = {"jsonrpc": "2.0", "id": "l", "method": "subscriptions/listen"}
+            session.on_line(
+                json.dumps({**listen, "params": modern({"notifications": {"toolsListChanged": True}})}).encode()
+            )
+            await next_sent(lambda m: m.get("method") == "notifications/subscriptions/acknowledged")
+            # A call waiting for the agent's retry (asked for input) is let go too, with no answer owed.
+            capable: dict[str, Any] = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}}}
+            call = {"jsonrpc": "2.0", "id": "c", "method": "tools/call"}
+            session.on_line(json.dumps({**call, "params": modern({"name": "alpha__greet"}, **capable)}).encode())
+            asked = await next_sent(lambda m: m.get("id") == "c")
+            assert asked["result"]["resultType"] == "input_required"
+
+            assert await session.drain(5) == 0
+            ended = await next_sent(lambda m: m.get("id") == "l")
+            assert ended["result"] == {
+                "resultType": "complete",
+                "_meta": {"io.modelcontextprotocol/subscriptionId": "l"},
+            }
+            assert session._suspended == {} and session._listens == {}
+        finally:
+            session.close()
+            await router.stop()
