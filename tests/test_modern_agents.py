@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp.client import ClientRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp.types import ElicitRequestParams, ElicitResult, RequestParamsMeta, TextResourceContents
+from mcp.types import RequestParamsMeta, TextResourceContents
 
 from mcpx.config.load import parse_config
 from mcpx.downstream.peercred import PeerCredentials
@@ -28,7 +27,7 @@ from tests.support.raw import RawAgent, raw_agent
 from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
 from tests.test_prompts import with_prompts
-from tests.test_server_requests import with_questions
+from tests.test_server_requests import answering_as, with_questions
 from tests.test_surface import NOTES, Subscriptions
 
 MODERN = "2026-07-28"
@@ -124,14 +123,6 @@ async def test_modern_results_carry_result_type_and_cache_fields_and_envelope_er
         assert (await raw.request(10, "tools/list"))["result"]["tools"]
 
 
-def _answering(name: str, asked: list[str]):  # type: ignore[no-untyped-def]
-    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
-        asked.append(params.message)
-        return ElicitResult(action="accept", content={"name": name})
-
-    return on_elicit
-
-
 async def test_an_upstreams_question_during_a_call_becomes_input_required_and_the_retry_carries_the_answer(
     sandbox: Sandbox,
 ) -> None:
@@ -142,8 +133,8 @@ async def test_an_upstreams_question_during_a_call_becomes_input_required_and_th
     async with (
         running(alpha),
         running_daemon(sandbox),
-        agent(sandbox, mode="auto", elicitation_callback=_answering("ada", asked_ada)) as ada,
-        agent(sandbox, elicitation_callback=_answering("bob", asked_bob)) as bob,  # (handshake era)
+        agent(sandbox, mode="auto", elicitation_callback=answering_as("ada", asked_ada)) as ada,
+        agent(sandbox, elicitation_callback=answering_as("bob", asked_bob)) as bob,  # (handshake era)
     ):
         # A modern and a handshake-era agent at once on one shared upstream session: each answers its own.
         results = await asyncio.gather(ada.call_tool("alpha__greet", {}), bob.call_tool("alpha__greet", {}))

@@ -56,7 +56,7 @@ def with_questions(server: MCPServer) -> None:
         return f"summary: {content.text}" if isinstance(content, TextContent) else "summary: ?"
 
 
-def _answering_as(name: str, asked: list[str]):  # type: ignore[no-untyped-def]
+def answering_as(name: str, asked: list[str]):  # type: ignore[no-untyped-def]
     async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
         asked.append(params.message)
         return ElicitResult(action="accept", content={"name": name})
@@ -72,8 +72,8 @@ async def test_an_elicitation_during_a_call_is_answered_by_the_calling_agent_onl
     async with (
         running(alpha),
         running_daemon(sandbox),
-        agent(sandbox, elicitation_callback=_answering_as("ada", asked_ada)) as ada,
-        agent(sandbox, elicitation_callback=_answering_as("bob", asked_bob)) as bob,
+        agent(sandbox, elicitation_callback=answering_as("ada", asked_ada)) as ada,
+        agent(sandbox, elicitation_callback=answering_as("bob", asked_bob)) as bob,
     ):
         # Both at once on the one shared upstream session: each question reaches its own caller.
         results = await asyncio.gather(ada.call_tool("alpha__greet", {}), bob.call_tool("alpha__greet", {}))
