@@ -189,7 +189,8 @@ async def test_auto_does_not_take_a_stateless_era_refusal_for_a_legacy_server() 
         assert failed.value.rpc_code == -32022
         assert "Unsupported protocol version" in failed.value.reason
         assert "2026-07-28" in failed.value.reason
-        assert [r.method for r in server.requests] == ["POST"]
+        # `protocol = "auto"`: the handshake, then protocol 2026-07-28 (refused too here), never a GET.
+        assert [r.method for r in server.requests] == ["POST", "POST"]
 
 
 async def test_legacy_sse_renews_a_rejected_credential_once(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
     McpxError
     ├── AgentError            the agent sent something wrong        → JSON-RPC error to that agent
     │   ├── ParseError, InvalidRequest, MethodNotFound, InvalidParams
-    │   └── UnsupportedProtocolVersion  a 2026-07-28 request names a version mcpx does not speak
+    │   ├── UnsupportedProtocolVersion  a 2026-07-28 request names a version mcpx does not speak
+    │   └── InputRefused    the agent refused a 2026-07-28 upstream's request for input: the call ends with it
     ├── UpstreamError         an upstream failed or misbehaved       → tool error (tools/call) or JSON-RPC error
     │   ├── UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError, UpstreamHTTPError
     │   ├── UpstreamInterrupted the request's fate is unknown (not sent twice): the upstream itself is not broken
@@ -84,6 +85,18 @@ class UnsupportedProtocolVersion(AgentError):
         super().__init__(f"unsupported protocol version {requested!r}; supported: {', '.join(supported)}")
         self.requested = requested
         self.supported = supported
+
+
+class InputRefused(AgentError):
+    """The agent answered an upstream's request for input (protocol 2026-07-28 MRTR: elicitation, sampling, roots)
+    with an error. That protocol has no way to hand an error back to the server, so the call that asked ends with
+    the agent's own error code."""
+
+    def __init__(self, method: str, error: object) -> None:
+        code = error.get("code") if isinstance(error, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        super().__init__(f"{method} was refused: {message if isinstance(message, str) else 'error'}")
+        self.code = code if type(code) is int else INTERNAL_ERROR
 
 
 # --- an upstream is to blame -------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Real MCP upstream servers for tests: the `mcp` SDK's MCPServer over streamable HTTP, served by uvicorn on
-127.0.0.1, optionally requiring a bearer token through the SDK's own token verification (HTTP 401 otherwise).
+127.0.0.1, optionally requiring a bearer token through the SDK's own token verification (HTTP 401 otherwise),
+optionally speaking protocol 2026-07-28 only (`modern_only`: the SDK's app serves both eras; a thin ASGI layer
+refuses the handshake era as a modern-only server does).
 """
 
 from __future__ import annotations
@@ -10,14 +12,24 @@ import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import uvicorn
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from pydantic import AnyHttpUrl
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+MODERN_VERSION: Final = "2026-07-28"
+
+
+@dataclass(frozen=True)
+class SeenPost:
+    """One POST as a modern-only upstream received it: lower-cased headers and the parsed body."""
+
+    headers: dict[str, str]
+    body: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -164,8 +176,17 @@ class Upstream(Served):
         tokens: TokenCheck | None = None,
         customize: Callable[[MCPServer], None] | None = None,
         app_options: dict[str, Any] | None = None,
+        modern_only: bool = False,
     ) -> None:
         self.name = name
+        # Speak protocol 2026-07-28 only: refuse `initialize` (HTTP 400, UnsupportedProtocolVersion naming the
+        # supported versions) and answer GET and DELETE with 405 (2026-07-28 `basic/transports`).
+        self.modern_only = modern_only
+        # (modern_only) Every POST as received; and a hook that may answer one in place of the server: given the
+        # parsed body, the raw bytes of a 200 `application/json` answer, or None to let the server answer.
+        self.posts: list[SeenPost] = []
+        self.posted = asyncio.Event()
+        self.answer_instead: Callable[[dict[str, Any]], bytes | None] | None = None
         self.json_response = json_response
         self.tokens = tokens
         self.customize = customize
@@ -197,12 +218,54 @@ class Upstream(Served):
                     self.initialize_received.set()
                 if scope["method"] == "DELETE":
                     self.delete_received.set()
-            if scope["type"] == "http" and self.json_response and scope["method"] == "POST":
+            if scope["type"] == "http" and self.modern_only:
+                await self._modern_only(inner, scope, receive, send)
+            elif scope["type"] == "http" and self.json_response and scope["method"] == "POST":
                 await inner(scope, receive, self._rewriting(send))
             else:
                 await inner(scope, receive, send)
 
         return recorded
+
+    async def _modern_only(self, inner: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve as a server of protocol 2026-07-28 only, recording each POST (body read here, replayed)."""
+        if scope["method"] != "POST":
+            await _respond(send, 405, b"", [(b"allow", b"POST")])
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        headers = {key.decode().lower(): value.decode() for key, value in scope["headers"]}
+        body = json.loads(raw) if raw.startswith(b"{") else {}
+        self.posts.append(SeenPost(headers, body))
+        self.posted.set()
+        if headers.get("mcp-protocol-version") != MODERN_VERSION:
+            error = {
+                "code": -32022,
+                "message": "Unsupported protocol version",
+                "data": {"supported": [MODERN_VERSION], "requested": headers.get("mcp-protocol-version")},
+            }
+            reply = {"jsonrpc": "2.0", "id": body.get("id"), "error": error}
+            await _respond(send, 400, json.dumps(reply).encode(), [(b"content-type", b"application/json")])
+            return
+        instead = self.answer_instead(body) if self.answer_instead is not None else None
+        if instead is not None:
+            await _respond(send, 200, instead, [(b"content-type", b"application/json")])
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        await inner(scope, replay, send)
 
     def _rewriting(self, send: Send) -> Send:
         """Add `extra_result_fields` to tools/call results and record those bodies as sent."""
@@ -233,6 +296,12 @@ class Upstream(Served):
         """Stop and start again on the same port: every MCP session the server held is forgotten."""
         await self.stop()
         await self.start()
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    length = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, *length]})
+    await send({"type": "http.response.body", "body": body})
 
 
 @contextlib.asynccontextmanager

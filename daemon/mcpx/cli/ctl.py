@@ -72,8 +72,19 @@ def render_status(status: dict[str, Any]) -> str:
     if not upstreams:
         lines.append("no upstreams configured")
         return "\n".join(lines)
-    rows = [["UPSTREAM", "STATE", "TOOLS", "AUTH", "URL", "LAST ERROR"]]
-    rows += [[u["name"], u["state"], str(u["tools"]), u["auth"], u["url"], u["last_error"] or "-"] for u in upstreams]
+    rows = [["UPSTREAM", "STATE", "TOOLS", "PROTOCOL", "AUTH", "URL", "LAST ERROR"]]
+    rows += [
+        [
+            u["name"],
+            u["state"],
+            str(u["tools"]),
+            u.get("protocol_version") or "-",
+            u["auth"],
+            u["url"],
+            u["last_error"] or "-",
+        ]
+        for u in upstreams
+    ]
     lines.append(_table(rows))
     for upstream in upstreams:
         oauth = upstream.get("oauth")

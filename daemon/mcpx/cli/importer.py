@@ -312,9 +312,10 @@ class _Converter:
     def header(self, upstream: Upstream, name: str, value: str, env: dict[str, Any], *, plain_is_env: bool) -> None:
         # The config's own rules (headers mcpx sets itself, RFC 9110 names), imported only when `import` runs:
         # mcpxctl starts without pydantic.
-        from mcpx.config.model import HEADER_NAME, RESERVED_HEADERS
+        from mcpx.config.model import HEADER_NAME, RESERVED_HEADER_PREFIX, RESERVED_HEADERS
 
-        if not HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
+        reserved = name.lower() in RESERVED_HEADERS or name.lower().startswith(RESERVED_HEADER_PREFIX)
+        if not HEADER_NAME.match(name) or reserved:
             upstream.notes.append(f"header {name!r} left out (mcpx sets it itself or it is not a valid name)")
             return
         rewritten = self.references(value, upstream, env, plain_is_env=plain_is_env)

@@ -17,8 +17,20 @@ UPSTREAM_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 # Headers mcpx owns on upstream requests; configuring them would break the protocol or the auth model.
 RESERVED_HEADERS = frozenset(
-    {"accept", "content-type", "content-length", "host", "mcp-session-id", "mcp-protocol-version", "last-event-id"}
+    {
+        "accept",
+        "content-type",
+        "content-length",
+        "host",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "last-event-id",
+        "mcp-method",
+        "mcp-name",
+    }
 )
+# Headers of this prefix mirror tool arguments (protocol 2026-07-28 `x-mcp-header`): set by mcpx per call.
+RESERVED_HEADER_PREFIX = "mcp-param-"
 
 
 class _Strict(BaseModel):
@@ -58,7 +70,7 @@ class StaticHeaderAuth(_Strict):
     @field_validator("header")
     @classmethod
     def _not_reserved(cls, value: str) -> str:
-        if value.lower() in RESERVED_HEADERS:
+        if value.lower() in RESERVED_HEADERS or value.lower().startswith(RESERVED_HEADER_PREFIX):
             raise ValueError(f"header {value!r} is set by mcpx itself")
         return value
 
@@ -181,6 +193,8 @@ class UpstreamConfig(_Strict):
     url: str | None = None
     # streamable HTTP, falling back to legacy HTTP+SSE on 400/404/405 ("auto"), or one of them only.
     transport: Literal["auto", "streamable-http", "sse"] = "auto"
+    # The initialize handshake, else protocol 2026-07-28 when the server speaks only that ("auto"), or one of them.
+    protocol: Literal["auto", "handshake", "2026-07-28"] = "auto"
     # A stdio server: spawned without a shell, with a minimal environment plus `env`.
     command: Annotated[str, Field(min_length=1)] | None = None
     args: tuple[str, ...] = ()
@@ -241,7 +255,7 @@ class UpstreamConfig(_Strict):
         for name in value:
             if not HEADER_NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid HTTP header name")
-            if name.lower() in RESERVED_HEADERS:
+            if name.lower() in RESERVED_HEADERS or name.lower().startswith(RESERVED_HEADER_PREFIX):
                 raise ValueError(f"header {name!r} is set by mcpx itself")
         return value
 
@@ -250,7 +264,7 @@ class UpstreamConfig(_Strict):
         if (self.url is None) == (self.command is None):
             raise ValueError("give exactly one of `url` (a remote server) or `command` (a local stdio server)")
         if self.command is not None:
-            remote_only = sorted({"transport", "headers"} & self.model_fields_set)
+            remote_only = sorted({"transport", "protocol", "headers"} & self.model_fields_set)
             if not isinstance(self.auth, NoAuth):
                 remote_only.append("auth")
             if remote_only:
@@ -258,6 +272,8 @@ class UpstreamConfig(_Strict):
                 raise ValueError(f"{keys}: only for `url` upstreams; a stdio server takes credentials from `env`")
         elif {"args", "env", "cwd"} & self.model_fields_set:
             raise ValueError("`args`, `env` and `cwd` are for `command` upstreams")
+        elif self.transport == "sse" and self.protocol == "2026-07-28":
+            raise ValueError('`protocol = "2026-07-28"` is spoken over streamable HTTP only, not `transport = "sse"`')
         return self
 
     @property

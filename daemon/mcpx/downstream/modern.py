@@ -28,20 +28,19 @@ from mcpx.errors import (
     unanswered,
 )
 from mcpx.jsonrpc import Message, RequestId
-from mcpx.upstream.peer import STATELESS_VERSION
-
-PROTOCOL_VERSION_KEY: Final = "io.modelcontextprotocol/protocolVersion"
-CLIENT_CAPABILITIES_KEY: Final = "io.modelcontextprotocol/clientCapabilities"
-CLIENT_INFO_KEY: Final = "io.modelcontextprotocol/clientInfo"
-LOG_LEVEL_KEY: Final = "io.modelcontextprotocol/logLevel"
-SERVER_INFO_KEY: Final = "io.modelcontextprotocol/serverInfo"
-SUBSCRIPTION_ID_KEY: Final = "io.modelcontextprotocol/subscriptionId"
+from mcpx.upstream.peer import (
+    CLIENT_CAPABILITIES_KEY,
+    CLIENT_INFO_KEY,
+    LOG_LEVEL_KEY,
+    PROTOCOL_VERSION_KEY,
+    SERVER_INFO_KEY,
+    STATELESS_VERSION,
+    SUBSCRIPTION_ID_KEY,
+)
 
 SUPPORTED_VERSIONS: Final = (STATELESS_VERSION,)
 SERVER_INFO: Final = {"name": "mcpx", "version": __version__}
 
-# The requests a server may answer with `input_required` (2026-07-28 `basic/patterns/mrtr`).
-MRTR_METHODS: Final = frozenset({"tools/call", "resources/read", "prompts/get"})
 # Handshake-era requests 2026-07-28 removed, and what replaces each.
 REMOVED_METHODS: Final = {
     "initialize": "send server/discover, or the request itself with its _meta envelope",

@@ -43,7 +43,14 @@ from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
 from mcpx.redact import scrub
 from mcpx.router.router import LIST_METHODS, Router, list_response
-from mcpx.upstream.peer import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE_VERSION, STATELESS_VERSION
+from mcpx.upstream.peer import (
+    CLIENT_CAPABILITIES_KEY,
+    HANDSHAKE_VERSIONS,
+    LATEST_HANDSHAKE_VERSION,
+    MRTR_METHODS,
+    PROTOCOL_VERSION_KEY,
+    STATELESS_VERSION,
+)
 
 _log = get_logger("mcpx.agent")
 
@@ -182,7 +189,7 @@ class AgentSession:
             elif method == "server/discover":
                 raise InvalidParams(
                     f"server/discover needs the {STATELESS_VERSION} envelope in _meta "
-                    f"('{modern.PROTOCOL_VERSION_KEY}', '{modern.CLIENT_CAPABILITIES_KEY}')"
+                    f"('{PROTOCOL_VERSION_KEY}', '{CLIENT_CAPABILITIES_KEY}')"
                 )
             elif method == "mcpx/status":
                 self._reply(request_id, {**self._control.status()})
@@ -244,7 +251,7 @@ class AgentSession:
             else:
                 cursor = params.get("cursor")
                 self._spawn(request_id, functools.partial(self._list_when_settled, request_id, method, cursor, extra))
-        elif method in modern.MRTR_METHODS:
+        elif method in MRTR_METHODS:
             # (the answers and the state are mcpx's, not the upstream's)
             state, answers = params.pop("requestState", None), params.pop("inputResponses", None)
             if state is not None:

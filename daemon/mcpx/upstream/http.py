@@ -19,7 +19,6 @@ Streams (SSE) and their resumption:
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import itertools
 from collections.abc import Callable, Coroutine
@@ -30,24 +29,33 @@ from mcpx.auth.credentials import CredentialProvider
 from mcpx.config.model import UpstreamConfig
 from mcpx.errors import (
     FrameTooLarge,
-    InvalidRequest,
     McpxError,
     NeedsLogin,
-    ParseError,
     SessionExpired,
     UpstreamError,
     UpstreamHTTPError,
     UpstreamProtocolError,
-    UpstreamRpcError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from mcpx.framing.sse import SSEDecoder, SSEEvent
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
-from mcpx.redact import any_registered
 from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response, Sent
-from mcpx.upstream.httpbase import EventStream, HttpPeer, connection_failure, event_data
+from mcpx.upstream.httpbase import (
+    STREAM_RETRY_INITIAL,
+    STREAM_RETRY_MAX,
+    Answer,
+    EventStream,
+    HttpPeer,
+    Listen,
+    connection_failure,
+    event_data,
+    parse_message,
+    reconnect_delay,
+    response_result,
+    stream_message,
+)
 from mcpx.upstream.peer import (
     STATELESS_ERA_CODES,
     STATELESS_VERSION,
@@ -64,29 +72,8 @@ from mcpx.upstream.peer import (
 _log = get_logger("mcpx.upstream")
 _T = TypeVar("_T")
 
-# Reopening a stream the server closed without saying when (`retry`): first wait, doubling on each failure up to
-# the cap (seconds).
-STREAM_RETRY_INITIAL: Final = 1.0
-STREAM_RETRY_MAX: Final = 30.0
-
-
-class _Listen(enum.Enum):
-    """How one attempt at the GET stream ended."""
-
-    STOP = "stop"  # no GET stream for this session (405, a permanent error): do not reopen
-    RECEIVED = "received"  # the stream delivered something, then ended: reopen after `retry`
-    FAILED = "failed"  # nothing came through: reopen after a growing backoff
-
-
-def reconnect_delay(retry_ms: int | None, failures: int) -> float:
-    """Seconds to wait before reopening a stream. After one that brought something: the server's `retry` (else
-    STREAM_RETRY_INITIAL). After `failures` attempts in a row that brought nothing: at least that much, and at least
-    STREAM_RETRY_INITIAL (a `retry: 0` must not make a loop), doubled for each, capped at STREAM_RETRY_MAX."""
-    retry = retry_ms / 1000 if retry_ms is not None else None
-    if failures == 0:
-        return retry if retry is not None else STREAM_RETRY_INITIAL
-    base = max(retry or 0.0, STREAM_RETRY_INITIAL)
-    return float(min(base * 2 ** (failures - 1), max(base, STREAM_RETRY_MAX)))
+# (kept importable from here: tests and callers of the handshake transport name them so)
+__all__ = ["STREAM_RETRY_INITIAL", "STREAM_RETRY_MAX", "HttpSession", "reconnect_delay"]
 
 
 class HttpSession:
@@ -139,7 +126,8 @@ class HttpSession:
             except UpstreamHTTPError as exc:
                 if exc.rpc_code not in STATELESS_ERA_CODES:
                     raise
-                reason = f"{exc.reason} (a server of protocol {STATELESS_VERSION} only, not yet spoken to upstreams)"
+                only = f"a server of protocol {STATELESS_VERSION} only"
+                reason = f'{exc.reason} ({only}; `protocol = "handshake"` forbids speaking it)'
                 raise UpstreamHTTPError(self.name, exc.status, reason, rpc_code=exc.rpc_code) from None
 
     async def close(self) -> None:
@@ -348,10 +336,7 @@ class HttpSession:
         # The connection goes back to the pool when this returns, unless an SSE stream is handed to a drainer.
         handed_off = False
         try:
-            if response.status == 401:
-                raise self._peer.unauthorized(headers, response)
-            if response.status == 403:
-                self._peer.forbidden(response)
+            self._peer.check_auth(headers, response)
             if response.status == 404 and sent_session is not None:
                 raise SessionExpired(self.name, "the upstream no longer knows our session")
             if response.status != 200:
@@ -381,9 +366,7 @@ class HttpSession:
                 response.release()
 
     def _response_result(self, raw: bytes | bytearray, request_id: int, forward_raw: bool) -> Any:
-        """The result of the response `raw`: as the upstream's own bytes when it is forwarded untouched."""
-        spliced = _spliced(raw, request_id) if forward_raw else None
-        return spliced if spliced is not None else self._result_of(self._parse(raw), request_id)
+        return response_result(self.name, raw, request_id, forward_raw)
 
     async def _read_stream(
         self, response: Response, request_id: int, on_related: ClientSide | None, forward_raw: bool
@@ -401,7 +384,7 @@ class HttpSession:
                     async for event in stream.events(current):
                         if (message := self._stream_message(event, request_id, forward_raw)) is None:
                             continue
-                        if isinstance(message, _Answer):
+                        if isinstance(message, Answer):
                             return message.result()
                         self._route_from_stream(message, request_id, on_related)
                 except FrameTooLarge as exc:
@@ -424,24 +407,8 @@ class HttpSession:
             if resumed is not None:
                 resumed.release()
 
-    def _stream_message(self, event: SSEEvent, request_id: int, forward_raw: bool) -> _Answer | Message | None:
-        """What one event of a request's SSE stream carries: the answer to `request_id` (its result or its error,
-        raised when asked for), a message of the server's to route, or nothing of use (None)."""
-        if event.event != "message" or not event.data:
-            return None
-        data = event_data(event)
-        if forward_raw and (spliced := _spliced(data, request_id)) is not None:
-            return _Answer(spliced, None)
-        message = self._parse(data)
-        if "method" in message:
-            return message
-        if message.get("id") != request_id:
-            _log.debug("ignoring unrelated response on stream", upstream=self.name)
-            return None
-        try:
-            return _Answer(self._result_of(message, request_id), None)
-        except McpxError as exc:
-            return _Answer(None, exc)
+    def _stream_message(self, event: SSEEvent, request_id: int, forward_raw: bool) -> Answer | Message | None:
+        return stream_message(self.name, event, request_id, forward_raw)
 
     def _route_from_stream(self, message: Message, request_id: int, on_related: ClientSide | None) -> None:
         # On a request's own stream, the server's messages belong to that request (SEP-2260).
@@ -465,23 +432,8 @@ class HttpSession:
             raise
         return response
 
-    def _result_of(self, message: Message, request_id: int) -> Any:
-        if message.get("id") != request_id:
-            raise UpstreamProtocolError(self.name, "response id does not match the request")
-        if "error" in message:
-            error = message["error"]
-            if not isinstance(error, dict):
-                raise UpstreamProtocolError(self.name, "malformed JSON-RPC error")
-            raise UpstreamRpcError(self.name, error)
-        if "result" not in message:
-            raise UpstreamProtocolError(self.name, "response has neither result nor error")
-        return message["result"]
-
     def _parse(self, raw: bytes | bytearray) -> Message:
-        try:
-            return jsonrpc.validate_message(jsonrpc.loads(raw))
-        except (ParseError, InvalidRequest) as exc:
-            raise UpstreamProtocolError(self.name, f"not a JSON-RPC message: {exc}") from None
+        return parse_message(self.name, raw)
 
     async def _post_expecting_accepted(self, body: bytes) -> None:
         try:
@@ -511,9 +463,9 @@ class HttpSession:
         try:
             while True:
                 outcome = await self._listen_once(stream, generation, opened_before=opened_before)
-                if outcome is _Listen.STOP:
+                if outcome is Listen.STOP:
                     return
-                if outcome is _Listen.RECEIVED:
+                if outcome is Listen.RECEIVED:
                     opened_before = True
                     failures = 0
                 else:
@@ -522,44 +474,37 @@ class HttpSession:
         except Exception:  # noqa: BLE001 - task top: the GET stream must never take the session down
             _log.exception("GET stream failed", upstream=self.name)
 
-    async def _listen_once(self, stream: EventStream, generation: int, *, opened_before: bool) -> _Listen:
+    async def _listen_once(self, stream: EventStream, generation: int, *, opened_before: bool) -> Listen:
         try:
             headers = self._stream_headers(stream.last_event_id)
         except (UpstreamError, NeedsLogin) as exc:  # the credential cannot be read: calls will say why
             _log.debug("GET stream not opened", upstream=self.name, error=str(exc))
-            return _Listen.STOP
+            return Listen.STOP
         try:
             async with asyncio.timeout(self._config.timeout):
                 response = await self._http.request("GET", self._target, headers)
         except (TimeoutError, HttpClientError) as exc:
             _log.debug("GET stream could not be opened", upstream=self.name, error=str(exc))
-            return _Listen.FAILED
+            return Listen.FAILED
         chunks_before = stream.chunks
         try:
             status = response.status
             if status == 405:
                 _log.debug("upstream offers no GET stream", upstream=self.name)
-                return _Listen.STOP
+                return Listen.STOP
             if status == 401:
-                try:
-                    renewed = await self._credentials.renew(
-                        headers, self._peer.unauthorized(headers, response).challenge
-                    )
-                except (McpxError, TimeoutError) as exc:
-                    _log.debug("GET stream: credential not renewed", upstream=self.name, error=str(exc))
-                    renewed = False
                 # Renewed: try again (a new 401 backs off); else the next call reports the rejected credential.
-                return _Listen.FAILED if renewed else _Listen.STOP
+                return Listen.FAILED if await self._peer.renewed_after_401(headers, response) else Listen.STOP
             if status == 404 and self._session_id is not None:
                 if opened_before and generation == self._generation:
                     # It had a GET stream in this session: the server forgot the session. A ping finds out and
                     # re-initializes (which opens a new GET stream).
                     _log.debug("GET stream: upstream session expired, checking", upstream=self.name)
                     self._check_session_soon()
-                return _Listen.STOP
+                return Listen.STOP
             if status in (408, 409, 425, 429) or status >= 500:
                 _log.debug("GET stream refused for now", upstream=self.name, status=status)
-                return _Listen.FAILED
+                return Listen.FAILED
             if status != 200 or response.content_type != "text/event-stream":
                 _log.warning(
                     "upstream's GET stream is unusable; server notifications outside calls are not received",
@@ -567,7 +512,7 @@ class HttpSession:
                     status=status,
                     content_type=response.content_type,
                 )
-                return _Listen.STOP
+                return Listen.STOP
             async for event in stream.events(response):
                 if event.event == "message" and event.data:
                     self._from_get_stream(event_data(event))
@@ -580,7 +525,7 @@ class HttpSession:
             response.release()
         # A stream that brought something (even a comment or a priming event) is reopened after the server's
         # `retry`; one that ended empty counts as a failure, so a server that closes at once is not hammered.
-        return _Listen.RECEIVED if stream.chunks > chunks_before else _Listen.FAILED
+        return Listen.RECEIVED if stream.chunks > chunks_before else Listen.FAILED
 
     def _from_get_stream(self, raw: bytes) -> None:
         try:
@@ -627,18 +572,6 @@ class HttpSession:
         task = asyncio.get_running_loop().create_task(guarded())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-class _Answer(NamedTuple):
-    """The answer to a request found on its SSE stream: its result, or the error it makes."""
-
-    value: Any
-    error: McpxError | None
-
-    def result(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 class _Started(NamedTuple):
@@ -756,7 +689,7 @@ class _FastCall:
         except (HttpClientError, FrameTooLarge, UpstreamProtocolError):
             self._hand_off()  # the general path reports it, or resumes the stream
             return
-        answer = next((message for message in messages if isinstance(message, _Answer)), None)
+        answer = next((message for message in messages if isinstance(message, Answer)), None)
         if answer is None:
             self._hand_off()
             return
@@ -764,7 +697,7 @@ class _FastCall:
         response.release()
         try:
             for message in messages:
-                if isinstance(message, _Answer):
+                if isinstance(message, Answer):
                     break
                 if message is not None:
                     session._route_from_stream(message, self._request_id, self._on_related)
@@ -843,10 +776,6 @@ def _first_then(first: Callable[[], _T], then: Callable[[], _T]) -> Callable[[],
         return next(calls, then)()
 
     return call
-
-
-def _spliced(raw: bytes | bytearray, request_id: int) -> jsonrpc.RawJson | None:
-    return jsonrpc.spliced_result(raw, request_id, secrets_registered=any_registered())
 
 
 def _visible_ascii(value: str) -> bool:

@@ -1,14 +1,16 @@
-"""What the HTTP transports of one upstream share (streamable HTTP in `http.py`, legacy HTTP+SSE in
-`legacy_sse.py`): the upstream's URL, the headers every request carries (configured ones, `${VAR}` expanded once,
-plus the credential's), the 401 rule (renew the credential once, replay once), the 403 step-up, readable HTTP
-errors, and reading one server-sent-event stream through the bounded decoder.
+"""What the HTTP transports of one upstream share (streamable HTTP of both eras in `http.py` and `stateless.py`,
+legacy HTTP+SSE in `legacy_sse.py`): the upstream's URL, the headers every request carries (configured ones,
+`${VAR}` expanded once, plus the credential's), the 401 rule (renew the credential once, replay once), the 403
+step-up, readable HTTP errors, reading one server-sent-event stream through the bounded decoder, what one message
+of a response (JSON or an event of its stream) says, and when to reopen a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from mcpx import jsonrpc
 from mcpx.auth.credentials import CredentialProvider, expand_env
@@ -16,15 +18,20 @@ from mcpx.auth.oauth.metadata import Challenge, parse_bearer_challenge
 from mcpx.config.model import UpstreamConfig
 from mcpx.errors import (
     CredentialRejected,
+    InvalidRequest,
+    McpxError,
     ParseError,
     UpstreamError,
     UpstreamHTTPError,
     UpstreamInterrupted,
+    UpstreamProtocolError,
+    UpstreamRpcError,
     UpstreamUnavailable,
 )
 from mcpx.framing.sse import SSEDecoder, SSEEvent
+from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
-from mcpx.redact import redact
+from mcpx.redact import any_registered, redact
 from mcpx.upstream.h1 import ClosedBeforeAnswer, ConnectError, HttpClient, HttpClientError, Response, Target
 
 _log = get_logger("mcpx.upstream")
@@ -33,6 +40,30 @@ _T = TypeVar("_T")
 
 # The longest `retry:` a server may ask mcpx to wait before reconnecting a stream (milliseconds).
 MAX_RETRY_MS = 60_000
+
+# Reopening a stream the server closed without saying when (`retry`): first wait, doubling on each failure up to
+# the cap (seconds).
+STREAM_RETRY_INITIAL: Final = 1.0
+STREAM_RETRY_MAX: Final = 30.0
+
+
+class Listen(enum.Enum):
+    """How one attempt at a long-lived stream of server messages (a GET stream, a `subscriptions/listen`) ended."""
+
+    STOP = "stop"  # the server offers none (405, a permanent error): do not reopen
+    RECEIVED = "received"  # the stream delivered something, then ended: reopen after `retry`
+    FAILED = "failed"  # nothing came through: reopen after a growing backoff
+
+
+def reconnect_delay(retry_ms: int | None, failures: int) -> float:
+    """Seconds to wait before reopening a stream. After one that brought something: the server's `retry` (else
+    STREAM_RETRY_INITIAL). After `failures` attempts in a row that brought nothing: at least that much, and at least
+    STREAM_RETRY_INITIAL (a `retry: 0` must not make a loop), doubled for each, capped at STREAM_RETRY_MAX."""
+    retry = retry_ms / 1000 if retry_ms is not None else None
+    if failures == 0:
+        return retry if retry is not None else STREAM_RETRY_INITIAL
+    base = max(retry or 0.0, STREAM_RETRY_INITIAL)
+    return float(min(base * 2 ** (failures - 1), max(base, STREAM_RETRY_MAX)))
 
 
 class Unauthorized(Exception):
@@ -91,14 +122,27 @@ class HttpPeer:
         except HttpClientError as exc:
             raise connection_failure(self.name, exc) from None
         try:
-            if response.status == 401:
-                raise self.unauthorized(headers, response)
-            if response.status == 403:
-                self.forbidden(response)
+            self.check_auth(headers, response)
         except BaseException:
             response.release()
             raise
         return response
+
+    def check_auth(self, sent: dict[str, str], response: Response) -> None:
+        """Raise what a 401 (`Unauthorized`, for `with_auth_retry`) or a step-up 403 means; else nothing."""
+        if response.status == 401:
+            raise self.unauthorized(sent, response)
+        if response.status == 403:
+            self.forbidden(response)
+
+    async def renewed_after_401(self, sent: dict[str, str], response: Response) -> bool:
+        """A background stream met a 401: whether the credential could be renewed (then reopen it; else the next
+        call reports the rejected credential)."""
+        try:
+            return await self.credentials.renew(sent, self.unauthorized(sent, response).challenge)
+        except (McpxError, TimeoutError) as exc:
+            _log.debug("stream: credential not renewed", upstream=self.name, error=str(exc))
+            return False
 
     def unauthorized(self, sent: dict[str, str], response: Response) -> Unauthorized:
         return Unauthorized(sent, parse_bearer_challenge(response.headers.get("www-authenticate")))
@@ -187,3 +231,70 @@ def as_bytes(data: str | bytes) -> bytes:
 
 def as_text(data: str | bytes) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+
+
+# --- what one response says ------------------------------------------------------------------------------------------
+
+
+class Answer(NamedTuple):
+    """The answer to a request found on its SSE stream: its result, or the error it makes."""
+
+    value: Any
+    error: McpxError | None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def parse_message(upstream: str, raw: bytes | bytearray) -> Message:
+    """One JSON-RPC message the upstream sent. Raises `UpstreamProtocolError` when it is not one."""
+    try:
+        return jsonrpc.validate_message(jsonrpc.loads(raw))
+    except (ParseError, InvalidRequest) as exc:
+        raise UpstreamProtocolError(upstream, f"not a JSON-RPC message: {exc}") from None
+
+
+def result_of(upstream: str, message: Message, request_id: int) -> Any:
+    """The result of the response `message` to `request_id`; its JSON-RPC error raised as `UpstreamRpcError`."""
+    if message.get("id") != request_id:
+        raise UpstreamProtocolError(upstream, "response id does not match the request")
+    if "error" in message:
+        error = message["error"]
+        if not isinstance(error, dict):
+            raise UpstreamProtocolError(upstream, "malformed JSON-RPC error")
+        raise UpstreamRpcError(upstream, error)
+    if "result" not in message:
+        raise UpstreamProtocolError(upstream, "response has neither result nor error")
+    return message["result"]
+
+
+def spliced(raw: bytes | bytearray, request_id: int) -> jsonrpc.RawJson | None:
+    return jsonrpc.spliced_result(raw, request_id, secrets_registered=any_registered())
+
+
+def response_result(upstream: str, raw: bytes | bytearray, request_id: int, forward_raw: bool) -> Any:
+    """The result of the response `raw`: as the upstream's own bytes when it is forwarded untouched."""
+    kept = spliced(raw, request_id) if forward_raw else None
+    return kept if kept is not None else result_of(upstream, parse_message(upstream, raw), request_id)
+
+
+def stream_message(upstream: str, event: SSEEvent, request_id: int, forward_raw: bool) -> Answer | Message | None:
+    """What one event of a request's SSE stream carries: the answer to `request_id` (its result or its error,
+    raised when asked for), a message of the server's to route, or nothing of use (None)."""
+    if event.event != "message" or not event.data:
+        return None
+    data = event_data(event)
+    if forward_raw and (kept := spliced(data, request_id)) is not None:
+        return Answer(kept, None)
+    message = parse_message(upstream, data)
+    if "method" in message:
+        return message
+    if message.get("id") != request_id:
+        _log.debug("ignoring unrelated response on stream", upstream=upstream)
+        return None
+    try:
+        return Answer(result_of(upstream, message, request_id), None)
+    except McpxError as exc:
+        return Answer(None, exc)

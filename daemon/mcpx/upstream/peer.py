@@ -21,13 +21,31 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from mcpx import __version__, jsonrpc
-from mcpx.errors import INVALID_REQUEST, UpstreamProtocolError, unanswered
+from mcpx.errors import (
+    INVALID_REQUEST,
+    UNSUPPORTED_PROTOCOL_VERSION,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamRpcError,
+    unanswered,
+)
 from mcpx.jsonrpc import Message, RequestId
 from mcpx.log import get_logger
 
 LATEST_HANDSHAKE_VERSION: Final = "2025-11-25"
 HANDSHAKE_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 STATELESS_VERSION: Final = "2026-07-28"
+# The `_meta` keys of protocol 2026-07-28: a request's envelope (`basic/index`, per-request protocol fields), a
+# result's server, and the listen stream a notification came on (`basic/patterns/subscriptions`).
+PROTOCOL_VERSION_KEY: Final = "io.modelcontextprotocol/protocolVersion"
+CLIENT_CAPABILITIES_KEY: Final = "io.modelcontextprotocol/clientCapabilities"
+CLIENT_INFO_KEY: Final = "io.modelcontextprotocol/clientInfo"
+LOG_LEVEL_KEY: Final = "io.modelcontextprotocol/logLevel"
+SERVER_INFO_KEY: Final = "io.modelcontextprotocol/serverInfo"
+SUBSCRIPTION_ID_KEY: Final = "io.modelcontextprotocol/subscriptionId"
+# The requests a 2026-07-28 server may answer with `input_required` (`basic/patterns/mrtr`).
+MRTR_METHODS: Final = frozenset({"tools/call", "resources/read", "prompts/get"})
 # JSON-RPC error codes only a 2026-07-28 server sends (HeaderMismatch, MissingRequiredClientCapability,
 # UnsupportedProtocolVersion). An HTTP 400/404/405 whose body holds one comes from such a server, which a client
 # must not take for a legacy HTTP+SSE one (2026-07-28 `basic/transports`, backwards compatibility).
@@ -48,6 +66,23 @@ RELATED_NOTIFICATIONS: Final = frozenset({"notifications/progress", "notificatio
 _MAX_PENDING_SERVER_REQUESTS: Final = 64
 
 _log = get_logger("mcpx.upstream")
+
+
+def asks_for_stateless(exc: UpstreamError) -> bool:
+    """Whether a server's refusal of `initialize` says it speaks protocol 2026-07-28 and not the handshake: an
+    HTTP 4xx whose body is an error only such a server sends (2026-07-28 `basic/transports`), or the JSON-RPC
+    error UnsupportedProtocolVersion listing 2026-07-28 and no handshake version (`basic/versioning`)."""
+    if isinstance(exc, UpstreamHTTPError):
+        return 400 <= exc.status < 500 and exc.rpc_code in STATELESS_ERA_CODES
+    if isinstance(exc, UpstreamRpcError) and exc.error.get("code") == UNSUPPORTED_PROTOCOL_VERSION:
+        data = exc.error.get("data")
+        supported = data.get("supported") if isinstance(data, dict) else None
+        return (
+            isinstance(supported, list)
+            and STATELESS_VERSION in supported
+            and not any(version in HANDSHAKE_VERSIONS for version in supported)
+        )
+    return False
 
 
 def is_replayable(method: str) -> bool:

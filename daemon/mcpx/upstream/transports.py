@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Final
 
 from mcpx.auth.credentials import CredentialProvider
 from mcpx.config.model import DaemonConfig, UpstreamConfig
-from mcpx.upstream.auto import AutoSession
+from mcpx.upstream.auto import AutoSession, EraSession
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.http import HttpSession
 from mcpx.upstream.legacy_sse import SseSession
 from mcpx.upstream.peer import ClientSide, UpstreamSession
+from mcpx.upstream.stateless import StatelessSession
 from mcpx.upstream.stdio import StdioSession
 
 DEFAULT_CONNECT_TIMEOUT: Final[float] = DaemonConfig.model_fields["connect_timeout"].default
@@ -62,7 +64,8 @@ def _url_session(
     on_lost: Callable[[str], None],
     on_renewed: Callable[[], None] | None,
 ) -> UpstreamSession:
-    """A `url` upstream's session: streamable HTTP, legacy HTTP+SSE, or the first of them that works ("auto")."""
+    """A `url` upstream's session: streamable HTTP, legacy HTTP+SSE, or the first of them that works ("auto"); over
+    streamable HTTP, the handshake, protocol 2026-07-28, or the first of them that works (`protocol = "auto"`)."""
 
     def legacy() -> SseSession:
         return SseSession(
@@ -77,10 +80,17 @@ def _url_session(
 
     if config.transport == "sse":
         return legacy()
-    # Streamable HTTP learns of failures from its requests (and its GET stream), so it needs no `on_lost`.
-    streamable = HttpSession(
+    # Streamable HTTP learns of failures from its requests (and its GET or listen stream), so it needs no `on_lost`.
+    stateless = functools.partial(
+        StatelessSession, config, http, credentials, max_message_bytes=max_message_bytes, client=client
+    )
+    if config.protocol == "2026-07-28":
+        return stateless()  # (a server of this protocol is never legacy HTTP+SSE: no fallback)
+    streamable: UpstreamSession = HttpSession(
         config, http, credentials, max_message_bytes=max_message_bytes, client=client, on_renewed=on_renewed
     )
+    if config.protocol == "auto":
+        streamable = EraSession(config.name, streamable, stateless())
     if config.transport == "streamable-http":
         return streamable
     return AutoSession(config.name, streamable, legacy())

@@ -1,0 +1,451 @@
+"""Upstreams of protocol 2026-07-28 (stateless): `protocol = "auto"` switching to it when the handshake is refused,
+pinned, and kept off for a server of both eras; what the server sees (headers, the `_meta` envelope); progress,
+MRTR elicitation, resources, prompts and `subscriptions/listen` as the agent sees them; answers that are garbage
+or hostile; the config option. Real SDK servers (made modern-only by `Upstream(modern_only=True)`), the real
+mcpxd, the SDK client through the real shim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import mcp_types
+import pytest
+from mcp.client.context import ClientRequestContext
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.resolve import Elicit, Resolve
+from mcp.shared.exceptions import MCPError
+from mcp_types import ElicitRequestParams, ElicitResult, RequestParamsMeta, TextResourceContents
+from pydantic import BaseModel, Field
+
+from mcpx.upstream.stateless import header_annotations, header_value, invalid_header_annotation, param_headers
+from tests.support.configs import config_problems, write_config_file
+from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, mcpxctl, running_daemon, upstream_toml
+from tests.support.results import text_of
+from tests.support.upstream import MODERN_VERSION, SeenPost, TokenCheck, Upstream, running
+
+WAIT = 15.0
+
+
+async def posts_until(upstream: Upstream, predicate: Callable[[SeenPost], bool]) -> SeenPost:
+    """The first POST the upstream received that satisfies `predicate`, waiting (bounded) for it."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            for post in upstream.posts:
+                if predicate(post):
+                    return post
+            upstream.posted.clear()
+            await upstream.posted.wait()
+
+
+def method_is(method: str) -> Callable[[SeenPost], bool]:
+    return lambda post: post.body.get("method") == method
+
+
+async def status_of(sandbox: Sandbox, name: str) -> dict[str, Any]:
+    code, out, err = await mcpxctl(sandbox, "status", "--json")
+    assert code == 0, err
+    (upstream,) = [u for u in json.loads(out)["upstreams"] if u["name"] == name]
+    return upstream  # type: ignore[no-any-return]
+
+
+# --- choosing the era --------------------------------------------------------------------------------------------
+
+
+async def test_auto_switches_to_stateless_when_the_handshake_is_refused(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=False, modern_only=True)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert {"alpha__echo", "alpha__add"} <= names
+        assert text_of(await client.call_tool("alpha__echo", {"text": "hi"})) == "alpha:hi"
+        added = await client.call_tool("alpha__add", {"a": 2, "b": 3})
+        assert added.structured_content == {"result": 5}
+
+        assert (await status_of(sandbox, "alpha"))["protocol_version"] == MODERN_VERSION
+        code, table, _ = await mcpxctl(sandbox, "status")
+        assert code == 0 and "PROTOCOL" in table and MODERN_VERSION in table
+    methods = [post.body.get("method") for post in alpha.posts]
+    assert methods[0] == "initialize" and "server/discover" in methods  # the handshake first, then the switch
+    assert methods.count("initialize") == 1
+    assert all("mcp-session-id" not in post.headers for post in alpha.posts)
+
+
+async def test_pinned_2026_07_28_never_tries_the_handshake(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True, modern_only=True)
+    sandbox.write_config(upstream_toml("alpha", alpha.url, protocol="2026-07-28"))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        assert text_of(await client.call_tool("alpha__echo", {"text": "pinned"})) == "alpha:pinned"
+    assert alpha.posts[0].body.get("method") == "server/discover"
+    assert all(post.headers.get("mcp-protocol-version") == MODERN_VERSION for post in alpha.posts)
+
+
+async def test_a_server_of_both_eras_keeps_the_handshake_under_auto(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True)  # the SDK's app answers both eras
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        assert text_of(await client.call_tool("alpha__echo", {"text": "old"})) == "alpha:old"
+        assert (await status_of(sandbox, "alpha"))["protocol_version"] == "2025-11-25"
+    calls = [seen for seen in alpha.requests if seen.method == "POST"]
+    assert calls and all(seen.headers.get("mcp-protocol-version") != MODERN_VERSION for seen in calls)
+    assert any("mcp-session-id" in seen.headers for seen in calls)
+
+
+async def test_handshake_only_reports_a_modern_server_clearly(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True, modern_only=True)
+    sandbox.write_config(upstream_toml("alpha", alpha.url, protocol="handshake"))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        result = await client.call_tool("alpha__echo", {"text": "x"})
+        assert result.is_error
+        assert "2026-07-28 only" in text_of(result) and 'protocol = "handshake"' in text_of(result)
+    assert all(post.body.get("method") == "initialize" for post in alpha.posts)
+
+
+# --- what the server sees ----------------------------------------------------------------------------------------
+
+
+def with_routed_tool(server: MCPServer) -> None:
+    @server.tool()
+    def regional(
+        region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})],
+        query: str,
+    ) -> str:
+        """A tool whose `region` argument travels as a header too (the SDK server checks it against the body)."""
+        return f"{region}:{query}"
+
+
+def with_a_broken_tool_listed(body: dict[str, Any]) -> bytes | None:
+    """A tools/list answer that adds a tool with an invalid annotation (on a number), which an HTTP client must
+    drop (the SDK server would not register one)."""
+    if body.get("method") != "tools/list":
+        return None
+    header = {"type": "string", "x-mcp-header": "Region"}
+    regional = {"type": "object", "properties": {"region": header, "query": {"type": "string"}}}
+    broken = {"type": "object", "properties": {"amount": {"type": "number", "x-mcp-header": "Amount"}}}
+    tools = [{"name": "regional", "inputSchema": regional}, {"name": "broken", "inputSchema": broken}]
+    result = {"tools": tools, "resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
+    return json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result}).encode()
+
+
+async def test_headers_and_envelope_the_server_sees(sandbox: Sandbox) -> None:
+    alpha = Upstream(
+        "alpha", json_response=True, modern_only=True, tokens=TokenCheck({"tok-1234"}), customize=with_routed_tool
+    )
+    alpha.answer_instead = with_a_broken_tool_listed
+    sandbox.env["ALPHA_TOKEN"] = "tok-1234"
+    sandbox.write_config(upstream_toml("alpha", alpha.url, auth={"type": "bearer_env", "env": "ALPHA_TOKEN"}))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert "alpha__regional" in names and "alpha__broken" not in names
+        result = await client.call_tool(
+            "alpha__regional",
+            {"region": "Zürich", "query": "q"},
+            meta=cast(RequestParamsMeta, {"com.example/trace": "t-1"}),
+        )
+        assert text_of(result) == "Zürich:q"
+    call = await posts_until(alpha, method_is("tools/call"))
+    headers, params = call.headers, call.body["params"]
+    assert headers["mcp-protocol-version"] == MODERN_VERSION
+    assert headers["mcp-method"] == "tools/call"
+    assert headers["mcp-name"] == "regional"  # the upstream's own name, not the namespaced one
+    assert headers["mcp-param-region"] == header_value("Zürich") and headers["mcp-param-region"].startswith("=?base64?")
+    assert headers["authorization"] == "Bearer tok-1234"
+    assert "mcp-session-id" not in headers
+    meta = params["_meta"]
+    assert meta["io.modelcontextprotocol/protocolVersion"] == MODERN_VERSION
+    assert meta["io.modelcontextprotocol/clientInfo"]["name"] == "mcpx"
+    assert "elicitation" in meta["io.modelcontextprotocol/clientCapabilities"]
+    assert meta["com.example/trace"] == "t-1"  # the agent's own keys are kept
+    discover = await posts_until(alpha, method_is("server/discover"))
+    assert discover.headers["mcp-method"] == "server/discover" and "mcp-name" not in discover.headers
+
+
+async def test_progress_of_a_call_reaches_the_agent(sandbox: Sandbox) -> None:
+    def chatty(server: MCPServer) -> None:
+        @server.tool()
+        async def work(steps: int, ctx: Context) -> str:
+            for step in range(1, steps + 1):
+                await ctx.report_progress(step, steps, f"step {step}")
+            return "worked"
+
+    alpha = Upstream("alpha", json_response=False, modern_only=True, customize=chatty)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        result = await client.call_tool("alpha__work", {"steps": 3}, progress_callback=on_progress)
+        assert text_of(result) == "worked"
+    assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+    call = await posts_until(alpha, method_is("tools/call"))
+    assert "progressToken" in call.body["params"]["_meta"]  # mcpx's own token, next to the envelope
+
+
+# --- MRTR: the server asks the agent -----------------------------------------------------------------------------
+
+
+class Name(BaseModel):
+    name: str
+
+
+def ask_name() -> Elicit[Name]:
+    return Elicit("Who are you?", Name)
+
+
+def with_question(server: MCPServer) -> None:
+    @server.tool()
+    def greet(answer: Annotated[Name, Resolve(ask_name)]) -> str:
+        """Greet the user, whose name is elicited first (over 2026-07-28: an input_required result)."""
+        return f"hello {answer.name}"
+
+
+async def test_an_elicitation_is_answered_by_the_calling_agent(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True, modern_only=True, customize=with_question)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    asked: list[str] = []
+
+    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"name": "ada"})
+
+    async with running(alpha), running_daemon(sandbox), agent(sandbox, elicitation_callback=on_elicit) as client:
+        assert text_of(await client.call_tool("alpha__greet", {})) == "hello ada"
+    assert asked == ["Who are you?"]
+    calls = [post for post in alpha.posts if post.body.get("method") == "tools/call"]
+    assert len(calls) == 2  # the call, then the same call with the answer and the state
+    first, retry = calls[0].body, calls[1].body
+    assert first["id"] != retry["id"]
+    assert "inputResponses" not in first["params"]
+    (answer,) = retry["params"]["inputResponses"].values()
+    assert answer == {"action": "accept", "content": {"name": "ada"}}
+    assert isinstance(retry["params"].get("requestState"), str)
+
+
+async def test_an_agent_that_cannot_answer_gets_an_error_and_the_daemon_serves_on(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True, modern_only=True, customize=with_question)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:  # no elicitation callback
+        with pytest.raises(MCPError, match="elicitation/create was refused"):
+            await client.call_tool("alpha__greet", {})
+        assert text_of(await client.call_tool("alpha__echo", {"text": "next"})) == "alpha:next"
+
+
+# --- resources, prompts, the listen stream -----------------------------------------------------------------------
+
+
+def with_content(server: MCPServer) -> None:
+    @server.resource("note://{key}", name="note")
+    def note(key: str) -> str:
+        return f"note {key}"
+
+    @server.resource("file:///notes.txt", name="notes", mime_type="text/plain")
+    def notes() -> str:
+        return "the notes"
+
+    @server.prompt()
+    def review(topic: str) -> str:
+        """Review something."""
+        return f"please review {topic}"
+
+    @server.tool()
+    async def grow(ctx: Context) -> str:
+        """Add a tool and say so (to listeners)."""
+
+        def added() -> str:
+            return "new"
+
+        server.tool(name="added")(added)
+        await ctx.notify_tools_changed()
+        return "grown"
+
+    @server.tool()
+    async def touch(ctx: Context) -> str:
+        """Say the notes changed (to listeners subscribed to them)."""
+        await ctx.notify_resource_updated("file:///notes.txt")
+        return "touched"
+
+
+async def test_resources_and_prompts(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=False, modern_only=True, customize=with_content)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        read = await client.read_resource("mcpx://alpha/note://café")
+        (content,) = read.contents
+        assert isinstance(content, TextResourceContents) and content.text == "note café"
+        prompt = await client.get_prompt("alpha__review", {"topic": "mcpx"})
+        message = prompt.messages[0].content
+        assert isinstance(message, mcp_types.TextContent) and message.text == "please review mcpx"
+    read_post = await posts_until(alpha, method_is("resources/read"))
+    assert read_post.headers["mcp-name"] == header_value("note://café") != "note://café"
+    assert (await posts_until(alpha, method_is("prompts/get"))).headers["mcp-name"] == "review"
+
+
+async def test_list_changes_and_resource_updates_arrive_through_subscriptions_listen(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=False, modern_only=True, customize=with_content)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    tools_changed, updated = asyncio.Event(), asyncio.Event()
+    updated_uris: list[str] = []
+
+    async def on_message(message: object) -> None:
+        method = getattr(message, "method", None)
+        if method == "notifications/tools/list_changed":
+            tools_changed.set()
+        elif method == "notifications/resources/updated":
+            updated_uris.append(str(getattr(getattr(message, "params", None), "uri", "")))
+            updated.set()
+
+    async with running(alpha), running_daemon(sandbox), agent(sandbox, message_handler=on_message) as client:
+        await posts_until(alpha, method_is("subscriptions/listen"))
+        assert "alpha__added" not in {tool.name for tool in (await client.list_tools()).tools}
+        assert text_of(await client.call_tool("alpha__grow", {})) == "grown"
+        async with asyncio.timeout(WAIT):
+            while "alpha__added" not in {tool.name for tool in (await client.list_tools()).tools}:
+                await tools_changed.wait()
+                tools_changed.clear()
+
+        listens_before = len([post for post in alpha.posts if post.body.get("method") == "subscriptions/listen"])
+        await client.subscribe_resource("mcpx://alpha/file:///notes.txt")
+        renewed = await posts_until(
+            alpha,
+            lambda post: (
+                post.body.get("method") == "subscriptions/listen"
+                and post.body["params"]["notifications"].get("resourceSubscriptions") == ["file:///notes.txt"]
+            ),
+        )
+        assert alpha.posts.index(renewed) >= listens_before
+        assert text_of(await client.call_tool("alpha__touch", {})) == "touched"
+        async with asyncio.timeout(WAIT):
+            await updated.wait()
+    assert updated_uris == ["mcpx://alpha/file:///notes.txt"]
+    listen = await posts_until(alpha, method_is("subscriptions/listen"))
+    assert listen.headers["accept"].startswith("text/event-stream")
+    assert listen.body["params"]["notifications"]["toolsListChanged"] is True
+
+
+# --- garbage and hostile answers ---------------------------------------------------------------------------------
+
+
+async def test_garbage_and_hostile_answers_give_clear_errors_and_the_daemon_serves_on(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True, modern_only=True)
+    sandbox.write_config(FAST_RECONNECT + upstream_toml("alpha", alpha.url, timeout=10))
+
+    def hostile(body: dict[str, Any]) -> bytes | None:
+        if body.get("method") != "tools/call":
+            return None
+        name = body["params"]["name"]
+        result: dict[str, Any]
+        if name == "get_issue":
+            return b"this is not JSON"
+        if name == "search_issues":  # asks for input forever
+            result = {"resultType": "input_required", "requestState": "again"}
+        elif name == "delete_issue":  # asks the agent something no server may ask
+            result = {"resultType": "input_required", "inputRequests": {"k": {"method": "tools/call", "params": {}}}}
+        else:
+            return None
+        return json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result}).encode()
+
+    alpha.answer_instead = hostile
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        garbage = await client.call_tool("alpha__get_issue", {"key": "K"})
+        assert garbage.is_error and "not a JSON-RPC message" in text_of(garbage)
+        forever = await client.call_tool("alpha__search_issues", {"query": "q"})
+        assert forever.is_error and "still asked for input after 16 rounds" in text_of(forever)
+        assert len([p for p in alpha.posts if p.body.get("params", {}).get("name") == "search_issues"]) == 17
+        asked = await client.call_tool("alpha__delete_issue", {"key": "K"})
+        assert asked.is_error and "is not one a server may make" in text_of(asked)
+        assert text_of(await client.call_tool("alpha__echo", {"text": "still here"})) == "alpha:still here"
+
+
+# --- pieces ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("us-west1", "us-west1"),
+        ("a b", "a b"),
+        ("Hello, 世界", "=?base64?SGVsbG8sIOS4lueVjA==?="),
+        (" padded ", "=?base64?IHBhZGRlZCA=?="),
+        ("line1\nline2", "=?base64?bGluZTEKbGluZTI=?="),
+        ("=?base64?literal?=", "=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?="),
+    ],
+)
+def test_header_values_are_encoded_as_the_spec_says(value: str, expected: str) -> None:
+    assert header_value(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("schema", "why"),
+    [
+        ({"type": "object", "properties": {"n": {"type": "number", "x-mcp-header": "N"}}}, "not a string, integer"),
+        ({"properties": {"a": {"type": "string", "x-mcp-header": ""}}}, "non-empty HTTP token"),
+        ({"properties": {"a": {"type": "string", "x-mcp-header": "A B"}}}, "non-empty HTTP token"),
+        (
+            {
+                "properties": {
+                    "a": {"type": "string", "x-mcp-header": "R"},
+                    "b": {"type": "string", "x-mcp-header": "r"},
+                }
+            },
+            "used twice",
+        ),
+        ({"items": {"type": "string", "x-mcp-header": "I"}}, "not a property reached"),
+        ({"x-mcp-header": "Root"}, "not a property reached"),
+    ],
+)
+def test_invalid_header_annotations_are_found(schema: dict[str, Any], why: str) -> None:
+    problem = invalid_header_annotation(schema)
+    assert problem is not None and why in problem
+
+
+def test_valid_annotations_give_headers_from_the_arguments() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "opts": {"type": "object", "properties": {"dry": {"type": "boolean", "x-mcp-header": "Dry"}}},
+            "n": {"type": "integer", "x-mcp-header": "N"},
+            "note": {"type": "string", "default": {"x-mcp-header": "data, not a schema"}},
+        },
+    }
+    assert invalid_header_annotation(schema) is None
+    paths = header_annotations(schema)
+    assert paths == {("region",): "Region", ("opts", "dry"): "Dry", ("n",): "N"}
+    headers = param_headers(paths, {"region": "eu", "opts": {"dry": True}, "n": None})
+    assert headers == {"Mcp-Param-Region": "eu", "Mcp-Param-Dry": "true"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ('url = "https://example.com/mcp"\nprotocol = "2025"', "protocol: Input should be 'auto', 'handshake' or"),
+        ('command = "x"\nprotocol = "2026-07-28"', "`protocol`: only for `url` upstreams"),
+        (
+            'url = "https://example.com/mcp"\ntransport = "sse"\nprotocol = "2026-07-28"',
+            "spoken over streamable HTTP only",
+        ),
+        ('url = "https://example.com/mcp"\nheaders = { "Mcp-Param-Region" = "x" }', "is set by mcpx itself"),
+        ('url = "https://example.com/mcp"\nheaders = { "Mcp-Method" = "x" }', "is set by mcpx itself"),
+    ],
+)
+def test_protocol_option_mistakes_name_the_upstream(tmp_path: Path, fields: str, expected: str) -> None:
+    path = write_config_file(tmp_path, f'[[proxy.upstream]]\nname = "remote"\n{fields}\n')
+    (problem,) = config_problems(path)
+    assert "remote" in problem and expected in problem
+
+
+def test_protocol_defaults_to_auto_and_takes_each_value(tmp_path: Path) -> None:
+    from mcpx.config.load import load_config
+
+    text = "".join(
+        f'[[proxy.upstream]]\nname = "u{index}"\nurl = "https://example.com/{index}"\n{line}\n'
+        for index, line in enumerate(("", 'protocol = "handshake"', 'protocol = "2026-07-28"'))
+    )
+    upstreams = {u.name: u for u in load_config(write_config_file(tmp_path, text)).upstreams}
+    assert [upstreams[f"u{index}"].protocol for index in range(3)] == ["auto", "handshake", "2026-07-28"]
