@@ -227,6 +227,31 @@ async def test_an_elicitation_is_answered_by_the_calling_agent(sandbox: Sandbox)
     assert isinstance(retry["params"].get("requestState"), str)
 
 
+async def test_a_2026_07_28_agent_and_upstream_with_a_question_in_between(sandbox: Sandbox) -> None:
+    # Both ends stateless: the upstream's input_required reaches the agent as an input_required of mcpx's own (its
+    # requestState is mcpx's, bound to the agent's connection), and the agent's answer goes back in the retry.
+    alpha = Upstream("alpha", json_response=False, modern_only=True, customize=with_question)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    asked: list[str] = []
+
+    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"name": "eve"})
+
+    async with (
+        running(alpha),
+        running_daemon(sandbox),
+        agent(sandbox, mode="auto", elicitation_callback=on_elicit) as client,
+    ):
+        assert client.protocol_version == MODERN_VERSION
+        assert text_of(await client.call_tool("alpha__greet", {})) == "hello eve"
+        assert text_of(await client.call_tool("alpha__echo", {"text": "hi"})) == "alpha:hi"
+    assert asked == ["Who are you?"]
+    calls = [post.body for post in alpha.posts if post.body.get("method") == "tools/call"]
+    states = [call["params"].get("requestState") for call in calls]
+    assert len(calls) == 3 and states[0] is None and isinstance(states[1], str)
+
+
 async def test_an_agent_that_cannot_answer_gets_an_error_and_the_daemon_serves_on(sandbox: Sandbox) -> None:
     alpha = Upstream("alpha", json_response=True, modern_only=True, customize=with_question)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
