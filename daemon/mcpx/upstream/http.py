@@ -50,7 +50,6 @@ from mcpx.upstream.httpbase import (
     HttpPeer,
     Listen,
     connection_failure,
-    event_data,
     parse_message,
     reconnect_delay,
     response_result,
@@ -486,15 +485,11 @@ class HttpSession:
         except (TimeoutError, HttpClientError) as exc:
             _log.debug("GET stream could not be opened", upstream=self.name, error=str(exc))
             return Listen.FAILED
-        chunks_before = stream.chunks
-        try:
-            status = response.status
+
+        def refused(status: int) -> Listen | None:
             if status == 405:
                 _log.debug("upstream offers no GET stream", upstream=self.name)
                 return Listen.STOP
-            if status == 401:
-                # Renewed: try again (a new 401 backs off); else the next call reports the rejected credential.
-                return Listen.FAILED if await self._peer.renewed_after_401(headers, response) else Listen.STOP
             if status == 404 and self._session_id is not None:
                 if opened_before and generation == self._generation:
                     # It had a GET stream in this session: the server forgot the session. A ping finds out and
@@ -502,30 +497,15 @@ class HttpSession:
                     _log.debug("GET stream: upstream session expired, checking", upstream=self.name)
                     self._check_session_soon()
                 return Listen.STOP
-            if status in (408, 409, 425, 429) or status >= 500:
-                _log.debug("GET stream refused for now", upstream=self.name, status=status)
-                return Listen.FAILED
-            if status != 200 or response.content_type != "text/event-stream":
-                _log.warning(
-                    "upstream's GET stream is unusable; server notifications outside calls are not received",
-                    upstream=self.name,
-                    status=status,
-                    content_type=response.content_type,
-                )
-                return Listen.STOP
-            async for event in stream.events(response):
-                if event.event == "message" and event.data:
-                    self._from_get_stream(event_data(event))
-            _log.debug("GET stream ended", upstream=self.name)
-        except FrameTooLarge as exc:
-            _log.warning("GET stream dropped: event too large", upstream=self.name, error=str(exc))
-        except HttpClientError as exc:
-            _log.debug("GET stream broke", upstream=self.name, error=str(exc))
-        finally:
-            response.release()
-        # A stream that brought something (even a comment or a priming event) is reopened after the server's
-        # `retry`; one that ended empty counts as a failure, so a server that closes at once is not hammered.
-        return Listen.RECEIVED if stream.chunks > chunks_before else Listen.FAILED
+            return None
+
+        def on_message(raw: bytes) -> bool:
+            self._from_get_stream(raw)
+            return False
+
+        return await self._peer.read_stream(
+            response, headers, stream, kind="GET", on_message=on_message, refused=refused
+        )
 
     def _from_get_stream(self, raw: bytes) -> None:
         try:

@@ -18,6 +18,7 @@ from mcpx.auth.oauth.metadata import Challenge, parse_bearer_challenge
 from mcpx.config.model import UpstreamConfig
 from mcpx.errors import (
     CredentialRejected,
+    FrameTooLarge,
     InvalidRequest,
     McpxError,
     ParseError,
@@ -143,6 +144,56 @@ class HttpPeer:
         except (McpxError, TimeoutError) as exc:
             _log.debug("stream: credential not renewed", upstream=self.name, error=str(exc))
             return False
+
+    async def read_stream(
+        self,
+        response: Response,
+        sent: dict[str, str],
+        stream: EventStream,
+        *,
+        kind: str,
+        on_message: Callable[[bytes], bool],
+        refused: Callable[[int], Listen | None] | None = None,
+    ) -> Listen:
+        """Read one attempt at a long-lived stream of server messages (`kind`: "GET" or "listen") to its end, and say
+        how it ended: `refused` first judges a status the transport knows more of, a 401 renews the credential, a
+        passing refusal (408, 409, 425, 429, 5xx) and a stream that brought nothing are failures (backoff), any
+        other answer that is not an event stream is final. `on_message` takes each message, True when it ends the
+        stream. Releases the response."""
+        chunks_before = stream.chunks
+        try:
+            status = response.status
+            verdict = refused(status) if refused is not None else None
+            if verdict is not None:
+                return verdict
+            if status == 401:
+                # Renewed: try again (a new 401 backs off); else the next call reports the rejected credential.
+                return Listen.FAILED if await self.renewed_after_401(sent, response) else Listen.STOP
+            if status in (408, 409, 425, 429) or status >= 500:
+                _log.debug("stream refused for now", upstream=self.name, stream=kind, status=status)
+                return Listen.FAILED
+            if status != 200 or response.content_type != "text/event-stream":
+                _log.warning(
+                    "upstream's stream is unusable; server notifications outside calls are not received",
+                    upstream=self.name,
+                    stream=kind,
+                    status=status,
+                    content_type=response.content_type,
+                )
+                return Listen.STOP
+            async for event in stream.events(response):
+                if event.event == "message" and event.data and on_message(event_data(event)):
+                    break
+            _log.debug("stream ended", upstream=self.name, stream=kind)
+        except FrameTooLarge as exc:
+            _log.warning("stream dropped: event too large", upstream=self.name, stream=kind, error=str(exc))
+        except HttpClientError as exc:
+            _log.debug("stream broke", upstream=self.name, stream=kind, error=str(exc))
+        finally:
+            response.release()
+        # A stream that brought something (even a comment or a priming event) is reopened after the server's
+        # `retry`; one that ended empty counts as a failure, so a server that closes at once is not hammered.
+        return Listen.RECEIVED if stream.chunks > chunks_before else Listen.FAILED
 
     def unauthorized(self, sent: dict[str, str], response: Response) -> Unauthorized:
         return Unauthorized(sent, parse_bearer_challenge(response.headers.get("www-authenticate")))

@@ -51,7 +51,6 @@ from mcpx.upstream.httpbase import (
     HttpPeer,
     Listen,
     connection_failure,
-    event_data,
     parse_message,
     reconnect_delay,
     response_result,
@@ -505,32 +504,13 @@ class StatelessSession:
             _log.debug("listen stream could not be opened", upstream=self.name, error=str(exc))
             return Listen.FAILED
         stream = EventStream(self._max_message_bytes)
-        try:
-            status = response.status
-            if status == 401:
-                return Listen.FAILED if await self._peer.renewed_after_401(headers, response) else Listen.STOP
-            if status in (408, 409, 425, 429) or status >= 500:
-                _log.debug("listen stream refused for now", upstream=self.name, status=status)
-                return Listen.FAILED
-            if status != 200 or response.content_type != "text/event-stream":
-                _log.warning(
-                    "upstream's listen stream is unusable; server notifications outside calls are not received",
-                    upstream=self.name,
-                    status=status,
-                    content_type=response.content_type,
-                )
-                return Listen.STOP
-            async for event in stream.events(response):
-                if event.event == "message" and event.data and self._from_listen_stream(event_data(event), request_id):
-                    break
-            _log.debug("listen stream ended", upstream=self.name)
-        except FrameTooLarge as exc:
-            _log.warning("listen stream dropped: event too large", upstream=self.name, error=str(exc))
-        except HttpClientError as exc:
-            _log.debug("listen stream broke", upstream=self.name, error=str(exc))
-        finally:
-            response.release()
-        return Listen.RECEIVED if stream.chunks else Listen.FAILED
+        return await self._peer.read_stream(
+            response,
+            headers,
+            stream,
+            kind="listen",
+            on_message=functools.partial(self._from_listen_stream, request_id=request_id),
+        )
 
     def _from_listen_stream(self, raw: bytes, request_id: int) -> bool:
         """Deliver one message of the listen stream; True when it ends the subscription (its response)."""
