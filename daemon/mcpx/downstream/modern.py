@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from mcpx import __version__, jsonrpc
+from mcpx import IMPLEMENTATION, jsonrpc
 from mcpx.errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -39,7 +39,6 @@ from mcpx.upstream.peer import (
 )
 
 SUPPORTED_VERSIONS: Final = (STATELESS_VERSION,)
-SERVER_INFO: Final = {"name": "mcpx", "version": __version__}
 
 # Handshake-era requests 2026-07-28 removed, and what replaces each.
 REMOVED_METHODS: Final = {
@@ -52,7 +51,9 @@ REMOVED_METHODS: Final = {
 # Results that must say how long they may be cached, and for whom (2026-07-28 `server/utilities/caching`). mcpx
 # lets no one cache them (its lists change with its upstreams, and it tells listeners) and they are the user's own.
 CACHE_FIELDS: Final = {"ttlMs": 0, "cacheScope": "private"}
-_LIST_EXTRA: Final = b',"ttlMs":0,"cacheScope":"private","resultType":"complete"'
+# What a modern agent's aggregated list result carries besides its items, spliced into the pre-serialized response.
+LIST_EXTRA: Final = b"," + jsonrpc.dumps({**CACHE_FIELDS, "resultType": "complete"})[1:-1]
+_JSON_WHITESPACE: Final = b" \t\r\n"
 
 # RFC 5424 severities as MCP names them, least severe first (`notifications/message` levels).
 _LOG_LEVELS: Final = {
@@ -122,7 +123,7 @@ def discover_result(capabilities: dict[str, Any], instructions: str | None) -> d
     result: dict[str, Any] = {
         "supportedVersions": list(SUPPORTED_VERSIONS),
         "capabilities": capabilities,
-        "_meta": {SERVER_INFO_KEY: SERVER_INFO},
+        "_meta": {SERVER_INFO_KEY: IMPLEMENTATION},
         **CACHE_FIELDS,
         "resultType": "complete",
     }
@@ -131,28 +132,34 @@ def discover_result(capabilities: dict[str, Any], instructions: str | None) -> d
     return result
 
 
-def list_extra() -> bytes:
-    """What a modern agent's aggregated list result carries besides the items (spliced into the response)."""
-    return _LIST_EXTRA
-
-
 def complete(result: Any, *, cacheable: bool = False) -> Any:
     """`result` as a 2026-07-28 result: `resultType` (and, if `cacheable`, the cache fields) added unless the
     upstream already set them. A forwarded raw result is spliced, not parsed."""
     if isinstance(result, jsonrpc.RawJson):
         if not cacheable:
-            if jsonrpc.top_level_field(result, "resultType") is not None:
-                return result
-            data = bytes(result.view()).lstrip()
-            if not data.startswith(b"{"):
-                return result
-            body = data[1:].lstrip()
-            return jsonrpc.RawJson(b'{"resultType":"complete"' + (b"" if body.startswith(b"}") else b",") + body)
+            return result if jsonrpc.top_level_field(result, "resultType") is not None else _with_result_type(result)
         result = jsonrpc.loads(result.data)
     if not isinstance(result, dict):
         return result
     added: dict[str, Any] = {"resultType": "complete", **(CACHE_FIELDS if cacheable else {})}
     return {**added, **result}
+
+
+def _with_result_type(result: jsonrpc.RawJson) -> jsonrpc.RawJson:
+    """A raw object result with `"resultType":"complete"` as its first member: one copy, however large."""
+    data = result.view()
+    start = _skip_whitespace(data, 0)
+    if data[start : start + 1] != b"{":
+        return result
+    rest = _skip_whitespace(data, start + 1)
+    comma = b"" if data[rest : rest + 1] == b"}" else b","
+    return jsonrpc.RawJson(b"".join((b'{"resultType":"complete"', comma, data[rest:])))
+
+
+def _skip_whitespace(data: bytes | memoryview, index: int) -> int:
+    while index < len(data) and data[index] in _JSON_WHITESPACE:
+        index += 1
+    return index
 
 
 def admits_log(message: Message, level: str | None) -> bool:
@@ -290,8 +297,7 @@ class ModernCall:
         self._asked.clear()
         held, self._held = self._held, None
         if held is not None:
-            self.answer_id = None
-            held(request_id)
+            self.finish(held)
         elif self._queued:
             self._flush()
 
@@ -319,8 +325,7 @@ class Listen:
         params = message.get("params")
         params = params if isinstance(params, dict) else {}
         meta = params.get("_meta")
-        meta = {**meta, SUBSCRIPTION_ID_KEY: self.request_id} if isinstance(meta, dict) else {}
-        meta.setdefault(SUBSCRIPTION_ID_KEY, self.request_id)
+        meta = {**(meta if isinstance(meta, dict) else {}), SUBSCRIPTION_ID_KEY: self.request_id}
         return {**message, "params": {**params, "_meta": meta}}
 
     def acknowledgement(self) -> Message:

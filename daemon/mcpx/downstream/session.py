@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
-from mcpx import __version__, jsonrpc
+from mcpx import IMPLEMENTATION, jsonrpc
 from mcpx.audit import timestamp as audit_timestamp
 from mcpx.downstream import modern
 from mcpx.downstream.peercred import PeerCredentials
@@ -245,7 +245,7 @@ class AgentSession:
             listen = modern.listen_request(request_id, params, self._router.capabilities())
             self._spawn(request_id, functools.partial(self._open_listen, listen))
         elif method in LIST_METHODS:
-            extra = modern.list_extra()
+            extra = modern.LIST_EXTRA
             if self._router.settled:
                 self._send(list_response(request_id, method, self._router, params.get("cursor"), extra))
             else:
@@ -313,7 +313,7 @@ class AgentSession:
 
     def _finish_waiting(self, call: modern.ModernCall, answer: Callable[[RequestId], None]) -> None:
         """The upstream has answered a 2026-07-28 call: answer the agent's request that waits for it, or keep the
-        answer for the agent's retry (for as long as the upstream would have waited for it)."""
+        answer for the agent's retry (`HELD_ANSWER_SECONDS`)."""
         request_id = call.answer_id
         if call.finish(answer):
             if request_id is not None and self._in_flight.get(request_id) is call.future:
@@ -380,7 +380,7 @@ class AgentSession:
         result: dict[str, Any] = {
             "protocolVersion": self.protocol_version,
             "capabilities": self._router.capabilities(),
-            "serverInfo": {"name": "mcpx", "version": __version__},
+            "serverInfo": IMPLEMENTATION,
         }
         instructions = self._router.instructions()
         if instructions is not None:
@@ -593,7 +593,7 @@ class AgentSession:
             self._send(_LIST_CHANGED[kind])
         for listen in self._listens.values():
             if kind in listen.kinds:
-                self._send_message_now(listen.tagged(jsonrpc.loads(_LIST_CHANGED[kind])))
+                self._send_message_now(listen.tagged(jsonrpc.notification(f"notifications/{kind}/list_changed")))
 
     # --- output --------------------------------------------------------------------------------------------------
 

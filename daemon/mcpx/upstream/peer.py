@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from mcpx import __version__, jsonrpc
+from mcpx import IMPLEMENTATION, jsonrpc
 from mcpx.errors import (
     INVALID_REQUEST,
     UNSUPPORTED_PROTOCOL_VERSION,
@@ -202,7 +202,7 @@ def initialize_params() -> dict[str, Any]:
     return {
         "protocolVersion": LATEST_HANDSHAKE_VERSION,
         "capabilities": CLIENT_CAPABILITIES,
-        "clientInfo": {"name": "mcpx", "version": __version__},
+        "clientInfo": IMPLEMENTATION,
     }
 
 

@@ -26,7 +26,7 @@ import itertools
 import re
 from typing import Any, Final
 
-from mcpx import __version__, jsonrpc
+from mcpx import IMPLEMENTATION, jsonrpc
 from mcpx.auth.credentials import CredentialProvider
 from mcpx.config.model import UpstreamConfig
 from mcpx.errors import (
@@ -77,7 +77,7 @@ _log = get_logger("mcpx.upstream")
 _ENVELOPE: Final = {
     PROTOCOL_VERSION_KEY: STATELESS_VERSION,
     CLIENT_CAPABILITIES_KEY: CLIENT_CAPABILITIES,
-    CLIENT_INFO_KEY: {"name": "mcpx", "version": __version__},
+    CLIENT_INFO_KEY: IMPLEMENTATION,
 }
 
 # The methods whose `Mcp-Name` header mirrors a parameter, and which one.

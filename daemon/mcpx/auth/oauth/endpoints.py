@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from mcpx import __version__, jsonrpc
+from mcpx import IMPLEMENTATION, jsonrpc
 from mcpx.auth.oauth.metadata import (
     Challenge,
     DiscoveryError,
@@ -123,7 +123,7 @@ async def probe_challenge(http: aiohttp.ClientSession, url: str) -> Challenge:
             {
                 "protocolVersion": _PROTOCOL_VERSION,
                 "capabilities": {},
-                "clientInfo": {"name": "mcpx", "version": __version__},
+                "clientInfo": IMPLEMENTATION,
             },
         )
     )
