@@ -182,13 +182,6 @@ class AutoSession(_ChosenSession):
 class EraSession(_ChosenSession):
     """`protocol = "auto"`: the initialize handshake (`first`), else protocol 2026-07-28 (`second`)."""
 
-    @property
-    def era(self) -> str | None:
-        """The protocol era in use ("handshake" or "2026-07-28"), None before the first successful connect."""
-        if self._chosen is None:
-            return None
-        return "2026-07-28" if self._chosen is self._second else "handshake"
-
     async def _probe(self) -> None:
         try:
             await self._first.connect()
