@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
 from mcpx.auth.credentials import (
+    MAX_TOKEN_FILE_BYTES,
     BearerFromEnv,
     BearerFromFile,
     NoCredential,
@@ -216,6 +218,66 @@ def test_bearer_file_describe_shows_a_fingerprint_never_the_token(tmp_path: Path
     description = _bearer_file(path).describe()
     assert "file-secret-describe" not in description
     assert description == f"bearer_file {path} ({fingerprint('file-secret-describe')})"
+
+
+async def test_bearer_file_that_is_a_fifo_is_refused_at_once_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    os.mkfifo(path)
+    provider = _bearer_file(path)
+    try:
+        with pytest.raises(CredentialRejected) as raised:
+            async with asyncio.timeout(10):
+                await asyncio.to_thread(provider.headers)
+    finally:
+        # A reader blocked in open() (the bug) gets a writer, then end of file, so its thread can finish.
+        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+    assert str(raised.value) == (
+        f"upstream 'files': token file {path} is a FIFO: it must be a regular file (or a symlink to one)"
+    )
+    assert provider.reload() is False
+    assert provider.describe() == f"bearer_file {path} (unreadable)"
+
+
+@pytest.mark.parametrize("kind", ["a directory", "a character device"])
+def test_bearer_file_that_is_not_a_regular_file_is_refused_naming_the_path(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "token"
+    if kind == "a directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/null")
+    with pytest.raises(CredentialRejected) as raised:
+        _bearer_file(path).headers()
+    assert f"token file {path} is {kind}: it must be a regular file" in str(raised.value)
+
+
+def test_bearer_file_larger_than_the_cap_is_refused_without_its_content(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    token = "file-token-at-the-cap"
+    path.write_bytes(token.encode() + b"\n" * (MAX_TOKEN_FILE_BYTES - len(token)))
+    provider = _bearer_file(path)
+    assert provider.headers() == {"Authorization": f"Bearer {token}"}  # exactly the cap: read
+    path.write_bytes(b"file-token-over-the-cap\n" + b"x" * MAX_TOKEN_FILE_BYTES)
+    with pytest.raises(CredentialRejected) as raised:
+        provider.headers()
+    message = str(raised.value)
+    assert f"token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes" in message
+    assert "file-token-over-the-cap" not in message and "xxxx" not in message
+    assert provider.reload() is False
+
+
+def test_bearer_file_through_a_symlink_is_read_and_reread_when_the_target_changes(tmp_path: Path) -> None:
+    # As a Kubernetes secret volume does: the token file is a symlink, swapped to a new target on rotation.
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text("file-token-linked-1\n", encoding="utf-8")
+    second.write_text("file-token-linked-22\n", encoding="utf-8")
+    path = tmp_path / "token"
+    path.symlink_to(first)
+    provider = _bearer_file(path)
+    assert provider.headers() == {"Authorization": "Bearer file-token-linked-1"}
+    link = tmp_path / "token.new"
+    link.symlink_to(second)
+    os.replace(link, path)
+    assert provider.headers() == {"Authorization": "Bearer file-token-linked-22"}
 
 
 # --- static_header -----------------------------------------------------------------------------------------------

@@ -151,6 +151,39 @@ def test_a_daemon_of_another_version_or_reading_another_config_is_a_problem(
     assert f"FAIL  daemon: it reads /elsewhere/config.toml, not {config}: your edits do not reach it" in out
 
 
+def test_the_daemon_keeping_tokens_out_of_the_keyring_is_a_note_with_its_fixes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    note = "the OS keyring did not answer within 3 s"
+    oauth = {"logged_in": True, "storage": "file", "storage_note": note}
+    upstreams = [
+        {"name": name, "state": "ready", "tools": 1, "url": f"https://{name}.example/mcp", "oauth": oauth}
+        for name in ("one", "two")  # one store for all: said once
+    ]
+    upstreams.append({"name": "plain", "state": "ready", "tools": 2, "url": "https://plain.example/mcp"})
+    status = {"version": __version__, "pid": 4242, "config": str(config), "upstreams": upstreams}
+    monkeypatch.setattr(doctor, "call", lambda *_, **__: status)
+
+    ctl.main(["--config", str(config), "--socket", str(tmp_path / "s.sock"), "doctor", "--manager", "systemd"])
+
+    out = capsys.readouterr().out
+    assert out.count("not the OS keyring") == 1
+    assert (
+        f"note  token store: tokens are kept in a private file, not the OS keyring: {note}\n"
+        "      fix: unlock or set up the OS keyring (Secret Service / Keychain), then: kill 4242  "
+        "(the next agent's shim starts the new one)\n"
+        '      fix: or, to keep them in the file, set token_store = "file" in [daemon], then: kill 4242  '
+        "(the next agent's shim starts the new one)\n"
+    ) in out
+
+    oauth["storage_note"], oauth["storage"] = None, "keyring"
+    ctl.main(["--config", str(config), "--socket", str(tmp_path / "s.sock"), "doctor", "--manager", "systemd"])
+    assert "token store" not in capsys.readouterr().out
+
+
 def test_a_socket_open_to_others_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 

@@ -1,9 +1,9 @@
 """Logging: structlog, JSON lines to `<state dir>/mcpxd.log`, and on stderr readable lines when it is a terminal
 or journal lines when systemd connected it to the journal.
 
-Every event passes through the redactor before it is written, so a secret that slipped into an event (an
-upstream echoing a token in an error) still never reaches a log. Per-message events are DEBUG, which costs
-next to nothing when filtered out.
+Every event passes through the redactor before it is written, strings nested in its dicts and lists included, so
+a secret that slipped into an event (an upstream echoing a token in an error, headers logged whole) still never
+reaches a log. Per-message events are DEBUG, which costs next to nothing when filtered out.
 
 Under systemd (`$JOURNAL_STREAM` names stderr's device and inode) each event is one line on stderr: a syslog
 priority prefix (`<3>` error … `<7>` debug, which journald turns into the entry's priority, so `journalctl -p`
@@ -16,6 +16,7 @@ through a `LineBudget`, so that a flood of it cannot flood the log.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -36,6 +37,11 @@ _PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "exception": 3, 
 # Fields the journal records by itself.
 _JOURNAL_SKIPS = frozenset({"event", "level", "timestamp"})
 _PLAIN_VALUE = re.compile(r"[^\s\"'=\\]+")
+# Event values nested deeper than this are not walked (a cycle, a pathological structure): the marker replaces them.
+_MAX_DEPTH = 8
+TOO_DEEP = "<too deeply nested>"
+# Values that hold no text: an event made of these and strings is redacted without walking anything.
+_SCALARS = (int, float, bool, type(None))
 
 
 def get_logger(name: str) -> Any:
@@ -71,10 +77,46 @@ class LineBudget:
 
 
 def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Every string of the event redacted, those nested in its dicts, lists and tuples (keys included) too."""
     for key, value in event.items():
         if isinstance(value, str):
             event[key] = redact(value)
+        elif not isinstance(value, _SCALARS):
+            event[key] = _redact_nested(value, 1)
     return event
+
+
+def _redact_nested(value: Any, depth: int) -> Any:
+    """`value` with its strings redacted: mappings and dataclasses become dicts, sets lists, tuples stay tuples; a
+    container deeper than `_MAX_DEPTH` becomes `TOO_DEEP`. Other objects are kept (the sinks redact the text they
+    turn them into)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, Mapping):
+        if depth > _MAX_DEPTH:
+            return TOO_DEEP
+        return {
+            redact(key) if isinstance(key, str) else key: _redact_nested(item, depth + 1) for key, item in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        if depth > _MAX_DEPTH:
+            return TOO_DEEP
+        items = [_redact_nested(item, depth + 1) for item in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # orjson writes a dataclass as the object of its fields, unredacted: give it that object, redacted.
+        if depth > _MAX_DEPTH:
+            return TOO_DEEP
+        fields = dataclasses.fields(value)
+        return {field.name: _redact_nested(getattr(value, field.name), depth + 1) for field in fields}
+    return value
+
+
+def _redacted_text(value: Any) -> str:
+    """What an object JSON cannot hold becomes in the log file: its text, redacted."""
+    return redact(str(value))
 
 
 class _TeeLogger:
@@ -90,14 +132,15 @@ class _TeeLogger:
 
     def msg(self, **event: Any) -> None:
         if self._file is not None:
-            self._file.write(orjson.dumps(event, default=str, option=orjson.OPT_APPEND_NEWLINE))
+            self._file.write(orjson.dumps(event, default=_redacted_text, option=orjson.OPT_APPEND_NEWLINE))
             self._file.flush()
         if self._console is None:
             return
         if self._journal:
             self._console.write(journal_line(event) + "\n")
         elif self._render_console is not None:
-            self._console.write(str(self._render_console(None, "", dict(event))) + "\n")
+            # Redacted as a whole, as journal lines are: the renderer shows objects by their repr.
+            self._console.write(redact(str(self._render_console(None, "", dict(event)))) + "\n")
         self._console.flush()
 
     debug = info = warning = error = critical = exception = msg

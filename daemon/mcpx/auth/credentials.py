@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from mcpx.auth.oauth.credential import OAuthContext, OAuthCredential
 from mcpx.auth.oauth.metadata import Challenge
@@ -30,6 +31,17 @@ from mcpx.errors import CredentialRejected, McpxError
 from mcpx.redact import fingerprint, register_secret
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A token file larger than this is refused: its token would not fit in a request's headers (upstream/h1.py allows
+# 64 KiB of them), and reading it must stay cheap.
+MAX_TOKEN_FILE_BYTES: Final = 64 * 1024
+# What a token file that is not a regular file is, for the error.
+_FILE_KINDS: Final = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 class CredentialProvider(Protocol):
@@ -175,9 +187,16 @@ class _FileStamp:
     size: int
     mtime_ns: int
 
+    @classmethod
+    def of(cls, info: os.stat_result) -> _FileStamp:
+        return cls(info.st_ino, info.st_size, info.st_mtime_ns)
+
 
 class BearerFromFile(_SecretSource):
-    """Token from the first non-empty line of a file, re-read whenever the file's inode, size or mtime change."""
+    """Token from the first non-empty line of a file, re-read whenever the file's inode, size or mtime change.
+
+    Only a regular file (or a symlink to one) of at most `MAX_TOKEN_FILE_BYTES` is read: it is read on the event
+    loop, where a FIFO or a device could block the daemon or feed it without end."""
 
     def __init__(self, upstream: str, path: Path) -> None:
         super().__init__(upstream)
@@ -189,24 +208,61 @@ class BearerFromFile(_SecretSource):
         try:
             info = os.stat(self._path)
         except OSError as exc:
-            raise CredentialRejected(self._upstream, f"cannot read token file {self._path}: {exc.strerror}") from None
-        stamp = _FileStamp(info.st_ino, info.st_size, info.st_mtime_ns)
-        if force or stamp != self._stamp or self._token is None:
-            self._token = self._read_file()
-            self._stamp = stamp
+            raise self._unreadable(exc) from None
+        if force or _FileStamp.of(info) != self._stamp or self._token is None:
+            self._check_regular(info)  # before opening: opening some devices does something
+            self._token, self._stamp = self._read_file()
         return self._token
 
-    def _read_file(self) -> str:
+    def _read_file(self) -> tuple[str, _FileStamp]:
+        """The token and the stamp of the file it was read from (which may have replaced the one stat saw)."""
         try:
-            text = self._path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CredentialRejected(self._upstream, f"cannot read token file {self._path}: {exc}") from None
+            # O_NONBLOCK: opening a FIFO without a writer would otherwise wait for one.
+            fd = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            raise self._unreadable(exc) from None
+        try:
+            info = os.fstat(fd)
+            self._check_regular(info)
+            data = self._read_bounded(fd, info)
+        except OSError as exc:
+            raise self._unreadable(exc) from None
+        finally:
+            os.close(fd)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CredentialRejected(self._upstream, f"token file {self._path} is not UTF-8 text") from None
         for line in text.splitlines():
             if line.strip():
                 token = line.strip()
                 register_secret(token, slot=f"file:{self._path}")  # the file is re-read when it changes
-                return token
+                return token, _FileStamp.of(info)
         raise CredentialRejected(self._upstream, f"token file {self._path} is empty")
+
+    def _read_bounded(self, fd: int, info: os.stat_result) -> bytes:
+        # stat's size is checked first; the reads are bounded too, as the file may grow meanwhile.
+        data = b""
+        if info.st_size <= MAX_TOKEN_FILE_BYTES:
+            while chunk := os.read(fd, MAX_TOKEN_FILE_BYTES + 1 - len(data)):
+                data += chunk
+                if len(data) > MAX_TOKEN_FILE_BYTES:
+                    break
+            else:
+                return data
+        raise CredentialRejected(
+            self._upstream, f"token file {self._path} is larger than {MAX_TOKEN_FILE_BYTES} bytes: it must hold a token"
+        )
+
+    def _check_regular(self, info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise CredentialRejected(
+                self._upstream, f"token file {self._path} is {kind}: it must be a regular file (or a symlink to one)"
+            )
+
+    def _unreadable(self, exc: OSError) -> CredentialRejected:
+        return CredentialRejected(self._upstream, f"cannot read token file {self._path}: {exc.strerror}")
 
     def fix_hint(self) -> str:
         return f"write a valid token to {self._path} (mcpx re-reads it on the next call)"

@@ -2,8 +2,9 @@
 
 Checks, in order: the config file (validated by the config loader, imported here only), the state and socket
 directories and files (owner, 0700 / 0600), the daemon (reachable, same version as this mcpxctl, reading the
-config this mcpxctl resolves), each upstream (ready, logged in), the OS keyring (probed in a child process under
-a time limit, as it can hang), the shim on PATH, and the user service. Exit status 0 only when nothing failed.
+config this mcpxctl resolves), each upstream (ready, logged in), where the daemon keeps OAuth tokens when that is
+not the keyring (its status's `storage_note`), the OS keyring (probed in a child process under a time limit, as it
+can hang), the shim on PATH, and the user service. Exit status 0 only when nothing failed.
 Standard library only, except the lazy import of the config loader.
 """
 
@@ -71,6 +72,7 @@ class Doctor:
         status = self.check_daemon(self.target.socket)
         if status is not None:
             self.check_upstreams(status, config)
+            self.check_token_store(status)
         self.check_keyring(getattr(getattr(config, "daemon", None), "token_store", "auto"), state_dir)
         self.check_shim()
         self.check_service()
@@ -198,6 +200,22 @@ class Doctor:
                     "withheld (another upstream exposes the same name): " + ", ".join(upstream["withheld_tools"]),
                     f"set namespace = true or exclude_tools for {name}",
                 )
+
+    def check_token_store(self, status: dict[str, Any]) -> None:
+        """Where the running daemon keeps OAuth tokens, when that is not the keyring `token_store` asked for (its
+        OAuth upstreams share one store: the note is the same for each)."""
+        notes: set[str] = {
+            note for upstream in status["upstreams"] if (note := (upstream.get("oauth") or {}).get("storage_note"))
+        }
+        restart = self._restart_command()
+        for note in sorted(notes):
+            self.add(
+                NOTE,
+                "token store",
+                f"tokens are kept in a private file, not the OS keyring: {note}",
+                f"unlock or set up the OS keyring (Secret Service / Keychain), then: {restart}",
+                f'or, to keep them in the file, set token_store = "file" in [daemon], then: {restart}',
+            )
 
     def _credential_fixes(self, auth: Any) -> tuple[str, ...]:
         kind = getattr(auth, "type", None)
