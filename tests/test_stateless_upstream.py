@@ -18,8 +18,17 @@ import pytest
 from mcp.client.context import ClientRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import Elicit, Resolve
+from mcp.server.subscriptions import ListenHandler
 from mcp.shared.exceptions import MCPError
-from mcp_types import ElicitRequestParams, ElicitResult, RequestParamsMeta, TextResourceContents
+from mcp_types import (
+    ElicitRequestParams,
+    ElicitResult,
+    RequestParamsMeta,
+    SubscriptionFilter,
+    SubscriptionsListenRequestParams,
+    SubscriptionsListenResult,
+    TextResourceContents,
+)
 from pydantic import BaseModel, Field
 
 from mcpx.upstream.stateless import header_annotations, header_value, invalid_header_annotation, param_headers
@@ -162,6 +171,78 @@ async def test_headers_and_envelope_the_server_sees(sandbox: Sandbox) -> None:
     assert meta["com.example/trace"] == "t-1"  # the agent's own keys are kept
     discover = await posts_until(alpha, method_is("server/discover"))
     assert discover.headers["mcp-method"] == "server/discover" and "mcp-name" not in discover.headers
+
+
+def tool_list_changes(changed: asyncio.Event) -> Callable[[object], Any]:
+    """An agent's message handler that sets `changed` on each `notifications/tools/list_changed`."""
+
+    async def on_message(message: object) -> None:
+        if getattr(message, "method", None) == "notifications/tools/list_changed":
+            changed.set()
+
+    return on_message
+
+
+async def test_a_header_mismatch_rereads_the_tool_list_and_sends_the_call_again(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True, modern_only=True, customize=with_routed_tool)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    tools_changed = asyncio.Event()
+    async with (
+        running(alpha),
+        running_daemon(sandbox),
+        agent(sandbox, message_handler=tool_list_changes(tools_changed)) as client,
+    ):
+        assert "alpha__regional" in {tool.name for tool in (await client.list_tools()).tools}
+        # The server's tool now takes its region from another header, and it tells no one: mcpx's headers are stale.
+        assert alpha.server is not None
+        alpha.server.remove_tool("regional")
+
+        @alpha.server.tool(name="regional")
+        def zoned(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Zone"})], query: str) -> str:
+            return f"{region}/{query}"
+
+        assert text_of(await client.call_tool("alpha__regional", {"region": "eu", "query": "q"})) == "eu/q"
+        async with asyncio.timeout(WAIT):  # the agents' catalog follows the tool list mcpx read again
+            while True:
+                (tool,) = [tool for tool in (await client.list_tools()).tools if tool.name == "alpha__regional"]
+                if tool.input_schema["properties"]["region"].get("x-mcp-header") == "Zone":
+                    break
+                await tools_changed.wait()
+                tools_changed.clear()
+    first, retry = [post for post in alpha.posts if post.body.get("method") == "tools/call"]
+    assert first.headers["mcp-param-region"] == "eu" and "mcp-param-zone" not in first.headers
+    assert retry.headers["mcp-param-zone"] == "eu" and "mcp-param-region" not in retry.headers
+    assert first.body["id"] != retry.body["id"]
+    between = alpha.posts[alpha.posts.index(first) + 1 : alpha.posts.index(retry)]
+    assert [post.body.get("method") for post in between] == ["tools/list"]
+
+
+def listed_with_another_header(body: dict[str, Any]) -> bytes | None:
+    """A tools/list answer whose `regional` names another header (`Zone`) than the one the server checks its calls
+    against (`Region`): every call of it is refused as a HeaderMismatch."""
+    if body.get("method") != "tools/list":
+        return None
+    zoned = {"type": "object", "properties": {"region": {"type": "string", "x-mcp-header": "Zone"}}}
+    echo = {"type": "object", "properties": {"text": {"type": "string"}}}
+    tools = [{"name": "regional", "inputSchema": zoned}, {"name": "echo", "inputSchema": echo}]
+    result = {"tools": tools, "resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
+    return json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result}).encode()
+
+
+async def test_headers_refused_again_after_the_retry_fail_the_call_clearly(sandbox: Sandbox) -> None:
+    alpha = Upstream("alpha", json_response=True, modern_only=True, customize=with_routed_tool)
+    alpha.answer_instead = listed_with_another_header
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), agent(sandbox) as client:
+        result = await client.call_tool("alpha__regional", {"region": "eu", "query": "q"})
+        assert result.is_error
+        assert "upstream 'alpha': the server refused the request's headers (HeaderMismatch)" in text_of(result)
+        assert "HTTP 400" in text_of(result) and "Mcp-Param-Region header is missing" in text_of(result)
+        assert text_of(await client.call_tool("alpha__echo", {"text": "still here"})) == "alpha:still here"
+    calls = [post for post in alpha.posts if post.body.get("params", {}).get("name") == "regional"]
+    assert len(calls) == 2  # the call and one retry, never more
+    assert all(call.headers["mcp-param-zone"] == "eu" for call in calls)
+    assert [post.body.get("method") for post in alpha.posts].count("tools/list") == 2  # on connect, and once again
 
 
 async def test_progress_of_a_call_reaches_the_agent(sandbox: Sandbox) -> None:
@@ -351,6 +432,87 @@ async def test_list_changes_and_resource_updates_arrive_through_subscriptions_li
     listen = await posts_until(alpha, method_is("subscriptions/listen"))
     assert listen.headers["accept"].startswith("text/event-stream")
     assert listen.body["params"]["notifications"]["toolsListChanged"] is True
+
+
+class EndedListens:
+    """An SDK server's listen streams, each recorded (its filter) as it opens, and ended on demand by the SDK's own
+    graceful end (after which, its docs say, the client listens again and fetches afresh: there is no replay)."""
+
+    def __init__(self) -> None:
+        self.filters: list[SubscriptionFilter] = []
+        self.opened = asyncio.Event()
+        self._handler: ListenHandler | None = None
+
+    def customize(self, server: MCPServer) -> None:
+        lowlevel = server._lowlevel_server
+        entry = lowlevel.get_request_handler("subscriptions/listen")
+        assert entry is not None and isinstance(entry.handler, ListenHandler)
+        handler = self._handler = entry.handler
+
+        async def listen(ctx: Any, params: SubscriptionsListenRequestParams) -> SubscriptionsListenResult:
+            self.filters.append(params.notifications)
+            self.opened.set()
+            return await handler(ctx, params)  # (the stream is registered before this first yields)
+
+        lowlevel.add_request_handler("subscriptions/listen", SubscriptionsListenRequestParams, listen)
+
+    async def until(self, predicate: Callable[[list[SubscriptionFilter]], bool]) -> None:
+        async with asyncio.timeout(WAIT):
+            while not predicate(self.filters):
+                self.opened.clear()
+                await self.opened.wait()
+
+    def end_all(self) -> None:
+        assert self._handler is not None
+        self._handler.close()
+
+
+async def test_what_the_listen_stream_missed_while_down_is_made_up_for(sandbox: Sandbox) -> None:
+    listens = EndedListens()
+
+    def customize(server: MCPServer) -> None:
+        with_content(server)
+        listens.customize(server)
+
+    alpha = Upstream("alpha", json_response=False, modern_only=True, customize=customize)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    tools_changed, updated = asyncio.Event(), asyncio.Event()
+    updated_uris: list[str] = []
+
+    async def on_message(message: object) -> None:
+        method = getattr(message, "method", None)
+        if method == "notifications/tools/list_changed":
+            tools_changed.set()
+        elif method == "notifications/resources/updated":
+            updated_uris.append(str(getattr(getattr(message, "params", None), "uri", "")))
+            updated.set()
+
+    def tool_lists() -> int:
+        return [post.body.get("method") for post in alpha.posts].count("tools/list")
+
+    async with running(alpha), running_daemon(sandbox), agent(sandbox, message_handler=on_message) as client:
+        await client.subscribe_resource("mcpx://alpha/file:///notes.txt")
+        await listens.until(lambda filters: filters[-1].resource_subscriptions == ["file:///notes.txt"])
+        assert tool_lists() == 1  # neither the first stream nor the renewed one made up for anything
+
+        listens.end_all()
+        # Changed while no stream listens, and said to no one: only mcpx's catch-up can find it.
+        assert alpha.server is not None
+
+        def added() -> str:
+            return "new"
+
+        alpha.server.add_tool(added)
+
+        await listens.until(lambda filters: len(filters) == 3)
+        async with asyncio.timeout(WAIT):
+            while "alpha__added" not in {tool.name for tool in (await client.list_tools()).tools}:
+                await tools_changed.wait()
+                tools_changed.clear()
+            await updated.wait()
+        assert len(listens.filters) == 3 and listens.filters[2].resource_subscriptions == ["file:///notes.txt"]
+    assert updated_uris == ["mcpx://alpha/file:///notes.txt"]
+    assert tool_lists() == 2  # on connect, and once to catch up
 
 
 # --- garbage and hostile answers ---------------------------------------------------------------------------------

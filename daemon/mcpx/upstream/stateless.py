@@ -13,7 +13,11 @@ same session either way:
 - `ping` is answered here, `logging/setLevel` is remembered and sent with every request, resource subscriptions
   are kept and carried by `subscriptions/listen`; client notifications are dropped (the protocol has none);
 - server notifications outside calls arrive on one long-lived `subscriptions/listen` stream, owned by the
-  session, reopened with backoff, and renewed when the resource subscriptions change.
+  session, reopened with backoff, and renewed when the resource subscriptions change; what it may have carried
+  while it was down is made up for when it is back (every list it listens for taken as changed, every subscribed
+  resource as updated);
+- a tool call the server refuses for its headers (HeaderMismatch) is sent once more after the tool list, whose
+  `x-mcp-header` annotations give those headers, has been read again.
 There is no fast path (`start_request` returns None).
 """
 
@@ -91,9 +95,32 @@ _MAX_INPUTS_PER_ROUND: Final = 16
 # Methods of the handshake era this protocol removed, answered here (see the module docstring).
 _LOCAL: Final = frozenset({"ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
 
+# The routing headers disagree with the body (`basic/transports/streamable-http`: HTTP 400 with this error).
+_HEADER_MISMATCH: Final = -32020
+# A broken or hostile upstream must not make mcpx page forever when it reads the tool list again.
+_MAX_LIST_PAGES: Final = 100
+
+# The list changes a listen stream carries: its filter's field, and the notification that tells of one.
+_LIST_CHANGES: Final = (
+    ("toolsListChanged", "notifications/tools/list_changed"),
+    ("promptsListChanged", "notifications/prompts/list_changed"),
+    ("resourcesListChanged", "notifications/resources/list_changed"),
+)
+
 
 class _StreamLost(Exception):
     """A response stream ended or broke before its answer (no resumption in 2026-07-28: the request is lost)."""
+
+
+class _ListenAttempt:
+    """One attempt at the listen stream: its request id, and whether the server took it (its first notification,
+    the acknowledgement)."""
+
+    __slots__ = ("established", "request_id")
+
+    def __init__(self, request_id: int) -> None:
+        self.request_id = request_id
+        self.established = False
 
 
 class StatelessSession:
@@ -123,6 +150,8 @@ class StatelessSession:
         self._listener: asyncio.Task[None] | None = None
         self._listening: frozenset[str] | None = None  # the resource subscriptions the open listen carries
         self._stopped: set[asyncio.Task[None]] = set()  # listeners cancelled and not yet ended
+        # A listen stream the server had taken has ended since: what it would have carried meanwhile is unknown.
+        self._listen_gap = False
         self.protocol_version: str | None = None
         self.server_info: dict[str, Any] = {}
         self.capabilities: dict[str, Any] = {}
@@ -305,9 +334,10 @@ class StatelessSession:
         self, method: str, params: dict[str, Any] | None, *, on_related: ClientSide | None, forward_raw: bool
     ) -> Any:
         """One request (a new id each time), with the credential renewed and sent once more after a 401; a
-        request whose response stream was lost is sent once more when that is harmless."""
+        request whose response stream was lost is sent once more when that is harmless; a tool call refused for
+        its headers is sent once more after the tool list has been read again."""
         exchange = functools.partial(self._exchange, method, params, on_related, forward_raw)
-        lost_once = False
+        lost_once = mismatched_once = False
         while True:
             try:
                 return await self._peer.with_auth_retry(exchange)
@@ -317,6 +347,43 @@ class StatelessSession:
                         self.name, f"{lost}; {method} was not sent again, since it may or may not have run"
                     ) from None
                 lost_once = True
+            except UpstreamHTTPError as exc:
+                # `basic/transports/streamable-http` (custom headers): a server that reads the body MUST check the
+                # routing headers against it and refuse a mismatch with HTTP 400 and HeaderMismatch; "the client
+                # SHOULD re-fetch tools/list and retry". Sending a tool call again is safe here, unlike after a lost
+                # stream: that answer means the server refused the request before running it. Only a tool call's
+                # headers come from the tool list (`Mcp-Param-*`); any other request would go again unchanged.
+                if exc.status != 400 or exc.rpc_code != _HEADER_MISMATCH or method != "tools/call":
+                    raise
+                if mismatched_once:
+                    raise UpstreamHTTPError(
+                        self.name,
+                        exc.status,
+                        f"the server refused the request's headers (HeaderMismatch), also after mcpx read its tool "
+                        f"list again: {exc.reason}",
+                        rpc_code=exc.rpc_code,
+                    ) from None
+                mismatched_once = True
+                _log.info("headers refused (HeaderMismatch): reading the tool list again", upstream=self.name)
+                await self._relist_tools()
+
+    async def _relist_tools(self) -> None:
+        """Read every page of the tool list again, for the `x-mcp-header` annotations the next tool call's headers
+        come from; when they changed, the list is taken as changed (the supervisor refreshes the catalog)."""
+        before = dict(self._param_headers)
+        cursor: str | None = None
+        try:
+            for _ in range(_MAX_LIST_PAGES):
+                params = {"cursor": cursor} if cursor is not None else None
+                page = self._accept_tools(await self._send("tools/list", params, on_related=None, forward_raw=False))
+                next_cursor = page.get("nextCursor") if isinstance(page, dict) else None
+                if not isinstance(next_cursor, str):
+                    break
+                cursor = next_cursor
+        except UpstreamError as exc:  # the call is sent again as it was, and its own error says what went wrong
+            _log.warning("the tool list could not be read again", upstream=self.name, error=exc.reason)
+        if self._param_headers != before:
+            self._client.notify(jsonrpc.notification("notifications/tools/list_changed"))
 
     async def _exchange(
         self, method: str, params: dict[str, Any] | None, on_related: ClientSide | None, forward_raw: bool
@@ -488,7 +555,7 @@ class StatelessSession:
             _log.exception("listen stream failed", upstream=self.name)
 
     async def _listen_once(self, wanted: dict[str, Any]) -> Listen:
-        request_id = next(self._ids)
+        attempt = _ListenAttempt(next(self._ids))
         params = self._with_envelope({"notifications": wanted})
         try:
             headers = self._headers("subscriptions/listen", params)
@@ -496,7 +563,7 @@ class StatelessSession:
             _log.debug("listen stream not opened", upstream=self.name, error=str(exc))
             return Listen.STOP
         headers["Accept"] = "text/event-stream, application/json"
-        body = jsonrpc.dumps(jsonrpc.request(request_id, "subscriptions/listen", params))
+        body = jsonrpc.dumps(jsonrpc.request(attempt.request_id, "subscriptions/listen", params))
         try:
             async with asyncio.timeout(self._config.timeout):
                 response = await self._http.request("POST", self._peer.target, headers, body)
@@ -504,15 +571,18 @@ class StatelessSession:
             _log.debug("listen stream could not be opened", upstream=self.name, error=str(exc))
             return Listen.FAILED
         stream = EventStream(self._max_message_bytes)
-        return await self._peer.read_stream(
+        outcome = await self._peer.read_stream(
             response,
             headers,
             stream,
             kind="listen",
-            on_message=functools.partial(self._from_listen_stream, request_id=request_id),
+            on_message=functools.partial(self._from_listen_stream, attempt=attempt, wanted=wanted),
         )
+        if attempt.established:
+            self._listen_gap = True  # (not when cancelled: mcpx closes a stream only to open another at once)
+        return outcome
 
-    def _from_listen_stream(self, raw: bytes, request_id: int) -> bool:
+    def _from_listen_stream(self, raw: bytes, attempt: _ListenAttempt, wanted: dict[str, Any]) -> bool:
         """Deliver one message of the listen stream; True when it ends the subscription (its response)."""
         try:
             message = parse_message(self.name, raw)
@@ -521,7 +591,12 @@ class StatelessSession:
             return False
         method = message.get("method")
         if method is None:
-            return message.get("id") == request_id  # the server ended the subscription (`subscriptions`)
+            return message.get("id") == attempt.request_id  # the server ended the subscription (`subscriptions`)
+        if not attempt.established:
+            attempt.established = True
+            if self._listen_gap:
+                self._listen_gap = False
+                self._catch_up(wanted)
         if "id" in message:
             _log.warning("upstream sent a request on the listen stream; ignored", upstream=self.name)
             return False
@@ -532,6 +607,20 @@ class StatelessSession:
             return True
         self._client.notify(_without_subscription_id(message))
         return False
+
+    def _catch_up(self, wanted: dict[str, Any]) -> None:
+        """The listen stream is back after one had ended: what the server sent meanwhile went to no one (there is no
+        replay, `basic/patterns/subscriptions`), so every list it listens for is taken as changed (the supervisor
+        lists them again; agents hear of the lists that really changed) and every subscribed resource as updated
+        (an agent reading one again costs little; missing an update does not). Told now that the new stream is
+        taken, so nothing that changes from here on is missed."""
+        _log.info("listen stream back: taking its lists as changed, its resources as updated", upstream=self.name)
+        for field, method in _LIST_CHANGES:
+            if wanted.get(field):
+                self._client.notify(jsonrpc.notification(method))
+        uris = wanted.get("resourceSubscriptions")
+        for uri in uris if isinstance(uris, list) else ():
+            self._client.notify(jsonrpc.notification("notifications/resources/updated", {"uri": uri}))
 
 
 def _without_subscription_id(message: Message) -> Message:
