@@ -1,5 +1,6 @@
 """StdioSession driven directly against a real SDK stdio server (tests/support/stdio_server.py) as a child
-process: spawn, calls, the minimal environment, stderr, garbage on stdout, death, and the stop sequence."""
+process: spawn, calls, the minimal environment, stderr, garbage on stdout, death, and the stop sequence; and the
+fault of a child that stops reading its stdin, or reads it slowly (tests/support/stdio_stops_reading.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from mcpx.config.model import UpstreamConfig
-from mcpx.errors import UpstreamUnavailable
+from mcpx.errors import UpstreamError, UpstreamUnavailable
 from mcpx.jsonrpc import Message
 from mcpx.redact import redact
 from mcpx.upstream import stdio
-from mcpx.upstream.stdio import INHERITED, StdioSession, child_environment
+from mcpx.upstream.stdio import INHERITED, STDIN_HIGH_WATER, StdioSession, child_environment
 from tests.support.lifecycle import wait_for_exit
-from tests.support.stdio import SERVER, gone
+from tests.support.stdio import SERVER, STOPS_READING, gone
 
 
 class Client:
@@ -275,3 +276,75 @@ async def test_a_close_cancelled_midway_still_stops_the_child() -> None:
     async with asyncio.timeout(10):
         await opened.close()  # waits for the stop already under way
     assert gone(pid)
+
+
+def stops_reading(*args: str, timeout: float) -> UpstreamConfig:
+    return UpstreamConfig(name="hangs", command=sys.executable, args=(STOPS_READING, *args), timeout=timeout)
+
+
+def echo_params(size: int) -> dict[str, Any]:
+    return {"name": "echo", "arguments": {"text": "x" * size}}
+
+
+async def test_a_child_that_stops_reading_its_stdin_is_stopped_and_its_calls_fail_in_time() -> None:
+    timeout = 0.5  # the upstream's: each call's deadline, and how long a stdin may take nothing while bytes wait
+    size = 1 << 20  # far more than the pipe holds
+    lost = Lost()
+    with capture_logs() as logs:
+        async with session(stops_reading(timeout=timeout), lost=lost) as opened:
+            pid = opened.pid
+            assert pid is not None
+            frozen = await opened.request("tools/call", {"name": "freeze", "arguments": {}}, timeout=20)
+            assert frozen["content"][0]["text"] == "frozen"  # and it reads nothing from now on
+
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            calls = [opened.request("tools/call", echo_params(size), timeout=timeout) for _ in range(3)]
+            async with asyncio.timeout(10):
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            elapsed = loop.time() - started
+            assert all(isinstance(outcome, UpstreamError) for outcome in outcomes), outcomes
+            assert all("stdin" in str(outcome) for outcome in outcomes), outcomes
+            assert elapsed < timeout + 1.0  # at its deadline (with room for a busy machine), not later
+
+            async with asyncio.timeout(10):
+                await lost.event.wait()
+            assert lost.reasons == [
+                "the server process stopped reading its stdin (nothing read for 0.5 s), so it was stopped"
+            ]
+            await wait_for_exit(pid, 10)
+            with pytest.raises(UpstreamUnavailable):
+                await opened.request("tools/call", echo_params(1), timeout=5)
+
+            # Connecting again (what the supervisor does) starts a new child, which answers.
+            async with asyncio.timeout(30):
+                await opened.connect()
+            assert opened.pid != pid
+            answer = await opened.request("tools/call", echo_params(size), timeout=20)
+            assert answer["content"][0]["text"] == f"{size} from {opened.pid}"
+    assert gone(pid)
+    stalled = [event for event in logs if event["event"] == "stdio server stopped reading its stdin; stopping it"]
+    assert [(event["log_level"], event["upstream"], event["pid"]) for event in stalled] == [("warning", "hangs", pid)]
+    # Only one of the three requests was written: the others waited for a stdin that did not drain, and failed.
+    assert stalled[0]["unread_bytes"] < size + STDIN_HIGH_WATER
+    stopped = [event for event in logs if event["event"] == "stdio server stopped" and event["pid"] == pid]
+    assert [(event["by"], event["status"]) for event in stopped] == [("SIGTERM", "was killed by SIGTERM")]
+
+
+async def test_a_child_that_reads_its_stdin_slowly_is_not_stopped() -> None:
+    timeout = 0.3  # how long its stdin may take nothing; it takes a little every `PAUSE` (20 ms)
+    size = 1 << 20  # 64 reads of 16 KiB: well over `timeout` to read it all
+    lost = Lost()
+    with capture_logs() as logs:
+        async with session(stops_reading("--slow", timeout=timeout), lost=lost) as opened:
+            pid = opened.pid
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            answer = await opened.request("tools/call", echo_params(size), timeout=30)
+            assert loop.time() - started > timeout  # the stdin did not drain within the bound, and that is fine
+            assert answer["content"][0]["text"] == f"{size} from {pid}"
+            answer = await opened.request("tools/call", echo_params(3), timeout=30)
+            assert answer["content"][0]["text"] == f"3 from {pid}"
+            assert opened.pid == pid
+    assert not lost.reasons
+    assert not [event for event in logs if event["event"] == "stdio server stopped reading its stdin; stopping it"]

@@ -1,6 +1,7 @@
 """Stdio (`command`) upstreams through the real mcpxd: a real SDK stdio server (tests/support/stdio_server.py) started
 by the daemon, agents (the SDK client through the real shim) using it: tools, the minimal environment, stderr in
-the log with secrets redacted, a crash and the restart, backoff for a server that keeps crashing, the stop at
+the log with secrets redacted, a crash and the restart, backoff for a server that keeps crashing, a server that
+stops reading its stdin (tests/support/stdio_stops_reading.py) stopped and restarted, the stop at
 shutdown and at a reload, and the rest of the surface (prompts, resources, elicitation, sampling, progress, log
 messages, cancellation) over stdio."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from typing import Any
 
 import mcp_types
@@ -25,8 +27,9 @@ from mcp.types import (
 from mcpx.upstream.stdio import INHERITED
 from tests.support.agents import change_watcher, wait_for_tools
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon
+from tests.support.lifecycle import wait_for_exit
 from tests.support.results import text_of
-from tests.support.stdio import gone, stdio_toml
+from tests.support.stdio import STOPS_READING, gone, stdio_toml
 
 # A session that was up at least reconnect_max is replaced at once when its process dies: tests of the restart
 # make that always true.
@@ -144,6 +147,34 @@ async def test_a_stdio_server_that_keeps_crashing_is_restarted_with_backoff(sand
         assert "retrying in 4 s" in await _until_retrying(client)
     started = _log_events(sandbox, "stdio server started", "local")
     assert len(started) == 2  # no restart but the one after the backoff
+
+
+@pytest.mark.parametrize("sharing", ["shared", "per-agent"])
+async def test_a_stdio_server_that_stops_reading_its_stdin_is_stopped_and_restarted(
+    sandbox: Sandbox, sharing: str
+) -> None:
+    sandbox.write_config(
+        INSTANT_RESTART
+        + "[[proxy.upstream]]\n"
+        + 'name = "hangs"\n'
+        + f"command = {json.dumps(sys.executable)}\nargs = {json.dumps([STOPS_READING])}\n"
+        + f'timeout = 1\nsharing = "{sharing}"\n'
+    )
+    size = 1 << 20  # far more than the pipe holds
+    async with running_daemon(sandbox), agent(sandbox) as client:
+        first = int(text_of(await client.call_tool("hangs__pid", {})))
+        assert text_of(await client.call_tool("hangs__freeze", {})) == "frozen"  # it reads nothing from now on
+        stuck = await client.call_tool("hangs__echo", {"text": "x" * size})
+        assert stuck.is_error
+        # At its deadline (the request not read), or failed with the others when the child was found hung.
+        assert text_of(stuck).startswith("upstream 'hangs': ")
+        assert "stdin" in text_of(stuck)
+        await wait_for_exit(first, WAIT)
+        second = int(text_of(await client.call_tool("hangs__pid", {})))
+        assert second != first
+        assert text_of(await client.call_tool("hangs__echo", {"text": "x" * size})) == f"{size} from {second}"
+    stalled = _log_events(sandbox, "stdio server stopped reading its stdin; stopping it")
+    assert [(entry["level"], entry["upstream"], entry["pid"]) for entry in stalled] == [("warning", "hangs", first)]
 
 
 async def test_shutdown_stops_stdio_servers_politely_or_by_sigkill(sandbox: Sandbox) -> None:

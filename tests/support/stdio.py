@@ -10,6 +10,8 @@ from typing import Any
 
 # The server script, run by the test venv's Python (the child gets a minimal environment: no venv variables).
 SERVER = str(Path(__file__).with_name("stdio_server.py"))
+# The fault of a server that stops reading its stdin (or, with `--slow`, reads it slowly).
+STOPS_READING = str(Path(__file__).with_name("stdio_stops_reading.py"))
 
 
 def stdio_toml(name: str, *server_args: str, table: str = "[[proxy.upstream]]", **fields: Any) -> str:

@@ -162,25 +162,43 @@ class ChannelSession(abc.ABC):
         token = meta.get("progressToken") if isinstance(meta, dict) else None
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = _Pending(future, on_related, token, forward_raw)
+        mark: int | None = None  # set once the request is sent
         try:
-            await self._send(
-                jsonrpc.dumps(jsonrpc.request(request_id, method, params)), replayable=is_replayable(method)
-            )
+            # The deadline covers the send too: a channel that takes nothing (a child that stops reading its stdin)
+            # fails the call in time instead of holding it.
             async with asyncio.timeout(timeout):
+                await self._send(
+                    jsonrpc.dumps(jsonrpc.request(request_id, method, params)), replayable=is_replayable(method)
+                )
+                mark = self._output_mark()
                 return await future
         except TimeoutError:
-            self._cancel_upstream(request_id, "timed out")
-            raise UpstreamTimeout(self.name, f"no answer to {method} within {timeout:g} s") from None
+            if mark is not None:
+                self._cancel_upstream(request_id, "timed out")
+            raise self._timed_out(method, timeout, mark) from None
         except asyncio.CancelledError:
-            self._cancel_upstream(request_id, "cancelled by the client")
+            if mark is not None:
+                self._cancel_upstream(request_id, "cancelled by the client")
             raise
         finally:
             self._pending.pop(request_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # a failure told while the request was being sent: the send raised it already
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         if not self._open:
             raise UpstreamUnavailable(self.name, "not connected")
         await self._send(jsonrpc.dumps(jsonrpc.notification(method, params)))
+
+    def _output_mark(self) -> int:
+        """How far the channel's output had got once a request was sent, for `_timed_out` (0: cannot be told)."""
+        return 0
+
+    def _timed_out(self, method: str, timeout: float, mark: int | None) -> UpstreamError:
+        """The error of a request not answered within `timeout`; `mark` is None when it could not even be sent."""
+        if mark is None:
+            return UpstreamTimeout(self.name, f"{method} could not be sent within {timeout:g} s")
+        return UpstreamTimeout(self.name, f"no answer to {method} within {timeout:g} s")
 
     def _cancel_upstream(self, request_id: int, reason: str) -> None:
         if self._open and request_id in self._pending:

@@ -14,8 +14,16 @@ I/O. The child is an `asyncio.SubprocessProtocol`: stdout goes through the sans-
 `ChannelSession._received`, and the session goes on (those warnings are limited as stderr lines are, see
 `ChannelSession.unreadable`). stderr is free-form logging: each line (at most `STDERR_LINE_BYTES`) is logged at
 info level with the upstream's name, redacted, within a `LineBudget` (200 lines at once, then 20 a second; how
-many were left out is logged). A write waits for the pipe to drain at most the upstream's
-`timeout`: a child that stops reading fails the call instead of hanging it.
+many were left out is logged). stdin is written only while less than `STDIN_HIGH_WATER` waits for it (asyncio's
+flow control); a request that cannot be written within its deadline fails with an error that says so, and is never
+sent.
+
+A child that stops reading. While bytes wait for its stdin, mcpx checks whether the child reads any; when it has
+read nothing for the upstream's `timeout` (the deadline of a call: a child that answers each call in time, even one
+call at a time, never stops reading that long), it is hung: it is stopped (stdin closed with what it did not read
+dropped, at once SIGTERM, then SIGKILL), its calls in flight fail, and the session is lost as when a child dies, so
+the supervisor starts a new one. A child that reads, however slowly, or that is merely slow to answer, is not
+stopped; nor is one that stops reading while what mcpx sent it still fits in the pipe (nothing waits).
 
 Death and stop. The child has the daemon's `connect_timeout` plus the upstream's `timeout` to answer `initialize`
 (it may have to start an interpreter, or download its package). When the child exits on its own (or closes its
@@ -41,7 +49,7 @@ from typing import Any, Final, cast
 
 from mcpx.auth.credentials import expand_env
 from mcpx.config.model import DaemonConfig, UpstreamConfig
-from mcpx.errors import CredentialRejected, UpstreamTimeout, UpstreamUnavailable
+from mcpx.errors import CredentialRejected, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from mcpx.framing.ndjson import LineFramer, Oversized
 from mcpx.log import LineBudget, get_logger
 from mcpx.redact import redact, register_secret
@@ -84,7 +92,15 @@ _DRAIN_GRACE: Final = 0.5
 _GROUP_POLL: Final = 0.05
 
 STDERR_LINE_BYTES: Final = 8192
+# What mcpx holds for a child's stdin beyond what the pipe holds: a message is written only while less than this
+# waits, so at most this plus one message (bounded by the agent's `max_message_bytes`).
+STDIN_HIGH_WATER: Final = 64 * 1024
+# While bytes wait for a child's stdin, how often it is checked whether the child read any (at most; a short
+# `timeout` is checked 8 times within it).
+_STDIN_CHECK_EVERY: Final = 1.0
 _LAST_LINE_CHARS: Final = 200
+
+_NOT_READING: Final = "the server process is not reading its stdin (or too slowly)"
 
 _SECRET_NAME = re.compile(r"auth|token|key|secret|passw|cookie|session|credential|signature|private", re.IGNORECASE)
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -144,7 +160,7 @@ def describe_exit(returncode: int) -> str:
 class _Child(asyncio.SubprocessProtocol):
     """One child process's pipes and exit, as events the session waits on."""
 
-    def __init__(self, session: StdioSession, max_message_bytes: int) -> None:
+    def __init__(self, session: StdioSession, max_message_bytes: int, stall_after: float) -> None:
         self._session = session
         self._stdout = LineFramer(max_message_bytes)
         self._stderr = LineFramer(STDERR_LINE_BYTES)
@@ -155,6 +171,15 @@ class _Child(asyncio.SubprocessProtocol):
         self.stdin_lost = False
         self._writable = asyncio.Event()
         self._writable.set()
+        # Its stdin: how many bytes were written to it, whether (and why) it was given up as hung, and the watch of
+        # a stdin that does not drain (bytes waiting, none of them read for `stall_after` seconds).
+        self.written = 0
+        self.hung: str | None = None
+        self._stall_after = stall_after
+        self._check_every = min(stall_after / 8, _STDIN_CHECK_EVERY)
+        self._stdin_check: asyncio.TimerHandle | None = None
+        self._taken = 0
+        self._taken_at = 0.0
         self.last_stderr: str | None = None
         self._budget = LineBudget()
         # Once what was left of its process group is stopped, the group id is never signalled again: with no
@@ -176,6 +201,7 @@ class _Child(asyncio.SubprocessProtocol):
         if fd == 0:
             self.stdin_lost = True
             self._writable.set()  # a waiting write finds the pipe gone
+            self.stop_watching()
         elif fd == 1:
             self._messages(self._stdout.feed(b"\n"))  # a last message without its newline
             self.stdout_closed.set()
@@ -193,7 +219,60 @@ class _Child(asyncio.SubprocessProtocol):
         self._writable.set()
 
     async def writable(self) -> None:
-        await self._writable.wait()
+        """Return once a message may be written: less than the high-water mark waits (or the pipe is gone)."""
+        while not self._writable.is_set():
+            await self._writable.wait()  # woken with others: the first one's message may fill the buffer again
+
+    @property
+    def may_write(self) -> bool:
+        return self._writable.is_set()
+
+    def stdin(self) -> asyncio.WriteTransport | None:
+        """The pipe to the child's stdin while it is open and the child not given up."""
+        pipe = self.transport.get_pipe_transport(0) if self.transport is not None else None
+        if pipe is None or self.stdin_lost or self.hung is not None or pipe.is_closing():
+            return None
+        return cast(asyncio.WriteTransport, pipe)
+
+    def unread(self) -> int:
+        """The bytes written to the child's stdin that are still in mcpx's buffer: the pipe is full."""
+        pipe = self.stdin()
+        return pipe.get_write_buffer_size() if pipe is not None else 0
+
+    def wrote(self, size: int) -> None:
+        """`size` bytes were written to the child's stdin; when they wait, the stdin is watched until it drains."""
+        self.written += size
+        if self._stdin_check is None and (unread := self.unread()):
+            loop = asyncio.get_running_loop()
+            self._taken, self._taken_at = self.written - unread, loop.time()
+            self._stdin_check = loop.call_later(self._check_every, self._check_stdin)
+
+    def give_up(self, reason: str) -> None:
+        """The child is hung: no more writes (those waiting wake up and fail)."""
+        self.hung = reason
+        self.stop_watching()
+        self._writable.set()
+
+    def stop_watching(self) -> None:
+        if self._stdin_check is not None:
+            self._stdin_check.cancel()
+            self._stdin_check = None
+
+    def _check_stdin(self) -> None:
+        # Any byte the child read since the last check is progress: a child that reads slowly is not hung.
+        self._stdin_check = None
+        unread = self.unread()
+        if not unread:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        taken = self.written - unread
+        if taken != self._taken:
+            self._taken, self._taken_at = taken, now
+        elif now - self._taken_at >= self._stall_after:
+            self._session.stdin_stalled(self, unread)
+            return
+        self._stdin_check = loop.call_later(self._check_every, self._check_stdin)
 
     @property
     def returncode(self) -> int | None:
@@ -279,7 +358,7 @@ class StdioSession(ChannelSession):
         loop = asyncio.get_running_loop()
         try:
             _, child = await loop.subprocess_exec(
-                lambda: _Child(self, self._max_message_bytes),
+                lambda: _Child(self, self._max_message_bytes, self._timeout),
                 self._command,
                 *self._config.args,
                 stdin=asyncio.subprocess.PIPE,
@@ -298,6 +377,8 @@ class StdioSession(ChannelSession):
         except OSError as exc:
             why = exc.strerror or type(exc).__name__
             raise UpstreamUnavailable(self.name, f"cannot start {self._command!r}: {why}") from None
+        if (stdin := child.stdin()) is not None:
+            stdin.set_write_buffer_limits(high=STDIN_HIGH_WATER)
         return child
 
     def _stop_orphan(self, spawn: asyncio.Task[_Child]) -> None:
@@ -311,20 +392,60 @@ class StdioSession(ChannelSession):
 
     async def _send(self, data: bytes, *, replayable: bool = True) -> None:
         child = self._child
-        transport = child.transport if child is not None else None
-        stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0) if transport is not None else None)
-        if child is None or child.stdin_lost or stdin is None or stdin.is_closing():
-            raise UpstreamUnavailable(self.name, "the server process is not running")
+        if child is not None and not child.may_write:
+            # Written only once the buffer is under its high-water mark: what a child does not read waits here, not
+            # in memory. A request waits at most its deadline (`request`'s), anything else the upstream's timeout.
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await child.writable()
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    self.name, f"a message could not be written within {self._timeout:g} s: {_NOT_READING}"
+                ) from None
+        stdin = child.stdin() if child is not None and child is self._child else None
+        if child is None or stdin is None:
+            hung = child.hung if child is not None else None
+            raise UpstreamUnavailable(self.name, hung or "the server process is not running")
         try:
             stdin.writelines((data, b"\n"))
-            async with asyncio.timeout(self._timeout):
-                await child.writable()
-        except TimeoutError:
-            raise UpstreamTimeout(self.name, f"the server process read nothing for {self._timeout:g} s") from None
         except (BrokenPipeError, ConnectionResetError):
             raise UpstreamUnavailable(self.name, "the server process closed its stdin") from None
-        if child.stdin_lost:
-            raise UpstreamUnavailable(self.name, "the server process closed its stdin")
+        child.wrote(len(data) + 1)
+
+    def _output_mark(self) -> int:
+        return self._child.written if self._child is not None else 0
+
+    def _timed_out(self, method: str, timeout: float, mark: int | None) -> UpstreamError:
+        child = self._child
+        if mark is None:
+            return UpstreamTimeout(self.name, f"{method} could not be written within {timeout:g} s: {_NOT_READING}")
+        if child is not None and child.written - child.unread() < mark:
+            return UpstreamTimeout(
+                self.name,
+                f"no answer to {method} within {timeout:g} s: the server process had not read all of it from its stdin",
+            )
+        return super()._timed_out(method, timeout, mark)
+
+    def stdin_stalled(self, child: _Child, unread: int) -> None:
+        """`child` read nothing of the `unread` bytes waiting for its stdin for the upstream's `timeout`: it is hung
+        (one that answers each call within its deadline never stops reading that long, even one call at a time). It
+        is stopped, and the session lost as when a child dies, so that the supervisor starts a new one."""
+        if child is not self._child:
+            return
+        reason = (
+            f"the server process stopped reading its stdin (nothing read for {self._timeout:g} s), so it was stopped"
+        )
+        _log.warning(
+            "stdio server stopped reading its stdin; stopping it",
+            upstream=self.name,
+            pid=self.pid,
+            seconds=self._timeout,
+            unread_bytes=unread,
+        )
+        child.give_up(reason)
+        watch, self._child, self._watch = self._watch, None, None
+        self._stop_in_background(child, watch)
+        self._lost(reason)
 
     async def _stop_channel(self) -> None:
         child, watch = self._child, self._watch
@@ -340,6 +461,7 @@ class StdioSession(ChannelSession):
         task.add_done_callback(self._stopping.discard)
 
     async def _stop(self, child: _Child, watch: asyncio.Task[None] | None) -> None:
+        child.stop_watching()
         if watch is not None and watch is not asyncio.current_task():
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -352,10 +474,18 @@ class StdioSession(ChannelSession):
         try:
             if child.returncode is None:
                 stdin = transport.get_pipe_transport(0)
-                if stdin is not None:
-                    stdin.close()
                 how = "stdin closed"
-                if not await _within(child.exited.wait(), STDIN_GRACE):
+                if child.hung is None:
+                    if stdin is not None:
+                        stdin.close()
+                    exited = await _within(child.exited.wait(), STDIN_GRACE)
+                else:
+                    # A hung child would see the end of its stdin only after the bytes it does not read: those are
+                    # dropped, and the end is not waited for.
+                    if stdin is not None:
+                        cast(asyncio.WriteTransport, stdin).abort()
+                    exited = False
+                if not exited:
                     how = "SIGTERM"
                     _signal_group(child, signal.SIGTERM)
                     if not await _within(child.exited.wait(), TERM_GRACE):
