@@ -27,8 +27,10 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import DefaultResolver
 
-from mcpx.auth.oauth import endpoints
+from mcpx.auth.oauth import egress, endpoints
 from mcpx.auth.oauth.callback import CallbackListener
 from mcpx.auth.oauth.endpoints import Client, EndpointUnreachable, TokenEndpointError
 from mcpx.auth.oauth.flow import (
@@ -81,12 +83,16 @@ class LoginError(Exception):
 @dataclass
 class OAuthContext:
     """What every OAuth credential shares: the token store (opened on first use: probing the keyring costs) and
-    one HTTP client for OAuth endpoints."""
+    the HTTP clients for OAuth endpoints, one per upstream host (where their fetches may connect depends on it:
+    see `egress`)."""
 
     state_dir: Path
     store_choice: str = "auto"
+    # The name lookups under every OAuth fetch (a test gives its own); else aiohttp's default resolver.
+    resolver: AbstractResolver | None = None
     _store: TokenStore | None = field(default=None, init=False)
-    _http: aiohttp.ClientSession | None = field(default=None, init=False)
+    _http: dict[str, aiohttp.ClientSession] = field(default_factory=dict, init=False)
+    _default_resolver: AbstractResolver | None = field(default=None, init=False)
 
     async def store(self) -> TokenStore:
         if self._store is None:
@@ -102,14 +108,24 @@ class OAuthContext:
         """Why tokens are kept where they are, when that is not what `token_store` asked for (the keyring)."""
         return self._store.note if self._store is not None else None
 
-    def http(self) -> aiohttp.ClientSession:
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(trust_env=False)
-        return self._http
+    def http(self, upstream_url: str) -> aiohttp.ClientSession:
+        """The HTTP client of the OAuth fetches of the upstream at `upstream_url`."""
+        host = egress.upstream_host(upstream_url)
+        session = self._http.get(host)
+        if session is None or session.closed:
+            lookups = self.resolver
+            if lookups is None:
+                lookups = self._default_resolver = self._default_resolver or DefaultResolver()
+            session = self._http[host] = egress.client_session(upstream_url, lookups)
+        return session
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
+        for session in self._http.values():
+            await session.close()
+        self._http.clear()
+        if self._default_resolver is not None:
+            await self._default_resolver.close()
+            self._default_resolver = None
 
 
 @dataclass
@@ -216,6 +232,9 @@ class OAuthCredential:
 
     def login_command(self) -> str:
         return f"mcpxctl login {self.name}"
+
+    def _http(self) -> aiohttp.ClientSession:
+        return self._context.http(self._server_url)
 
     # --- CredentialProvider ------------------------------------------------------------------------------------
 
@@ -386,7 +405,7 @@ class OAuthCredential:
             form = {"grant_type": "refresh_token", "refresh_token": refresh, "resource": self.resource_indicator}
         try:
             answer = await endpoints.token_request(
-                self._context.http(),
+                self._http(),
                 server,
                 client,
                 form,
@@ -462,7 +481,7 @@ class OAuthCredential:
         return (await self._discover())[1]
 
     async def _discover(self) -> tuple[ResourceMetadata | None, ServerMetadata]:
-        http = self._context.http()
+        http = self._http()
         try:
             if self._challenge.resource_metadata is None and not self._challenge.scope:
                 self._challenge = await endpoints.probe_challenge(http, self._server_url)
@@ -605,7 +624,7 @@ class OAuthCredential:
             form["scope"] = " ".join(scopes)
         try:
             client, registered = await self._client_for_device(server)
-            answer = await endpoints.device_authorization(self._context.http(), server, client, form)
+            answer = await endpoints.device_authorization(self._http(), server, client, form)
             device = parse_device_authorization(
                 answer, issuer=server.issuer, client_id=client.client_id, resource=form["resource"], scopes=scopes
             )
@@ -624,7 +643,7 @@ class OAuthCredential:
         if existing is not None:
             return existing, False
         client = await endpoints.register(
-            self._context.http(),
+            self._http(),
             server,
             redirect_uris=[],
             scopes=self._requested_scopes(None),
@@ -658,7 +677,7 @@ class OAuthCredential:
         if existing is not None:
             return existing, False
         client = await endpoints.register(
-            self._context.http(), server, redirect_uris=[redirect_uri], scopes=self._requested_scopes(None)
+            self._http(), server, redirect_uris=[redirect_uri], scopes=self._requested_scopes(None)
         )
         if client.client_secret is not None:
             register_secret(client.client_secret, slot=f"oauth:{self.name}:registered")
@@ -744,7 +763,7 @@ class OAuthCredential:
                 "resource": flow.pending.resource,
             }
             try:
-                tokens = await endpoints.token_request(self._context.http(), flow.server, flow.client, form)
+                tokens = await endpoints.token_request(self._http(), flow.server, flow.client, form)
             except (TokenEndpointError, EndpointUnreachable) as exc:
                 raise LoginError(f"the code could not be redeemed: {exc}") from None
             await self._store_login(flow, tokens, flow.pending.scopes)
@@ -769,7 +788,7 @@ class OAuthCredential:
                 if time.monotonic() >= flow.expires_at:
                     raise LoginError(f"{DEVICE_CODE_EXPIRED}; run the login again")
                 try:
-                    tokens = await endpoints.token_request(self._context.http(), flow.server, flow.client, form)
+                    tokens = await endpoints.token_request(self._http(), flow.server, flow.client, form)
                 except EndpointUnreachable as exc:
                     interval = min(interval * 2, MAX_POLL_BACKOFF)
                     _log.warning("a device login poll failed; polling more slowly", upstream=self.name, error=str(exc))
@@ -840,7 +859,7 @@ class OAuthCredential:
                 for hint in ("refresh_token", "access_token"):
                     if client is not None and isinstance(tokens.get(hint), str):
                         await endpoints.revoke(
-                            self._context.http(),
+                            self._http(),
                             server,
                             client,
                             tokens[hint],

@@ -2,8 +2,8 @@
 
 aiohttp, off the hot path. Every fetch is bounded in time and size and never follows redirects (a redirect
 could carry the request to an address the document's checks did not see); every URL has passed
-`metadata.check_url`. Errors carry no secrets: bodies of failed token requests are reduced to the OAuth
-`error` code and description.
+`metadata.check_url`, and the session (made by `egress`) connects only where the upstream's own address allows.
+Errors carry no secrets: bodies of failed token requests are reduced to the OAuth `error` code and description.
 """
 
 from __future__ import annotations
