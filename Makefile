@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# An experiment: the daemon's hot path compiled with mypyc next to its sources (mypyc_build.py), again whenever a
+# source changes. Nothing depends on it: tests, demo and benchmark run whatever is in place.
+COMPILED := build/.compiled
+DAEMON_SOURCES := $(shell find daemon/mcpx -name '*.py')
 
-.PHONY: venv test lint typecheck pytest demo bench format clean
+.PHONY: venv compile pure test lint typecheck pytest demo bench format clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +18,20 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 venv: $(STAMP)
 
+$(COMPILED): $(STAMP) mypyc_build.py $(DAEMON_SOURCES)
+	$(BIN)/python mypyc_build.py --inplace
+	mkdir -p build && touch $(COMPILED)
+
+compile: $(COMPILED)
+
+# Back to the plain sources (the daemon runs them as they are; `make compile` compiles them again).
+pure: venv
+	$(BIN)/python mypyc_build.py --clean
+	rm -f $(COMPILED)
+
 lint: venv
-	$(BIN)/ruff check daemon shim tests demo benchmarks
-	$(BIN)/ruff format --check daemon shim tests demo benchmarks
+	$(BIN)/ruff check daemon shim tests demo benchmarks mypyc_build.py
+	$(BIN)/ruff format --check daemon shim tests demo benchmarks mypyc_build.py
 
 typecheck: venv
 	$(BIN)/mypy
@@ -33,8 +48,9 @@ bench: venv
 	$(BIN)/python benchmarks/bench.py
 
 format: venv
-	$(BIN)/ruff format daemon shim tests demo benchmarks
-	$(BIN)/ruff check --fix daemon shim tests demo benchmarks
+	$(BIN)/ruff format daemon shim tests demo benchmarks mypyc_build.py
+	$(BIN)/ruff check --fix daemon shim tests demo benchmarks mypyc_build.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .cache build
+	find daemon -name '*.so' -delete

@@ -106,3 +106,22 @@ def test_a_large_result_is_spliced_as_a_view_of_the_response_body() -> None:
     assert spliced is not None
     view = spliced.view()
     assert isinstance(view, memoryview) and view.obj is body
+
+
+def test_the_hot_path_runs_compiled_where_make_compiled_it() -> None:
+    # `make test` compiles the hot path (mypyc_build.py) and says so: a module left out of the build, or an
+    # extension that failed to load and fell back to its source, would otherwise go unnoticed.
+    import importlib
+    import os
+
+    import pytest
+    from mypyc_build import HOT_PATH
+
+    from mcpx import compiled
+
+    if not os.environ.get("MCPX_EXPECT_COMPILED"):
+        pytest.skip("the hot path is compiled by `make test` (MCPX_EXPECT_COMPILED=1)")
+    for module in HOT_PATH:
+        name = module.removesuffix(".py").replace("/", ".")
+        assert not (importlib.import_module(name).__file__ or "").endswith(".py"), name
+    assert compiled()

@@ -4,3 +4,10 @@ __version__ = "0.1.0"
 
 # How mcpx names itself to MCP peers: `clientInfo` to upstreams, `serverInfo` to agents (an MCP `Implementation`).
 IMPLEMENTATION = {"name": "mcpx", "version": __version__}
+
+
+def compiled() -> bool:
+    """Whether the daemon's hot path runs compiled by mypyc (see hatch_build.py) rather than as plain Python."""
+    from mcpx.upstream import h1
+
+    return not (h1.__file__ or "").endswith(".py")

@@ -46,9 +46,9 @@ class RawJson:
 
     __slots__ = ("_data", "_is_error", "_view")
 
-    def __init__(self, data: bytes, *, is_error: object = _UNKNOWN) -> None:
+    def __init__(self, data: bytes | None, *, view: memoryview | None = None, is_error: object = _UNKNOWN) -> None:
         self._data: bytes | None = data
-        self._view: memoryview | None = None
+        self._view: memoryview | None = view
         # The top-level `isError` (absent: None), when read while the value was validated: the audit log asks it of
         # every tool result, and parsing the value again for it would cost as much as validating it.
         self._is_error = is_error
@@ -56,9 +56,7 @@ class RawJson:
     @classmethod
     def in_buffer(cls, view: memoryview, *, is_error: object = _UNKNOWN) -> RawJson:
         """The value `view` of a buffer that no one changes any more, kept without copying."""
-        raw = cls.__new__(cls)
-        raw._data, raw._view, raw._is_error = None, view, is_error
-        return raw
+        return cls(None, view=view, is_error=is_error)
 
     @property
     def data(self) -> bytes:

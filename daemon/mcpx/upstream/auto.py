@@ -156,10 +156,10 @@ class AutoSession(_ChosenSession):
     async def _probe(self) -> None:
         try:
             await self._first.connect()
-        except UpstreamHTTPError as exc:
-            if exc.status not in FALLBACK_STATUSES or exc.rpc_code in STATELESS_ERA_CODES:
+        except UpstreamHTTPError as refused:
+            if refused.status not in FALLBACK_STATUSES or refused.rpc_code in STATELESS_ERA_CODES:
                 raise
-            streamable_error = exc
+            streamable_error = refused
             await self._first.close()
         else:
             self._chosen = self._first

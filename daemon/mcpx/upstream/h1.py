@@ -836,8 +836,8 @@ class HttpClient:
                 )
         except TimeoutError:
             raise ConnectError(f"no connection within {self._connect_timeout:g} s") from None
-        except ssl.SSLError as exc:
-            raise ConnectError(f"TLS failed: {exc.reason or exc}") from None
+        except ssl.SSLError as tls_error:
+            raise ConnectError(f"TLS failed: {tls_error.reason or tls_error}") from None
         except OSError as exc:
             raise ConnectError(exc.strerror or str(exc)) from None
         self._all.add(connection)

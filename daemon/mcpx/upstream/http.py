@@ -356,8 +356,8 @@ class HttpSession:
                     response.release_at_end(5.0)  # its end (normally all that follows) comes without a task
                 return result
             raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
-        except BodyTooLarge as exc:
-            raise UpstreamProtocolError(self.name, str(exc)) from None
+        except BodyTooLarge as too_large:
+            raise UpstreamProtocolError(self.name, str(too_large)) from None
         except HttpClientError as exc:
             raise connection_failure(self.name, exc) from None
         finally:
@@ -482,8 +482,8 @@ class HttpSession:
         try:
             async with asyncio.timeout(self._config.timeout):
                 response = await self._http.request("GET", self._target, headers)
-        except (TimeoutError, HttpClientError) as exc:
-            _log.debug("GET stream could not be opened", upstream=self.name, error=str(exc))
+        except (TimeoutError, HttpClientError) as failure:
+            _log.debug("GET stream could not be opened", upstream=self.name, error=str(failure))
             return Listen.FAILED
 
         def refused(status: int) -> Listen | None:

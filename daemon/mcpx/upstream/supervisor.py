@@ -210,8 +210,8 @@ class ManagedUpstream:
                 async with asyncio.timeout(self.daemon.connect_timeout + self.config.timeout):
                     await self.session.connect()
                     lists = {kind: await self._list(kind) for kind in self._kinds()}
-            except NeedsLogin as exc:
-                self._needs_login(exc)
+            except NeedsLogin as needs:
+                self._needs_login(needs)
                 await self._attempt_ended(attempt)
                 # Nothing to retry until someone logs in (the login wakes this loop).
                 await self._wake.wait()
@@ -220,9 +220,9 @@ class ManagedUpstream:
                 self._fail(
                     exc if isinstance(exc, UpstreamError) else UpstreamUnavailable(self.name, "connect timed out")
                 )
-            except Exception as exc:  # noqa: BLE001 - task top: an upstream must never take the daemon down
+            except Exception as bug:  # noqa: BLE001 - task top: an upstream must never take the daemon down
                 _log.exception("unexpected error while connecting", upstream=self.name)
-                self._fail(UpstreamProtocolError(self.name, f"unexpected error: {type(exc).__name__}"))
+                self._fail(UpstreamProtocolError(self.name, f"unexpected error: {type(bug).__name__}"))
             else:
                 self._broken.clear()
                 self.state = UpstreamState.READY
