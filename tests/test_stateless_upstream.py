@@ -392,28 +392,36 @@ async def test_resources_and_prompts(sandbox: Sandbox) -> None:
     assert (await posts_until(alpha, method_is("prompts/get"))).headers["mcp-name"] == "review"
 
 
+class _Notifications:
+    """What an agent hears of tool list changes and resource updates."""
+
+    def __init__(self) -> None:
+        self.tools_changed = asyncio.Event()
+        self.updated = asyncio.Event()
+        self.updated_uris: list[str] = []
+
+    async def on_message(self, message: object) -> None:
+        method = getattr(message, "method", None)
+        if method == "notifications/tools/list_changed":
+            self.tools_changed.set()
+        elif method == "notifications/resources/updated":
+            self.updated_uris.append(str(getattr(getattr(message, "params", None), "uri", "")))
+            self.updated.set()
+
+
 async def test_list_changes_and_resource_updates_arrive_through_subscriptions_listen(sandbox: Sandbox) -> None:
     alpha = Upstream("alpha", json_response=False, modern_only=True, customize=with_content)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
-    tools_changed, updated = asyncio.Event(), asyncio.Event()
-    updated_uris: list[str] = []
+    watched = _Notifications()
 
-    async def on_message(message: object) -> None:
-        method = getattr(message, "method", None)
-        if method == "notifications/tools/list_changed":
-            tools_changed.set()
-        elif method == "notifications/resources/updated":
-            updated_uris.append(str(getattr(getattr(message, "params", None), "uri", "")))
-            updated.set()
-
-    async with running(alpha), running_daemon(sandbox), agent(sandbox, message_handler=on_message) as client:
+    async with running(alpha), running_daemon(sandbox), agent(sandbox, message_handler=watched.on_message) as client:
         await posts_until(alpha, method_is("subscriptions/listen"))
         assert "alpha__added" not in {tool.name for tool in (await client.list_tools()).tools}
         assert text_of(await client.call_tool("alpha__grow", {})) == "grown"
         async with asyncio.timeout(WAIT):
             while "alpha__added" not in {tool.name for tool in (await client.list_tools()).tools}:
-                await tools_changed.wait()
-                tools_changed.clear()
+                await watched.tools_changed.wait()
+                watched.tools_changed.clear()
 
         listens_before = len([post for post in alpha.posts if post.body.get("method") == "subscriptions/listen"])
         await client.subscribe_resource("mcpx://alpha/file:///notes.txt")
@@ -427,8 +435,8 @@ async def test_list_changes_and_resource_updates_arrive_through_subscriptions_li
         assert alpha.posts.index(renewed) >= listens_before
         assert text_of(await client.call_tool("alpha__touch", {})) == "touched"
         async with asyncio.timeout(WAIT):
-            await updated.wait()
-    assert updated_uris == ["mcpx://alpha/file:///notes.txt"]
+            await watched.updated.wait()
+    assert watched.updated_uris == ["mcpx://alpha/file:///notes.txt"]
     listen = await posts_until(alpha, method_is("subscriptions/listen"))
     assert listen.headers["accept"].startswith("text/event-stream")
     assert listen.body["params"]["notifications"]["toolsListChanged"] is True
@@ -476,21 +484,12 @@ async def test_what_the_listen_stream_missed_while_down_is_made_up_for(sandbox: 
 
     alpha = Upstream("alpha", json_response=False, modern_only=True, customize=customize)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
-    tools_changed, updated = asyncio.Event(), asyncio.Event()
-    updated_uris: list[str] = []
-
-    async def on_message(message: object) -> None:
-        method = getattr(message, "method", None)
-        if method == "notifications/tools/list_changed":
-            tools_changed.set()
-        elif method == "notifications/resources/updated":
-            updated_uris.append(str(getattr(getattr(message, "params", None), "uri", "")))
-            updated.set()
+    watched = _Notifications()
 
     def tool_lists() -> int:
         return [post.body.get("method") for post in alpha.posts].count("tools/list")
 
-    async with running(alpha), running_daemon(sandbox), agent(sandbox, message_handler=on_message) as client:
+    async with running(alpha), running_daemon(sandbox), agent(sandbox, message_handler=watched.on_message) as client:
         await client.subscribe_resource("mcpx://alpha/file:///notes.txt")
         await listens.until(lambda filters: filters[-1].resource_subscriptions == ["file:///notes.txt"])
         assert tool_lists() == 1  # neither the first stream nor the renewed one made up for anything
@@ -507,11 +506,11 @@ async def test_what_the_listen_stream_missed_while_down_is_made_up_for(sandbox: 
         await listens.until(lambda filters: len(filters) == 3)
         async with asyncio.timeout(WAIT):
             while "alpha__added" not in {tool.name for tool in (await client.list_tools()).tools}:
-                await tools_changed.wait()
-                tools_changed.clear()
-            await updated.wait()
+                await watched.tools_changed.wait()
+                watched.tools_changed.clear()
+            await watched.updated.wait()
         assert len(listens.filters) == 3 and listens.filters[2].resource_subscriptions == ["file:///notes.txt"]
-    assert updated_uris == ["mcpx://alpha/file:///notes.txt"]
+    assert watched.updated_uris == ["mcpx://alpha/file:///notes.txt"]
     assert tool_lists() == 2  # on connect, and once to catch up
 
 
