@@ -7,7 +7,7 @@ IMPLEMENTATION = {"name": "mcpx", "version": __version__}
 
 
 def compiled() -> bool:
-    """Whether the daemon's hot path runs compiled by mypyc (see hatch_build.py) rather than as plain Python."""
+    """Whether the daemon's hot path runs compiled by mypyc (`make compile`, mypyc_build.py), not as plain Python."""
     from mcpx.upstream import h1
 
     return not (h1.__file__ or "").endswith(".py")

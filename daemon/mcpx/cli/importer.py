@@ -312,10 +312,9 @@ class _Converter:
     def header(self, upstream: Upstream, name: str, value: str, env: dict[str, Any], *, plain_is_env: bool) -> None:
         # The config's own rules (headers mcpx sets itself, RFC 9110 names), imported only when `import` runs:
         # mcpxctl starts without pydantic.
-        from mcpx.config.model import HEADER_NAME, RESERVED_HEADER_PREFIX, RESERVED_HEADERS
+        from mcpx.config.model import HEADER_NAME, is_reserved_header
 
-        reserved = name.lower() in RESERVED_HEADERS or name.lower().startswith(RESERVED_HEADER_PREFIX)
-        if not HEADER_NAME.match(name) or reserved:
+        if not HEADER_NAME.match(name) or is_reserved_header(name):
             upstream.notes.append(f"header {name!r} left out (mcpx sets it itself or it is not a valid name)")
             return
         rewritten = self.references(value, upstream, env, plain_is_env=plain_is_env)

@@ -33,6 +33,12 @@ RESERVED_HEADERS = frozenset(
 RESERVED_HEADER_PREFIX = "mcp-param-"
 
 
+def is_reserved_header(name: str) -> bool:
+    """Whether mcpx sets the header `name` itself (a user may not configure it)."""
+    lowered = name.lower()
+    return lowered in RESERVED_HEADERS or lowered.startswith(RESERVED_HEADER_PREFIX)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,7 +76,7 @@ class StaticHeaderAuth(_Strict):
     @field_validator("header")
     @classmethod
     def _not_reserved(cls, value: str) -> str:
-        if value.lower() in RESERVED_HEADERS or value.lower().startswith(RESERVED_HEADER_PREFIX):
+        if is_reserved_header(value):
             raise ValueError(f"header {value!r} is set by mcpx itself")
         return value
 
@@ -255,7 +261,7 @@ class UpstreamConfig(_Strict):
         for name in value:
             if not HEADER_NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid HTTP header name")
-            if name.lower() in RESERVED_HEADERS or name.lower().startswith(RESERVED_HEADER_PREFIX):
+            if is_reserved_header(name):
                 raise ValueError(f"header {name!r} is set by mcpx itself")
         return value
 

@@ -95,7 +95,6 @@ class AgentSession:
         self._closed = False
         # Protocol 2026-07-28: whether the agent has sent such a request; its calls that wait for its retry with
         # answers (by requestState); its subscriptions/listen streams, and how many of them name each resource.
-        self._joined = False
         self._modern = False
         self._suspended: dict[str, modern.ModernCall] = {}
         self._listens: dict[RequestId, modern.Listen] = {}
@@ -339,10 +338,10 @@ class AgentSession:
         self._listens[listen.request_id] = listen
         self._send_message_now(listen.acknowledgement())
 
-    def _close_listen(self, request_id: RequestId) -> bool:
+    def _close_listen(self, request_id: RequestId) -> None:
         listen = self._listens.pop(request_id, None)
         if listen is None:
-            return False
+            return
         for uri in listen.uris:
             self._listened_uris[uri] -= 1
             if self._listened_uris[uri] <= 0:
@@ -350,7 +349,6 @@ class AgentSession:
                 task = asyncio.get_running_loop().create_task(self._unsubscribe(uri))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
-        return True
 
     async def _unsubscribe(self, uri: str) -> None:
         try:
@@ -388,10 +386,10 @@ class AgentSession:
         return result
 
     def _join(self) -> None:
-        """The agent introduced itself (its first `initialize`, or its first 2026-07-28 request)."""
-        if self._joined:
+        """The agent introduced itself (its first `initialize`, or its first 2026-07-28 request): called as the
+        first of the two sets its flag."""
+        if self.initialized and self._modern:
             return  # (joined already, in the other era)
-        self._joined = True
         self._router.subscribe(self._on_catalog_changed)
         self._router.agent_joined(self)
         _log.info("agent connected", client=self.client_info.get("name"), pid=self.peer.pid)

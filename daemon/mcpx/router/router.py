@@ -310,10 +310,8 @@ class Router:
         call go, instead of `agent` itself: it knows the call's capabilities and log level, and puts the server's
         requests to the agent as input requests of the call."""
         route = self._settled_route(params)
-        if route is None:
-            return settle_in_task(functools.partial(self.call_tool, params, agent, call), on_settled)
-        upstream = self.upstreams.get(route.upstream)
-        if upstream is None:
+        upstream = self.upstreams.get(route.upstream) if route is not None else None
+        if route is None or upstream is None:  # (an unknown tool, or one a reload is removing: `call_tool` says why)
             return settle_in_task(functools.partial(self.call_tool, params, agent, call), on_settled)
         forwarded = {**params, "name": route.tool}
         client: _AgentClient | None = None  # (made by `_call` for an agent's own session)

@@ -743,10 +743,11 @@ class HttpClient:
         `replayable`: the request may be carried out twice without harm, so when a reused connection closes before
         any answer (a server's idle timeout racing the request) it is sent once more on a fresh connection, as
         browsers do. Otherwise that raises `ClosedBeforeAnswer`."""
-        sent = self.send_now(method, target, headers, body, replayable=replayable)
+        data = self._encode(method, target, headers, body)
+        sent = self._send_pooled(data, target, headers, replayable)
         if sent is not None:
             return await sent.response()
-        return await self._send_on_new_connection(target, self._encode(method, target, headers, body))
+        return await self._send_on_new_connection(target, data)
 
     def send_now(
         self,
@@ -759,7 +760,9 @@ class HttpClient:
     ) -> Sent | None:
         """Write one request on an idle pooled connection without awaiting anything; None when there is none
         (the caller then uses `request`, which connects). `replayable` as for `request`."""
-        data = self._encode(method, target, headers, body)
+        return self._send_pooled(self._encode(method, target, headers, body), target, headers, replayable)
+
+    def _send_pooled(self, data: bytes, target: Target, headers: Mapping[str, str], replayable: bool) -> Sent | None:
         connection = self._checkout(target.origin)
         if connection is None:
             return None

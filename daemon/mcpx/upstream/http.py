@@ -43,8 +43,6 @@ from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response, Sent
 from mcpx.upstream.httpbase import (
-    STREAM_RETRY_INITIAL,
-    STREAM_RETRY_MAX,
     Answer,
     EventStream,
     HttpPeer,
@@ -70,9 +68,6 @@ from mcpx.upstream.peer import (
 
 _log = get_logger("mcpx.upstream")
 _T = TypeVar("_T")
-
-# (kept importable from here: tests and callers of the handshake transport name them so)
-__all__ = ["STREAM_RETRY_INITIAL", "STREAM_RETRY_MAX", "HttpSession", "reconnect_delay"]
 
 
 class HttpSession:

@@ -169,11 +169,8 @@ class SseSession(ChannelSession):
         except HttpClientError as exc:
             raise connection_failure(self.name, exc) from None
         try:
+            self._peer.check_auth(headers, response)
             status = response.status
-            if status == 401:
-                raise self._peer.unauthorized(headers, response)
-            if status == 403:
-                self._peer.forbidden(response)
             if status == 404:
                 # The stream's session is gone on the server; its end (or the next connect) replaces it.
                 raise UpstreamUnavailable(self.name, "the server no longer knows the SSE session (HTTP 404)")

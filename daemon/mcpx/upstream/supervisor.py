@@ -102,6 +102,37 @@ class UpstreamState(enum.StrEnum):
     STOPPED = "stopped"
 
 
+class _InFlight:
+    """The requests in flight on one upstream's session, so that a reload that replaced it closes the session only
+    once they have ended (they finish on the session they started on)."""
+
+    __slots__ = ("_count", "_none")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    def started(self) -> None:
+        self._count += 1
+        self._none.clear()
+
+    def ended(self) -> None:
+        self._count -= 1
+        if not self._count:
+            self._none.set()
+
+    @property
+    def none(self) -> bool:
+        return not self._count
+
+    async def ended_all(self, timeout: float) -> None:
+        """Return once none is in flight, or after `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._none.wait()
+
+
 class ManagedUpstream:
     """One configured upstream, its session, its state and its last known tools."""
 
@@ -147,9 +178,7 @@ class ManagedUpstream:
         self._refresh: asyncio.Task[None] | None = None
         self._stale: set[str] = set()
         self._login_needed: NeedsLogin | None = None
-        self._calls = 0  # requests in flight
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = _InFlight()
 
     def open_session(
         self, client: ClientSide, *, on_lost: Callable[[str], None], on_renewed: Callable[[], None] | None = None
@@ -309,8 +338,7 @@ class ManagedUpstream:
         """Forward one request. Raises an `UpstreamError` (never hangs on a down upstream)."""
         if self.state is not UpstreamState.READY:
             await self.ensure_ready()
-        self._calls += 1
-        self._idle.clear()
+        self._in_flight.started()
         try:
             return await self.session.request(
                 method, params, timeout=self.config.timeout, on_related=on_related, forward_raw=forward_raw
@@ -319,7 +347,7 @@ class ManagedUpstream:
             self._call_failed(exc)
             raise
         finally:
-            self._call_ended()
+            self._in_flight.ended()
 
     def start_request(
         self,
@@ -338,7 +366,7 @@ class ManagedUpstream:
         def settled(result: Any, error: BaseException | None) -> None:
             if isinstance(error, McpxError):
                 self._call_failed(error)
-            self._call_ended()
+            self._in_flight.ended()
             on_settled(result, error)
 
         future = self.session.start_request(
@@ -350,8 +378,7 @@ class ManagedUpstream:
             on_settled=settled,
         )
         if future is not None:
-            self._calls += 1
-            self._idle.clear()
+            self._in_flight.started()
         return future
 
     def _call_failed(self, error: McpxError) -> None:
@@ -363,22 +390,15 @@ class ManagedUpstream:
                 self._needs_login(error)
                 self._broken.set()
 
-    def _call_ended(self) -> None:
-        self._calls -= 1
-        if not self._calls:
-            self._idle.set()
-
     @property
     def idle(self) -> bool:
         """No request of an agent is in flight."""
-        return not self._calls
+        return self._in_flight.none
 
     async def retire(self) -> None:
         """Stop once the calls in flight have ended (bounded by the per-call timeout): a reload replaced this
         upstream, and its calls still finish on the session they started on."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.timeout):
-                await self._idle.wait()
+        await self._in_flight.ended_all(self.config.timeout)
         await self.stop()
 
     async def ensure_ready(self) -> None:
@@ -501,9 +521,7 @@ class AgentUpstream:
         self._subscribed: set[str] = set(subscribed)  # the upstream's own URIs
         self._renewing: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
-        self._calls = 0  # requests in flight
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = _InFlight()
 
     async def request(
         self,
@@ -513,8 +531,7 @@ class AgentUpstream:
         *,
         forward_raw: bool = False,
     ) -> Any:
-        self._calls += 1
-        self._idle.clear()
+        self._in_flight.started()
         try:
             session = await self._open()
             try:
@@ -525,9 +542,7 @@ class AgentUpstream:
                 await self._drop(session)
                 raise
         finally:
-            self._calls -= 1
-            if not self._calls:
-                self._idle.set()
+            self._in_flight.ended()
         uri = params.get("uri") if params is not None else None
         if method == "resources/subscribe" and isinstance(uri, str):
             self._subscribed.add(uri)
@@ -551,15 +566,13 @@ class AgentUpstream:
     @property
     def idle(self) -> bool:
         """No request of the agent is in flight."""
-        return not self._calls
+        return self._in_flight.none
 
     async def retire(self) -> None:
         """Close once the agent's calls in flight have ended: a reload replaced the upstream, and its calls still
         finish on the session they started on. Bounded by the per-call timeout, plus the connect timeout, as a
         call may still be opening the session."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.shared.daemon.connect_timeout + self.shared.config.timeout):
-                await self._idle.wait()
+        await self._in_flight.ended_all(self.shared.daemon.connect_timeout + self.shared.config.timeout)
         await self.close()
 
     async def close(self) -> None:
