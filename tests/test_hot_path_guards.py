@@ -16,12 +16,15 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import subprocess
 import sys
 from pathlib import Path
 
-from mcpx import jsonrpc
+from mypyc_build import HOT_PATH, compiled_in_place
+
+from mcpx import compiled, jsonrpc
 from mcpx.upstream import h1
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mcpx"
@@ -108,20 +111,12 @@ def test_a_large_result_is_spliced_as_a_view_of_the_response_body() -> None:
     assert isinstance(view, memoryview) and view.obj is body
 
 
-def test_the_hot_path_runs_compiled_where_make_compiled_it() -> None:
-    # After `make compile` (mypyc_build.py): a module left out of the build, or an extension that failed to load
-    # and fell back to its source, would otherwise go unnoticed.
-    import importlib
-    import os
-
-    import pytest
-    from mypyc_build import HOT_PATH
-
-    from mcpx import compiled
-
-    if not os.environ.get("MCPX_EXPECT_COMPILED"):
-        pytest.skip("checked with MCPX_EXPECT_COMPILED=1, after `make compile` (an experiment)")
+def test_the_hot_path_modules_imported_are_the_compiled_ones_exactly_when_make_compile_made_them() -> None:
+    # After `make compile` (mypyc_build.py) every module of HOT_PATH must load compiled: one left out of the build,
+    # or an extension that failed to load and fell back to its source, would otherwise go unnoticed. Without it
+    # (`make pure`, a fresh clone) the plain sources run.
+    in_place = bool(compiled_in_place())
     for module in HOT_PATH:
         name = module.removesuffix(".py").replace("/", ".")
-        assert not (importlib.import_module(name).__file__ or "").endswith(".py"), name
-    assert compiled()
+        assert (not (importlib.import_module(name).__file__ or "").endswith(".py")) == in_place, name
+    assert compiled() == in_place

@@ -21,16 +21,15 @@ from mcpx.config.load import parse_config
 from mcpx.downstream.peercred import PeerCredentials
 from mcpx.downstream.session import AgentSession
 from mcpx.router.router import Router
+from tests.support.agents import answering_as
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, running_daemon, upstream_toml
 from tests.support.inprocess import NoControl
 from tests.support.raw import RawAgent, raw_agent
 from tests.support.results import text_of
-from tests.support.upstream import Upstream, running
+from tests.support.upstream import MODERN_VERSION, Upstream, running
 from tests.test_prompts import with_prompts
-from tests.test_server_requests import answering_as, with_questions
+from tests.test_server_requests import with_questions
 from tests.test_surface import NOTES, Subscriptions
-
-MODERN = "2026-07-28"
 
 
 def with_meta_probe(server: MCPServer) -> None:
@@ -44,7 +43,7 @@ def with_meta_probe(server: MCPServer) -> None:
 
 
 ENVELOPE = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
     "io.modelcontextprotocol/clientCapabilities": {},
     "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
 }
@@ -62,9 +61,9 @@ async def test_a_modern_agent_discovers_lists_and_calls_without_the_handshake(sa
     beta = Upstream("beta", json_response=False, customize=with_meta_probe)
     sandbox.write_config(upstream_toml("alpha", alpha.url) + upstream_toml("beta", beta.url))
     async with running(alpha, beta), running_daemon(sandbox), agent(sandbox, mode="auto") as client:
-        assert client.protocol_version == MODERN
+        assert client.protocol_version == MODERN_VERSION
         discovered = client.session.discover_result
-        assert discovered is not None and discovered.supported_versions == [MODERN]
+        assert discovered is not None and discovered.supported_versions == [MODERN_VERSION]
         assert discovered.capabilities.prompts is not None
         assert "Beta knows issues." in (client.instructions or "")
 
@@ -92,7 +91,7 @@ async def test_modern_results_carry_result_type_and_cache_fields_and_envelope_er
     sandbox.write_config(upstream_toml("alpha", alpha.url))
     async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as raw:
         discovered = (await raw.request(1, "server/discover", modern()))["result"]
-        assert discovered["supportedVersions"] == [MODERN]
+        assert discovered["supportedVersions"] == [MODERN_VERSION]
         assert discovered["resultType"] == "complete" and discovered["cacheScope"] == "private"
         assert discovered["ttlMs"] == 0
         assert discovered["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "mcpx"
@@ -108,15 +107,15 @@ async def test_modern_results_carry_result_type_and_cache_fields_and_envelope_er
             4, "tools/list", modern(**{"io.modelcontextprotocol/protocolVersion": "2099-01-01"})
         )
         assert wrong_version["error"]["code"] == -32022
-        assert wrong_version["error"]["data"] == {"supported": [MODERN], "requested": "2099-01-01"}
+        assert wrong_version["error"]["data"] == {"supported": [MODERN_VERSION], "requested": "2099-01-01"}
         no_capabilities = await raw.request(
-            5, "tools/list", {"_meta": {"io.modelcontextprotocol/protocolVersion": MODERN}}
+            5, "tools/list", {"_meta": {"io.modelcontextprotocol/protocolVersion": MODERN_VERSION}}
         )
         assert no_capabilities["error"]["code"] == -32602
         for request_id, removed in enumerate(("ping", "logging/setLevel", "resources/subscribe"), start=6):
             refused = await raw.request(request_id, removed, modern({"level": "info", "uri": "x"}))
             assert refused["error"]["code"] == -32601, refused
-            assert MODERN in refused["error"]["message"]
+            assert MODERN_VERSION in refused["error"]["message"]
         stale = await raw.request(9, "tools/call", modern({"name": "alpha__echo", "requestState": "forged"}))
         assert stale["error"]["code"] == -32602 and "requestState" in stale["error"]["message"]
         # The connection still serves, in either era.
@@ -226,7 +225,7 @@ async def test_a_modern_sdk_agent_hears_of_tool_changes_through_listen(sandbox: 
     async with (
         running(alpha),
         running_daemon(sandbox),
-        agent(sandbox, mode=MODERN) as client,
+        agent(sandbox, mode=MODERN_VERSION) as client,
         client.listen(tools_list_changed=True) as subscription,
     ):
         assert subscription.honored.tools_list_changed
@@ -235,6 +234,8 @@ async def test_a_modern_sdk_agent_hears_of_tool_changes_through_listen(sandbox: 
                 names = {tool.name for tool in (await client.list_tools()).tools}
                 if "late__echo" in names:
                     break
+            else:
+                pytest.fail("the listen stream ended before late__echo was listed")
 
 
 async def test_a_modern_agent_reads_resources_with_cache_fields(sandbox: Sandbox) -> None:

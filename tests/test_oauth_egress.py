@@ -21,6 +21,7 @@ from mcpx.auth.oauth.egress import EgressRefused, EgressResolver, Reach, classif
 from mcpx.auth.oauth.endpoints import EndpointUnreachable
 from mcpx.auth.oauth.metadata import Challenge, DiscoveryError, canonical_resource, check_url
 from tests.support.oauth import browser_login, credential_for, oauth_credential, protected
+from tests.support.scripted_http import RawRequest, ScriptedHttp
 
 PUBLIC_UPSTREAM = "https://mcp.example/mcp"
 PRIVATE_UPSTREAM = "https://jira.corp/mcp"
@@ -284,36 +285,14 @@ async def test_legacy_numeric_hosts_are_refused_without_a_lookup(host: str) -> N
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
 
 
-class Recorder:
-    """A TCP server on 127.0.0.1 that counts the connections it accepts and answers each with `response`."""
+def recorder(response: bytes = OK_RESPONSE) -> ScriptedHttp:
+    """A server on 127.0.0.1 that counts the connections it accepts and answers each request with `response`."""
 
-    def __init__(self, response: bytes = OK_RESPONSE) -> None:
-        self.response = response
-        self.connections = 0
-        self.port = 0
+    async def answer(_: RawRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(response)
+        await writer.drain()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            await reader.read(65536)
-            writer.write(self.response)
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-
-@asynccontextmanager
-async def recorder(response: bytes = OK_RESPONSE) -> AsyncIterator[Recorder]:
-    server = Recorder(response)
-    listening = await asyncio.start_server(server._accept, "127.0.0.1", 0)
-    server.port = listening.sockets[0].getsockname()[1]
-    try:
-        yield server
-    finally:
-        listening.close()
-        await listening.wait_closed()
+    return ScriptedHttp(answer)
 
 
 @asynccontextmanager

@@ -373,21 +373,22 @@ async def test_a_crash_between_the_two_stores_writes_leaves_the_newest_state(
 
         return write_then_maybe_crash
 
-    monkeypatch.setattr(FileStore, "_write", counted(FileStore._write, "file"))
-    monkeypatch.setattr(backend, "set_password", counted(backend.set_password, "keyring"))
-    monkeypatch.setattr(backend, "delete_password", counted(backend.delete_password, "keyring"))
-    expected: dict[str, Any] | None
-    if crash_after == 0:
-        expected = login_record(2)
-    else:
-        expected = login_record(3) if operation == "save" else None
-        with pytest.raises(Crash):
-            if operation == "save":
-                await chosen.save("up", login_record(3))
-            else:
-                await chosen.delete("up")
-    assert writes == ["file", "keyring", "file"][:crash_after]
-    monkeypatch.undo()
+    # (undone before the next daemon's store opens; the fixture's own patches stay)
+    with monkeypatch.context() as patch:
+        patch.setattr(FileStore, "_write", counted(FileStore._write, "file"))
+        patch.setattr(backend, "set_password", counted(backend.set_password, "keyring"))
+        patch.setattr(backend, "delete_password", counted(backend.delete_password, "keyring"))
+        expected: dict[str, Any] | None
+        if crash_after == 0:
+            expected = login_record(2)
+        else:
+            expected = login_record(3) if operation == "save" else None
+            with pytest.raises(Crash):
+                if operation == "save":
+                    await chosen.save("up", login_record(3))
+                else:
+                    await chosen.delete("up")
+        assert writes == ["file", "keyring", "file"][:crash_after]
     following = await open_store(state, "auto")
     assert await following.load("up") == expected
     # Whatever the crash left, the next save or logout ends with one copy, in the keyring.

@@ -25,6 +25,7 @@ from mcp.types import (
 )
 from pydantic import BaseModel, FileUrl
 
+from tests.support.agents import answering_as
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
 from tests.support.results import text_of
 from tests.support.upstream import Upstream, running
@@ -54,14 +55,6 @@ def with_questions(server: MCPServer) -> None:
             return f"sampling refused: {exc.error.code} {exc.error.message}"
         content = reply.content
         return f"summary: {content.text}" if isinstance(content, TextContent) else "summary: ?"
-
-
-def answering_as(name: str, asked: list[str]):  # type: ignore[no-untyped-def]
-    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
-        asked.append(params.message)
-        return ElicitResult(action="accept", content={"name": name})
-
-    return on_elicit
 
 
 async def test_an_elicitation_during_a_call_is_answered_by_the_calling_agent_only(sandbox: Sandbox) -> None:

@@ -232,11 +232,33 @@ async def test_no_process_mcpxd_starts_holds_an_agents_pipes(sandbox: Sandbox) -
         await b.response(1)  # B's server process runs now
         a_pipes = {_pipe_of(pipe) for pipe in (a.process.stdin, a.process.stdout)}
         assert daemon.process is not None
+        # What the fix sets: mcpxd's own descriptors of A's pipes are close-on-exec (the stdio spawn also closes
+        # what it does not pass, so the servers' view below holds either way; any other exec would not).
+        in_daemon = [
+            fd for fd in os.listdir(f"/proc/{daemon.process.pid}/fd") if _target(daemon.process.pid, fd) in a_pipes
+        ]
+        assert in_daemon
+        for fd in in_daemon:
+            assert _fd_flags(daemon.process.pid, fd) & os.O_CLOEXEC, f"mcpxd's fd {fd} of agent A's pipe is inheritable"
         servers = _children(daemon.process.pid)
         assert servers
         for pid in servers:
             held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
             assert not held & a_pipes, f"server {pid} holds agent A's pipes"
+
+
+def _target(pid: int, fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:  # (closed meanwhile)
+        return ""
+
+
+def _fd_flags(pid: int, fd: str) -> int:
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError(f"no flags for fd {fd}")
 
 
 def _pipe_of(stream: Any) -> str:

@@ -15,14 +15,11 @@ from typing import Annotated, Any, cast
 
 import mcp_types
 import pytest
-from mcp.client.context import ClientRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.server.subscriptions import ListenHandler
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
-    ElicitRequestParams,
-    ElicitResult,
     RequestParamsMeta,
     SubscriptionFilter,
     SubscriptionsListenRequestParams,
@@ -32,6 +29,7 @@ from mcp_types import (
 from pydantic import BaseModel, Field
 
 from mcpx.upstream.stateless import header_annotations, header_value, invalid_header_annotation, param_headers
+from tests.support.agents import answering_as
 from tests.support.configs import config_problems, write_config_file
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.results import text_of
@@ -111,7 +109,7 @@ async def test_handshake_only_reports_a_modern_server_clearly(sandbox: Sandbox) 
         result = await client.call_tool("alpha__echo", {"text": "x"})
         assert result.is_error
         assert "2026-07-28 only" in text_of(result) and 'protocol = "handshake"' in text_of(result)
-    assert all(post.body.get("method") == "initialize" for post in alpha.posts)
+    assert alpha.posts and all(post.body.get("method") == "initialize" for post in alpha.posts)
 
 
 # --- what the server sees ----------------------------------------------------------------------------------------
@@ -290,11 +288,7 @@ async def test_an_elicitation_is_answered_by_the_calling_agent(sandbox: Sandbox)
     alpha = Upstream("alpha", json_response=True, modern_only=True, customize=with_question)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
     asked: list[str] = []
-
-    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
-        asked.append(params.message)
-        return ElicitResult(action="accept", content={"name": "ada"})
-
+    on_elicit = answering_as("ada", asked)
     async with running(alpha), running_daemon(sandbox), agent(sandbox, elicitation_callback=on_elicit) as client:
         assert text_of(await client.call_tool("alpha__greet", {})) == "hello ada"
     assert asked == ["Who are you?"]
@@ -314,10 +308,7 @@ async def test_a_2026_07_28_agent_and_upstream_with_a_question_in_between(sandbo
     alpha = Upstream("alpha", json_response=False, modern_only=True, customize=with_question)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
     asked: list[str] = []
-
-    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
-        asked.append(params.message)
-        return ElicitResult(action="accept", content={"name": "eve"})
+    on_elicit = answering_as("eve", asked)
 
     async with (
         running(alpha),
@@ -423,7 +414,7 @@ async def test_list_changes_and_resource_updates_arrive_through_subscriptions_li
                 await watched.tools_changed.wait()
                 watched.tools_changed.clear()
 
-        listens_before = len([post for post in alpha.posts if post.body.get("method") == "subscriptions/listen"])
+        posts_before = len(alpha.posts)
         await client.subscribe_resource("mcpx://alpha/file:///notes.txt")
         renewed = await posts_until(
             alpha,
@@ -432,7 +423,7 @@ async def test_list_changes_and_resource_updates_arrive_through_subscriptions_li
                 and post.body["params"]["notifications"].get("resourceSubscriptions") == ["file:///notes.txt"]
             ),
         )
-        assert alpha.posts.index(renewed) >= listens_before
+        assert alpha.posts.index(renewed) >= posts_before
         assert text_of(await client.call_tool("alpha__touch", {})) == "touched"
         async with asyncio.timeout(WAIT):
             await watched.updated.wait()

@@ -137,11 +137,11 @@ async def test_a_down_upstream_whose_name_holds_the_separator_is_named_in_the_er
     url = f"http://127.0.0.1:{closed.getsockname()[1]}/mcp"
     try:
         sandbox.write_config(
-            "[daemon]\nconnect_timeout = 1\n\n" + upstream_toml("srv", url) + upstream_toml("my__srv", url)
+            "[daemon]\nconnect_timeout = 1\n\n" + upstream_toml("my", url) + upstream_toml("my__srv", url)
         )
         async with running_daemon(sandbox), agent(sandbox) as client:
             failed = await client.call_tool("my__srv__echo", {"text": "x"})
             assert failed.is_error
-            assert "my__srv" in text_of(failed)
+            assert text_of(failed).startswith("upstream 'my__srv'"), text_of(failed)  # (not 'my', also a prefix)
     finally:
         closed.close()

@@ -30,7 +30,7 @@ from mcpx.errors import (
     UpstreamUnavailable,
 )
 from mcpx.jsonrpc import Message
-from mcpx.upstream import http as http_transport
+from mcpx.upstream import httpbase
 from mcpx.upstream.auto import AutoSession
 from mcpx.upstream.h1 import HttpClient
 from mcpx.upstream.peer import HANDSHAKE_VERSIONS, UpstreamSession
@@ -394,7 +394,7 @@ async def test_the_get_stream_carries_server_messages_outside_calls(json_respons
 
 
 async def test_a_closed_get_stream_is_resumed_with_last_event_id(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_transport, "STREAM_RETRY_INITIAL", 0.01)
+    monkeypatch.setattr(httpbase, "STREAM_RETRY_INITIAL", 0.01)
     store = MemoryEventStore()
     alpha = Upstream(
         "alpha", json_response=False, customize=announcing, app_options={"event_store": store, "retry_interval": 10}
@@ -413,7 +413,7 @@ async def test_a_closed_get_stream_is_resumed_with_last_event_id(monkeypatch: py
 
 
 async def test_an_idle_session_the_server_forgot_is_renewed_by_its_get_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_transport, "STREAM_RETRY_INITIAL", 0.01)
+    monkeypatch.setattr(httpbase, "STREAM_RETRY_INITIAL", 0.01)
     alpha = Upstream("alpha", json_response=True, customize=announcing)
     async with running(alpha), session_for(alpha.url, "streamable-http") as (session, client):
         await session.connect()
@@ -430,7 +430,7 @@ async def test_an_idle_session_the_server_forgot_is_renewed_by_its_get_stream(mo
 
 async def test_the_get_stream_honours_retry_and_sends_last_event_id(monkeypatch: pytest.MonkeyPatch) -> None:
     # Without the server's `retry:` the reopen would wait two minutes, far beyond the test's bounded waits.
-    monkeypatch.setattr(http_transport, "STREAM_RETRY_INITIAL", 120.0)
+    monkeypatch.setattr(httpbase, "STREAM_RETRY_INITIAL", 120.0)
     server = FakeStreamableServer(
         [
             b'retry: 20\nid: ev-7\ndata: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n\n',
@@ -449,7 +449,7 @@ async def test_the_get_stream_honours_retry_and_sends_last_event_id(monkeypatch:
 
 
 async def test_a_server_without_a_get_stream_is_not_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_transport, "STREAM_RETRY_INITIAL", 0.0)  # a retry would come at once
+    monkeypatch.setattr(httpbase, "STREAM_RETRY_INITIAL", 0.0)  # a retry would come at once
     server = FakeStreamableServer([], get_status=405)
     async with ScriptedHttp(server.handle) as http, session_for(f"{http.origin}/mcp", "streamable-http") as (s, _):
         await s.connect()
@@ -460,7 +460,7 @@ async def test_a_server_without_a_get_stream_is_not_asked_again(monkeypatch: pyt
 
 
 def test_reconnect_delays() -> None:
-    delay, initial, cap = http_transport.reconnect_delay, http_transport.STREAM_RETRY_INITIAL, 30.0
+    delay, initial, cap = httpbase.reconnect_delay, httpbase.STREAM_RETRY_INITIAL, httpbase.STREAM_RETRY_MAX
     assert delay(None, 0) == initial  # a stream that brought something, no `retry:`
     assert delay(250, 0) == 0.25  # the server's `retry:` honoured
     assert delay(0, 0) == 0.0

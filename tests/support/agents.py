@@ -1,11 +1,25 @@
-"""Watching an agent's tool list: the `notifications/tools/list_changed` mcpx sends, and waiting (bounded) on them."""
+"""What test agents do: watch their tool list (the `notifications/tools/list_changed` mcpx sends, and wait, bounded,
+on them), and answer an elicitation (`answering_as`)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from mcp.client import Client
+from mcp.client import Client, ClientRequestContext
+from mcp.types import ElicitRequestParams, ElicitResult
+
+
+def answering_as(
+    name: str, asked: list[str]
+) -> Callable[[ClientRequestContext, ElicitRequestParams], Awaitable[ElicitResult]]:
+    """An elicitation callback that records each question in `asked` and accepts with `{"name": name}`."""
+
+    async def on_elicit(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"name": name})
+
+    return on_elicit
 
 
 def change_watcher() -> tuple[asyncio.Event, Callable[[object], Awaitable[None]]]:

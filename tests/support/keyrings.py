@@ -29,53 +29,39 @@ class ControlledKeyring(KeyringBackend):
         self.failing = False
         self.entered = threading.Event()
         self.release = threading.Event()
-        self.landed = threading.Event()  # a hung call has returned
         self.calls: list[str] = []
 
     def hang(self) -> None:
         self.hanging, self.failing = True, False
         self.entered.clear()
         self.release.clear()
-        self.landed.clear()
 
     def answer(self) -> None:
         """Answer again from now on, and let the hung calls go on."""
         self.hanging = self.failing = False
         self.release.set()
 
-    def _gate(self, operation: str) -> bool:
-        """Whether the call waited (it hung)."""
+    def _gate(self, operation: str) -> None:
+        """Fail, or hang until released, as the keyring is set to."""
         self.calls.append(operation)
         if self.failing:
             raise RuntimeError("dbus said no, with canary-backend-detail")
-        if not self.hanging:
-            return False
-        self.entered.set()
-        self.release.wait(HANG_BOUND)
-        return True
+        if self.hanging:
+            self.entered.set()
+            self.release.wait(HANG_BOUND)
 
     def get_password(self, service: str, username: str) -> str | None:
-        hung = self._gate("get")
-        try:
-            return self.entries.get((service, username))
-        finally:
-            if hung:
-                self.landed.set()
+        self._gate("get")
+        return self.entries.get((service, username))
 
     def set_password(self, service: str, username: str, password: str) -> None:
-        hung = self._gate("set")
+        self._gate("set")
         self.entries[(service, username)] = password
-        if hung:
-            self.landed.set()
 
     def delete_password(self, service: str, username: str) -> None:
-        hung = self._gate("delete")
-        try:
-            if self.entries.pop((service, username), None) is None:
-                raise keyring.errors.PasswordDeleteError(username)
-        finally:
-            if hung:
-                self.landed.set()
+        self._gate("delete")
+        if self.entries.pop((service, username), None) is None:
+            raise keyring.errors.PasswordDeleteError(username)
 
 
 def abandoned_calls_returned(timeout: float = HANG_BOUND + 5) -> bool:

@@ -69,7 +69,8 @@ def main() -> None:
             result = text(str(os.getpid()))
         elif method == "tools/call" and params.get("name") == "freeze":
             send({"jsonrpc": "2.0", "id": request_id, "result": text("frozen")})
-            threading.Event().wait()
+            threading.Event().wait(600)  # (bounded: a child mcpx failed to stop does not outlive the test run)
+            return
         elif method != "ping":
             send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32601, "message": f"no {method}"}})
             continue
