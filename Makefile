@@ -3,53 +3,61 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# An experiment: the daemon's hot path compiled with mypyc next to its sources (mypyc_build.py), again whenever a
-# source changes. Nothing depends on it: tests, demo and benchmark run whatever is in place.
-COMPILED := build/.compiled
+# The daemon's hot path compiled with mypyc (mypyc_build.py), built in build/mypyc whenever a source changes.
+# `make compile` puts the compiled modules next to the sources (they are imported first), `make pure` takes them
+# away again; `make test` runs the suite both ways, compiled first, and leaves the plain sources in place.
+COMPILED := build/mypyc/.built
 DAEMON_SOURCES := $(shell find daemon/mcpx -name '*.py')
 
-.PHONY: venv compile pure test lint typecheck pytest demo bench format clean
+.PHONY: venv compile pure test lint typecheck pytest pytest-compiled pytest-pure demo bench format clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	# (an editable install compiles nothing: `make compile` does, in place; so its build needs no mypyc)
+	MCPX_COMPILE=never $(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 $(COMPILED): $(STAMP) mypyc_build.py $(DAEMON_SOURCES)
-	$(BIN)/python mypyc_build.py --inplace
-	mkdir -p build && touch $(COMPILED)
+	$(BIN)/python mypyc_build.py --build
+	touch $(COMPILED)
 
 compile: $(COMPILED)
+	$(BIN)/python mypyc_build.py --install
 
-# Back to the plain sources (the daemon runs them as they are; `make compile` compiles them again).
 pure: venv
 	$(BIN)/python mypyc_build.py --clean
-	rm -f $(COMPILED)
 
 lint: venv
-	$(BIN)/ruff check daemon shim tests demo benchmarks mypyc_build.py
-	$(BIN)/ruff format --check daemon shim tests demo benchmarks mypyc_build.py
+	$(BIN)/ruff check daemon shim tests demo benchmarks mypyc_build.py hatch_build.py
+	$(BIN)/ruff format --check daemon shim tests demo benchmarks mypyc_build.py hatch_build.py
 
 typecheck: venv
 	$(BIN)/mypy
 
+# Whatever is in place: the plain sources, or the compiled modules after `make compile`.
 pytest: venv
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+pytest-compiled: compile
+	MCPX_EXPECT_COMPILED=1 $(BIN)/pytest
+
+pytest-pure: pure
+	$(BIN)/pytest
+
+test: lint typecheck pytest-compiled pytest-pure
 
 demo: venv
 	$(BIN)/python demo/run_demo.py
 
-bench: venv
+bench: compile
 	$(BIN)/python benchmarks/bench.py
 
 format: venv
-	$(BIN)/ruff format daemon shim tests demo benchmarks mypyc_build.py
-	$(BIN)/ruff check --fix daemon shim tests demo benchmarks mypyc_build.py
+	$(BIN)/ruff format daemon shim tests demo benchmarks mypyc_build.py hatch_build.py
+	$(BIN)/ruff check --fix daemon shim tests demo benchmarks mypyc_build.py hatch_build.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .cache build

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,11 @@ def sandbox() -> Iterator[Sandbox]:
     finally:
         # A daemon that a shim started when the test's own one stopped under its agent must not outlive the test.
         stop_stray_daemons(box)
+        keep_logs = os.environ.get("MCPX_TEST_KEEP_LOGS")  # a directory: each test's daemon log is copied there
+        if keep_logs and box.log.exists():
+            test = os.environ.get("PYTEST_CURRENT_TEST", "unknown").split(" ")[0]
+            Path(keep_logs).mkdir(parents=True, exist_ok=True)
+            shutil.copy(box.log, Path(keep_logs) / test.replace("/", "_"))
         box.remove()
 
 
@@ -31,3 +39,17 @@ def pytest_configure(config: pytest.Config) -> None:
             f"{len(compiled_in_place())} compiled modules are older than the sources: run `make compile` "
             "(or `make pure` to run the plain sources)"
         )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `plain_python_only` patch a function or class of the hot path to watch or break it from
+    inside; a compiled module cannot be patched (its classes are fixed and it calls its functions directly). They
+    run in the plain-Python half of `make test` and are skipped in the compiled half."""
+    from mcpx import compiled
+
+    if not compiled():
+        return
+    skip = pytest.mark.skip(reason="patches the hot path from inside: runs in the plain-Python half of make test")
+    for item in items:
+        if item.get_closest_marker("plain_python_only"):
+            item.add_marker(skip)

@@ -197,6 +197,7 @@ class _Received(asyncio.Protocol):
             self._first.set_result(data)
 
 
+@pytest.mark.plain_python_only
 async def test_running_out_of_descriptors_pauses_accepting_and_the_queued_agents_are_served_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -263,6 +264,7 @@ sys.exit(daemon.main())
 """
 
 
+@pytest.mark.plain_python_only
 async def test_when_the_accept_loop_fails_the_daemon_stops_unsuccessfully(sandbox: Sandbox) -> None:
     sandbox.write_config("")
 

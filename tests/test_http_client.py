@@ -330,6 +330,7 @@ async def test_an_abandoned_response_closes_its_connection(client: HttpClient) -
     assert server.connections == 2
 
 
+@pytest.mark.plain_python_only
 async def test_large_body_is_delivered_whole_through_flow_control(
     client: HttpClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -446,6 +447,7 @@ async def test_a_large_declared_body_cut_short_is_an_error(client: HttpClient) -
         response.release()
 
 
+@pytest.mark.plain_python_only
 async def test_a_response_released_before_its_end_returns_its_connection_at_the_end(
     client: HttpClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -481,6 +483,7 @@ async def test_a_response_released_before_its_end_returns_its_connection_at_the_
     assert server.connections == 1
 
 
+@pytest.mark.plain_python_only
 async def test_a_response_released_before_an_end_that_never_comes_closes_its_connection(
     client: HttpClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -206,5 +206,12 @@ def configure_logging(
 
 
 class _StdlibBridge(logging.Handler):
+    """A standard-library record as a structlog event: its level and traceback kept (asyncio's "Exception in
+    callback" and "Task exception was never retrieved" are only useful with it), redacted like every event."""
+
     def emit(self, record: logging.LogRecord) -> None:
-        get_logger(record.name).warning(record.getMessage())
+        logger = get_logger(record.name)
+        if record.exc_info:
+            logger.log(record.levelno, record.getMessage(), exc_info=record.exc_info)
+        else:
+            logger.log(record.levelno, record.getMessage())
