@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mcpx import __version__
-from mcpx.cli import ctl, doctor
+from mcpx.cli import ctl, doctor, launcher
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.notify import fake_service_managers
 from tests.support.upstream import TokenCheck, Upstream, reserve_port, running
@@ -87,7 +87,7 @@ async def test_a_broken_setup_names_each_problem_with_its_fix_and_exits_1(sandbo
     assert "FAIL  upstream gone: unreachable: " in text
     assert f"      fix: check that {down_url} answers" in text
     assert "FAIL  shim: mcpx-shim is not on PATH" in text
-    assert f"      fix: ln -s {BIN / 'mcpx-shim'} ~/.local/bin/" in text
+    assert "      fix: mcpxctl install-shim  (writes ~/.local/bin/mcpx-shim; with ~/.local/bin on PATH)" in text
     assert "FAIL  service: not installed as a systemd user service\n      fix: mcpxctl install" in text
     assert "a-wrong-token" not in text
     assert text.splitlines()[-1] == "6 problems found"
@@ -224,5 +224,29 @@ def test_the_keyring_is_probed_as_the_daemon_probes_it(tmp_path: Path, monkeypat
         (
             doctor.FAIL,
             'not usable: no OS keyring is available; token_store = "keyring" makes OAuth logins fail',
+        ),
+    ]
+
+
+def test_a_launcher_of_install_shim_on_path_is_checked_against_what_it_would_write_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    written = launcher.plan(bin_dir / "mcpx-shim", force=False)
+    launcher.write(written)
+    checker = doctor.Doctor(ctl._service_target(ctl_args(tmp_path, tmp_path / "s.sock")), manager="systemd")
+    checker.check_shim()
+    # The same launcher for another Python (a venv moved, Python upgraded) no longer starts this installation.
+    stale = launcher.plan(bin_dir / "mcpx-shim", force=False, interpreter="/opt/elsewhere/bin/python3")
+    launcher.write(stale)
+    checker.check_shim()
+
+    assert [(finding.level, finding.message, finding.fixes) for finding in checker.findings] == [
+        (doctor.OK, f"{written.path} (launcher)", ()),
+        (
+            doctor.FAIL,
+            f"{written.path} was written for another Python, installation or version of mcpx",
+            (f"mcpxctl install-shim --to {written.path}",),
         ),
     ]

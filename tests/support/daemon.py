@@ -213,10 +213,11 @@ async def start_mcpxctl(sandbox: Sandbox, *args: str, stdin: bool = False) -> as
     )
 
 
-def agent(sandbox: Sandbox, *shim_args: str, **client_options: Any) -> Client:
+def agent(sandbox: Sandbox, *shim_args: str, shim: str = SHIM, **client_options: Any) -> Client:
     """An MCP SDK client whose server is the real mcpx-shim (stdio), i.e. what an agent sees. It speaks the
     handshake era unless `mode` says otherwise ("auto": it probes server/discover and speaks 2026-07-28 with mcpx;
-    "2026-07-28": that protocol from its first request)."""
-    params = StdioServerParameters(command=SHIM, args=list(shim_args), env=sandbox.env)
+    "2026-07-28": that protocol from its first request). `shim` is the command the agent runs (pip's console
+    script unless a test gives another, such as a launcher `mcpxctl install-shim` wrote)."""
+    params = StdioServerParameters(command=shim, args=list(shim_args), env=sandbox.env)
     client_options.setdefault("mode", "legacy")
     return Client(params, **client_options)

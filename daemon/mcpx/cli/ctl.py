@@ -1,5 +1,6 @@
 """`mcpxctl`: ask the running daemon for its status, to reload its config, to log in to an upstream or to forget
-a login; install it as a user service; show its tools and its log; check a setup; import agents' MCP configs.
+a login; install it as a user service; show its tools and its log; check a setup; import agents' MCP configs;
+write a faster launcher for the shim.
 
 Standard library only, so it starts fast; each command's module is imported when that command runs."""
 
@@ -241,6 +242,22 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_shim(args: argparse.Namespace) -> int:
+    from mcpx.cli import launcher
+
+    try:
+        planned = launcher.plan(args.to, force=args.force)
+        if args.dry_run:
+            print(launcher.describe_dry_run(planned))
+            return 0
+        launcher.write(planned)
+    except launcher.Refused as exc:
+        print(f"mcpxctl: {exc}", file=sys.stderr)
+        return 1
+    print(launcher.describe_written(planned))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mcpxctl", description="Control the running mcpx daemon.")
     parser.add_argument("--config", type=Path, help="config file (default: $MCPX_CONFIG, else XDG config)")
@@ -295,11 +312,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name == "install":
             command.add_argument("--no-sandbox", action="store_true", help="systemd: leave out the sandbox settings")
+    install_shim = commands.add_parser(
+        "install-shim", help="write a launcher that starts mcpx-shim faster than pip's script (Python -I -S)"
+    )
+    install_shim.add_argument(
+        "--to",
+        type=Path,
+        metavar="PATH",
+        help="where to write it (default: $XDG_BIN_HOME/mcpx-shim, else ~/.local/bin/mcpx-shim)",
+    )
+    install_shim.add_argument("--force", action="store_true", help="also overwrite a file mcpxctl did not write")
+    install_shim.add_argument("--dry-run", action="store_true", help="print the launcher and where it would go")
     args = parser.parse_args(argv)
     if args.command == "install":
         return _install(args)
     if args.command == "uninstall":
         return _uninstall(args)
+    if args.command == "install-shim":
+        return _install_shim(args)
     if args.command == "doctor":
         return _doctor(args)
     if args.command == "import":

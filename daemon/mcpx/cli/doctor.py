@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mcpx import __version__, paths
-from mcpx.cli import service
+from mcpx.cli import launcher, service
 from mcpx.control.client import ControlError, DaemonNotRunning, call
 
 OK, NOTE, FAIL = "ok", "note", "FAIL"
@@ -266,13 +266,33 @@ class Doctor:
                 FAIL,
                 "shim",
                 "mcpx-shim is not on PATH: agents configured with `mcpx-shim` cannot start it",
-                f"ln -s {ours} ~/.local/bin/  (with ~/.local/bin on PATH)",
+                "mcpxctl install-shim  (writes ~/.local/bin/mcpx-shim; with ~/.local/bin on PATH)",
             )
+            return
+        if launcher.is_own_launcher(Path(found)):
+            self._check_launcher(Path(found))
             return
         if ours.exists() and Path(found).resolve() != ours.resolve():
             self.add(NOTE, "shim", f"PATH finds {found}, not this installation's {ours}")
             return
-        self.add(OK, "shim", f"{found}")
+        self.add(OK, "shim", f"{found} (`mcpxctl install-shim` writes a launcher that starts faster)")
+
+    def _check_launcher(self, found: Path) -> None:
+        """A launcher of `mcpxctl install-shim` is fine when it is what that command would write now."""
+        try:
+            expected = launcher.plan(found, force=True).text
+        except launcher.Refused as exc:
+            self.add(FAIL, "shim", f"{found}: {exc}")
+            return
+        if found.read_text(encoding="utf-8", errors="replace") != expected:
+            self.add(
+                FAIL,
+                "shim",
+                f"{found} was written for another Python, installation or version of mcpx",
+                f"mcpxctl install-shim --to {found}",
+            )
+            return
+        self.add(OK, "shim", f"{found} (launcher)")
 
     def check_service(self) -> None:
         files = service.service_files(self.manager)
