@@ -1,7 +1,7 @@
 """mcpx-shim: the stdio MCP server an agent launches; it bridges stdin/stdout to the mcpx daemon's socket.
 
 Standard library only and nothing from the daemon package, so it starts in milliseconds: at start it imports
-only built-in modules (`_socket`, `_thread`, `os`, `sys`). Bytes are relayed unchanged in both directions,
+only built-in modules (`_socket`, `_thread`, `os`, `sys`, and `stat`, which `os` imports anyway). Bytes are relayed unchanged in both directions,
 and the shim exits when either side closes. If no daemon answers, it starts `mcpxd` in the background with
 the same config and socket, waits for it (bounded), and otherwise prints one actionable line on stderr and
 exits non-zero. Its stdout carries MCP messages only.
@@ -25,6 +25,7 @@ in the config, else `$MCPX_SOCKET`, else `$XDG_RUNTIME_DIR/mcpx/mcpx.sock`, else
 import _socket
 import _thread
 import os
+import stat  # (imported by os already)
 import sys
 
 _CHUNK = 1 << 16
@@ -33,6 +34,7 @@ _RESPAWN_DELAY = 0.5  # after an mcpxd exited 4 (another one holds the socket's 
 _RECONNECTS = 5
 _RECONNECT_WINDOW = 60.0
 _MAX_LINE = 1 << 20
+_MAX_CONFIG = 1 << 20  # as mcpx.paths.MAX_CONFIG_BYTES
 _USAGE = "usage: mcpx-shim [--config FILE] [--socket PATH]"
 # Must match mcpx.downstream.server (the shim imports nothing from the daemon package).
 _ATTACH_HELLO = b"MCPX-ATTACH 1\n"
@@ -60,11 +62,27 @@ def config_path(explicit: str | None) -> str:
     return os.path.join(base, "mcpx", "config.toml")
 
 
-def _socket_from_config(path: str) -> str | None:
+def _read_config(path: str) -> bytes | None:
+    """The config file's bytes, if it is a regular file of at most `_MAX_CONFIG` bytes (opened without blocking:
+    a FIFO there must not hang the agent's start; mcpxd reports such a file)."""
     try:
-        with open(path, "rb") as file:
-            raw = file.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_CONFIG:
+            return None
+        return os.read(fd, _MAX_CONFIG + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _socket_from_config(path: str) -> str | None:
+    raw = _read_config(path)
+    if raw is None:
         return None
     if b"socket" not in raw:  # skip the TOML parser (and its import) in the common case
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from mcpx.config import BearerEnvAuth, BearerFileAuth, Config, NoAuth, StaticHeaderAuth, load_config
 from mcpx.config.model import AUTH_TYPES, OAuthAuth
 from mcpx.errors import ConfigError
+from mcpx.paths import MAX_CONFIG_BYTES
 from tests.support.configs import config_problems, write_config_file
 
 SEED_EXAMPLE = """\
@@ -131,6 +133,15 @@ def test_an_unreadable_path_is_an_error_naming_it_even_with_missing_ok(tmp_path:
             load_config(directory, missing_ok=missing_ok)
         (problem,) = raised.value.problems
         assert problem.startswith(f"{directory}: cannot read"), problem
+
+
+def test_a_fifo_or_an_oversized_file_is_an_error_naming_it_and_nothing_waits_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    (tmp_path / "big").mkdir()
+    big = write_config_file(tmp_path / "big", "# " + "x" * MAX_CONFIG_BYTES + "\n")
+    assert config_problems(fifo) == [f"{fifo}: cannot read: not a regular file"]
+    assert config_problems(big) == [f"{big}: cannot read: larger than {MAX_CONFIG_BYTES} bytes"]
 
 
 def test_invalid_toml_is_an_error_naming_the_file(tmp_path: Path) -> None:

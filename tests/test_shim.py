@@ -216,6 +216,20 @@ async def test_shim_hands_agent_pipes_to_the_daemon_or_relays_when_asked(sandbox
         assert replies[1]["result"]["content"][0]["text"] == "alpha:x"
 
 
+async def test_a_config_path_that_is_a_fifo_does_not_hang_the_shim_or_mcpxctl(sandbox: Sandbox) -> None:
+    # Opening a FIFO for reading blocks until a writer comes: neither the agent's start nor mcpxctl may wait on it.
+    alpha = Upstream("alpha", json_response=True)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox):
+        sandbox.config.unlink()
+        os.mkfifo(sandbox.config)
+        async with asyncio.timeout(20), agent(sandbox) as client:  # the socket from $MCPX_SOCKET
+            assert text_of(await client.call_tool("alpha__echo", {"text": "x"})) == "alpha:x"
+        code, stdout, stderr = await mcpxctl(sandbox, "status")
+        assert code == 0, stderr
+        assert "alpha" in stdout
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 async def test_no_process_mcpxd_starts_holds_an_agents_pipes(sandbox: Sandbox) -> None:
     """The pipes the shim hands over are close-on-exec in mcpxd: a stdio server it starts later (here agent B's

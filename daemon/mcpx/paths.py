@@ -13,13 +13,41 @@ two in step):
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 LOG_FILE_NAME = "mcpxd.log"  # in the state directory
 # sockaddr_un.sun_path is 108 bytes on Linux and 104 on macOS, including the terminating NUL.
 MAX_SOCKET_PATH = 103
+MAX_CONFIG_BYTES = 1 << 20  # a config of mcpx is a few KiB; a bigger file is not one
+
+
+def read_config_file(path: Path, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of the config file `path`, which must be a regular file of at most `limit` bytes. It is opened
+    without blocking and checked before it is read: a FIFO or a device there would otherwise block mcpxd's start,
+    `reload` or `doctor` for good.
+
+    Raises:
+        OSError: it cannot be read (FileNotFoundError when missing); `strerror` says why.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _env_path(env: Mapping[str, str], name: str) -> Path | None:

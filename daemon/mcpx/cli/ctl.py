@@ -24,7 +24,7 @@ LOGIN_TIMEOUT = 300.0  # the daemon's default wait for a browser login (auth/oau
 def _daemon_setting(config: Path, key: str) -> Path | None:
     """A path from the config's `[daemon]` table, read leniently: the daemon and `doctor` report config problems."""
     try:
-        document = tomllib.loads(config.read_text(encoding="utf-8"))
+        document = tomllib.loads(paths.read_config_file(config).decode("utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     daemon = document.get("daemon")

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from mcpx.config.model import AUTH_TYPES, Config
 from mcpx.config.model import DuplicateUpstreamName as _DuplicateName
 from mcpx.errors import ConfigError
+from mcpx.paths import read_config_file
 
 
 def load_config(path: Path, *, missing_ok: bool = False) -> Config:
@@ -20,7 +21,7 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
         ConfigError: the file cannot be read, is not TOML, or does not validate.
     """
     try:
-        raw = path.read_bytes()
+        raw = read_config_file(path)
     except FileNotFoundError:
         if missing_ok:
             return Config()
