@@ -1,10 +1,10 @@
 """mcpx-shim: the stdio MCP server an agent launches; it bridges stdin/stdout to the mcpx daemon's socket.
 
 Standard library only and nothing from the daemon package, so it starts in milliseconds: at start it imports
-only built-in modules (`_socket`, `_thread`, `os`, `sys`, and `stat`, which `os` imports anyway). Bytes are relayed unchanged in both directions,
-and the shim exits when either side closes. If no daemon answers, it starts `mcpxd` in the background with
-the same config and socket, waits for it (bounded), and otherwise prints one actionable line on stderr and
-exits non-zero. Its stdout carries MCP messages only.
+only built-in modules (`_socket`, `_thread`, `os`, `sys`; and `stat`, which `os` imports anyway). Bytes are
+relayed unchanged in both directions, and the shim exits when either side closes. If no daemon answers, it
+starts `mcpxd` in the background with the same config and socket, waits for it (bounded), and otherwise prints
+one actionable line on stderr and exits non-zero. Its stdout carries MCP messages only.
 
 When stdin and stdout are pipes or sockets (as agents spawn MCP servers), the shim hands them to the daemon
 over the socket (SCM_RIGHTS) and leaves the data path: it only waits for the daemon to end the session.
