@@ -1,5 +1,5 @@
-"""Replacing a file atomically (standard library only): `mcpxctl install`'s unit files and plist, `mcpxctl import
---write`'s config."""
+"""The files mcpxctl writes (standard library only): replaced atomically (`mcpxctl install`'s unit files and plist,
+`install-shim`'s launcher, `import --write`'s config), and recognised by the marker line it puts in those it owns."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ def atomic_write(path: Path, text: str, mode: int) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def has_marker(path: Path, marker: str) -> bool:
+    """Whether `marker` is in the first KiB of `path`: the line mcpxctl writes into each file it owns."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as file:
+            head = file.read(1024)
+    except OSError:
+        return False
+    return marker in head

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcpx import __version__
-from mcpx.cli.files import atomic_write
+from mcpx.cli.files import atomic_write, has_marker
 
 MARKER = "Written by `mcpxctl install-shim`"
 LAUNCHER_NAME = "mcpx-shim"
@@ -96,14 +96,7 @@ def launcher_text(interpreter: str, shim_dir: str) -> str:
 
 def is_own_launcher(path: Path) -> bool:
     """A regular file (not a link) with mcpxctl's marker in its first lines."""
-    if path.is_symlink() or not path.is_file():
-        return False
-    try:
-        with path.open(encoding="utf-8", errors="replace") as file:
-            head = file.read(1024)
-    except OSError:
-        return False
-    return MARKER in head
+    return not path.is_symlink() and path.is_file() and has_marker(path, MARKER)
 
 
 def _same_place(one: Path, other: Path) -> bool:

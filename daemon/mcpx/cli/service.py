@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcpx import __version__, paths
-from mcpx.cli.files import atomic_write
+from mcpx.cli.files import atomic_write, has_marker
 from mcpx.control.client import ControlError, DaemonNotRunning, call, lock_is_free
 
 MARKER = "Written by mcpxctl install"
@@ -266,12 +266,7 @@ def service_files(manager: str) -> list[Path]:
 
 
 def written_by_mcpx(path: Path) -> bool:
-    try:
-        with path.open(encoding="utf-8", errors="replace") as file:
-            head = file.read(1024)
-    except OSError:
-        return False
-    return MARKER in head
+    return has_marker(path, MARKER)
 
 
 def default_manager() -> str:
