@@ -24,17 +24,16 @@ MYPYC = "mypy==2.4.1"
 class CompileHotPath(BuildHookInterface):  # type: ignore[type-arg]
     PLUGIN_NAME = "custom"
 
-    def _wanted(self, version: str) -> bool:
-        return self.target_name == "wheel" and version != "editable" and os.environ.get("MCPX_COMPILE") != "never"
+    def _compiling(self) -> bool:
+        return self.target_name == "wheel" and os.environ.get("MCPX_COMPILE") != "never"
 
     def dependencies(self) -> list[str]:
-        # mypy reads the whole package with its imports, so the runtime dependencies are needed to build.
-        if self.target_name != "wheel" or os.environ.get("MCPX_COMPILE") == "never":
-            return []
-        return [MYPYC, "setuptools", *self.metadata.core.dependencies]
+        # mypy reads the whole package with its imports, so the runtime dependencies are needed to build. (Hatchling
+        # does not say here whether the wheel is an editable one: `make venv` sets MCPX_COMPILE=never.)
+        return [MYPYC, "setuptools", *self.metadata.core.dependencies] if self._compiling() else []
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
-        if not self._wanted(version):
+        if not self._compiling() or version == "editable":
             return
         sys.path.insert(0, self.root)
         from mypyc_build import compile_to
