@@ -38,7 +38,7 @@ from mcpx.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mcpx.framing.sse import SSEDecoder, SSEEvent
+from mcpx.framing.sse import SSEDecoder
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response, Sent
@@ -48,7 +48,6 @@ from mcpx.upstream.httpbase import (
     HttpPeer,
     Listen,
     connection_failure,
-    parse_message,
     reconnect_delay,
     response_result,
     stream_message,
@@ -343,7 +342,7 @@ class HttpSession:
             content_type = response.content_type
             self._answers_at_once = content_type == "application/json" or response.ended
             if content_type == "application/json":
-                return self._response_result(await response.read(self._max_message_bytes), request_id, forward_raw)
+                return response_result(self.name, await response.read(self._max_message_bytes), request_id, forward_raw)
             if content_type == "text/event-stream":
                 result = await self._read_stream(response, request_id, on_related, forward_raw)
                 if not response.at_eof:
@@ -359,9 +358,6 @@ class HttpSession:
             if not handed_off:
                 response.release()
 
-    def _response_result(self, raw: bytes | bytearray, request_id: int, forward_raw: bool) -> Any:
-        return response_result(self.name, raw, request_id, forward_raw)
-
     async def _read_stream(
         self, response: Response, request_id: int, on_related: ClientSide | None, forward_raw: bool
     ) -> Any:
@@ -376,7 +372,7 @@ class HttpSession:
                 chunks_before = stream.chunks
                 try:
                     async for event in stream.events(current):
-                        if (message := self._stream_message(event, request_id, forward_raw)) is None:
+                        if (message := stream_message(self.name, event, request_id, forward_raw)) is None:
                             continue
                         if isinstance(message, Answer):
                             return message.result()
@@ -401,9 +397,6 @@ class HttpSession:
             if resumed is not None:
                 resumed.release()
 
-    def _stream_message(self, event: SSEEvent, request_id: int, forward_raw: bool) -> Answer | Message | None:
-        return stream_message(self.name, event, request_id, forward_raw)
-
     def _route_from_stream(self, message: Message, request_id: int, on_related: ClientSide | None) -> None:
         # On a request's own stream, the server's messages belong to that request (SEP-2260).
         route_incoming(
@@ -425,9 +418,6 @@ class HttpSession:
             response.release()
             raise
         return response
-
-    def _parse(self, raw: bytes | bytearray) -> Message:
-        return parse_message(self.name, raw)
 
     async def _post_expecting_accepted(self, body: bytes) -> None:
         try:
@@ -494,25 +484,18 @@ class HttpSession:
                 return Listen.STOP
             return None
 
-        def on_message(raw: bytes) -> bool:
-            self._from_get_stream(raw)
-            return False
-
         return await self._peer.read_stream(
-            response, headers, stream, kind="GET", on_message=on_message, refused=refused
+            response, headers, stream, kind="GET", on_message=self._from_get_stream, refused=refused
         )
 
-    def _from_get_stream(self, raw: bytes) -> None:
-        try:
-            message = self._parse(raw)
-        except UpstreamProtocolError as exc:
-            _log.warning("upstream sent something that is not JSON-RPC", upstream=self.name, error=exc.reason)
-            return
+    def _from_get_stream(self, message: Message) -> bool:
+        """Deliver one message of the GET stream (False: none ends it)."""
         if "method" not in message:
             _log.debug("ignoring a response on the GET stream", upstream=self.name)
-            return
+            return False
         # Nothing relates a message on the standalone stream to a call: it goes to the session's client side.
         route_incoming(message, related=None, default=self._client, requests=self._server_requests)
+        return False
 
     def _check_session_soon(self) -> None:
         """Ping in the background: a forgotten session makes the ping re-initialize (and reopen the GET stream)."""
@@ -647,7 +630,7 @@ class _FastCall:
             return
         response.release()
         try:
-            result = self._session._response_result(raw, self._request_id, self._forward_raw)
+            result = response_result(self._session.name, raw, self._request_id, self._forward_raw)
         except Exception as exc:  # noqa: BLE001 - the caller gets it as `request` would raise it
             self._settle(None, exc)
         else:
@@ -660,7 +643,7 @@ class _FastCall:
         session = self._session
         try:
             events = SSEDecoder(session._max_message_bytes).feed(response.peek(limit))
-            messages = [session._stream_message(event, self._request_id, self._forward_raw) for event in events]
+            messages = [stream_message(session.name, event, self._request_id, self._forward_raw) for event in events]
         except (HttpClientError, FrameTooLarge, UpstreamProtocolError):
             self._hand_off()  # the general path reports it, or resumes the stream
             return

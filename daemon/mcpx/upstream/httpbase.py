@@ -152,14 +152,14 @@ class HttpPeer:
         stream: EventStream,
         *,
         kind: str,
-        on_message: Callable[[bytes], bool],
+        on_message: Callable[[Message], bool],
         refused: Callable[[int], Listen | None] | None = None,
     ) -> Listen:
         """Read one attempt at a long-lived stream of server messages (`kind`: "GET" or "listen") to its end, and say
         how it ended: `refused` first judges a status the transport knows more of, a 401 renews the credential, a
         passing refusal (408, 409, 425, 429, 5xx) and a stream that brought nothing are failures (backoff), any
-        other answer that is not an event stream is final. `on_message` takes each message, True when it ends the
-        stream. Releases the response."""
+        other answer that is not an event stream is final. `on_message` takes each JSON-RPC message (what is not one
+        is logged and skipped), True when it ends the stream. Releases the response."""
         chunks_before = stream.chunks
         try:
             status = response.status
@@ -182,7 +182,14 @@ class HttpPeer:
                 )
                 return Listen.STOP
             async for event in stream.events(response):
-                if event.event == "message" and event.data and on_message(event_data(event)):
+                if event.event != "message" or not event.data:
+                    continue
+                try:
+                    message = parse_message(self.name, event_data(event))
+                except UpstreamProtocolError as exc:
+                    _log.warning("upstream sent something that is not JSON-RPC", upstream=self.name, error=exc.reason)
+                    continue
+                if on_message(message):
                     break
             _log.debug("stream ended", upstream=self.name, stream=kind)
         except FrameTooLarge as exc:

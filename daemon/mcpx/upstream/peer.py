@@ -46,10 +46,12 @@ SERVER_INFO_KEY: Final = "io.modelcontextprotocol/serverInfo"
 SUBSCRIPTION_ID_KEY: Final = "io.modelcontextprotocol/subscriptionId"
 # The requests a 2026-07-28 server may answer with `input_required` (`basic/patterns/mrtr`).
 MRTR_METHODS: Final = frozenset({"tools/call", "resources/read", "prompts/get"})
+# The routing headers disagree with the body (`basic/transports/streamable-http`: HTTP 400 with this error).
+HEADER_MISMATCH: Final = -32020
 # JSON-RPC error codes only a 2026-07-28 server sends (HeaderMismatch, MissingRequiredClientCapability,
 # UnsupportedProtocolVersion). An HTTP 400/404/405 whose body holds one comes from such a server, which a client
 # must not take for a legacy HTTP+SSE one (2026-07-28 `basic/transports`, backwards compatibility).
-STATELESS_ERA_CODES: Final = frozenset({-32020, -32021, -32022})
+STATELESS_ERA_CODES: Final = frozenset({HEADER_MISMATCH, -32021, UNSUPPORTED_PROTOCOL_VERSION})
 
 # Requests whose effects a second copy could repeat (a tool may create, send or pay). Every other request mcpx sends
 # reads, or sets what a second copy sets again, so it may be sent once more when a connection fails before any

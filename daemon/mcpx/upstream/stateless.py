@@ -55,7 +55,6 @@ from mcpx.upstream.httpbase import (
     HttpPeer,
     Listen,
     connection_failure,
-    parse_message,
     reconnect_delay,
     response_result,
     stream_message,
@@ -64,6 +63,7 @@ from mcpx.upstream.peer import (
     CLIENT_CAPABILITIES,
     CLIENT_CAPABILITIES_KEY,
     CLIENT_INFO_KEY,
+    HEADER_MISMATCH,
     LOG_LEVEL_KEY,
     MRTR_METHODS,
     PROTOCOL_VERSION_KEY,
@@ -95,16 +95,15 @@ _MAX_INPUTS_PER_ROUND: Final = 16
 # Methods of the handshake era this protocol removed, answered here (see the module docstring).
 _LOCAL: Final = frozenset({"ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
 
-# The routing headers disagree with the body (`basic/transports/streamable-http`: HTTP 400 with this error).
-_HEADER_MISMATCH: Final = -32020
 # A broken or hostile upstream must not make mcpx page forever when it reads the tool list again.
 _MAX_LIST_PAGES: Final = 100
 
-# The list changes a listen stream carries: its filter's field, and the notification that tells of one.
+# The list changes a listen stream carries: the server capability that offers one, its filter's field, and the
+# notification that tells of one.
 _LIST_CHANGES: Final = (
-    ("toolsListChanged", "notifications/tools/list_changed"),
-    ("promptsListChanged", "notifications/prompts/list_changed"),
-    ("resourcesListChanged", "notifications/resources/list_changed"),
+    ("tools", "toolsListChanged", "notifications/tools/list_changed"),
+    ("prompts", "promptsListChanged", "notifications/prompts/list_changed"),
+    ("resources", "resourcesListChanged", "notifications/resources/list_changed"),
 )
 
 
@@ -353,7 +352,7 @@ class StatelessSession:
                 # SHOULD re-fetch tools/list and retry". Sending a tool call again is safe here, unlike after a lost
                 # stream: that answer means the server refused the request before running it. Only a tool call's
                 # headers come from the tool list (`Mcp-Param-*`); any other request would go again unchanged.
-                if exc.status != 400 or exc.rpc_code != _HEADER_MISMATCH or method != "tools/call":
+                if exc.status != 400 or exc.rpc_code != HEADER_MISMATCH or method != "tools/call":
                     raise
                 if mismatched_once:
                     raise UpstreamHTTPError(
@@ -506,16 +505,13 @@ class StatelessSession:
     def _listen_filter(self) -> dict[str, Any]:
         """What to listen for: the list changes the server announces, and the subscribed resources."""
         wanted: dict[str, Any] = {}
-        for kind, field in (("tools", "toolsListChanged"), ("prompts", "promptsListChanged")):
+        for kind, field, _ in _LIST_CHANGES:
             offered = self.capabilities.get(kind)
             if isinstance(offered, dict) and offered.get("listChanged"):
                 wanted[field] = True
         resources = self.capabilities.get("resources")
-        if isinstance(resources, dict):
-            if resources.get("listChanged"):
-                wanted["resourcesListChanged"] = True
-            if resources.get("subscribe") and self._subscribed:
-                wanted["resourceSubscriptions"] = sorted(self._subscribed)
+        if isinstance(resources, dict) and resources.get("subscribe") and self._subscribed:
+            wanted["resourceSubscriptions"] = sorted(self._subscribed)
         return wanted
 
     def _renew_listener(self) -> None:
@@ -582,13 +578,8 @@ class StatelessSession:
             self._listen_gap = True  # (not when cancelled: mcpx closes a stream only to open another at once)
         return outcome
 
-    def _from_listen_stream(self, raw: bytes, attempt: _ListenAttempt, wanted: dict[str, Any]) -> bool:
+    def _from_listen_stream(self, message: Message, attempt: _ListenAttempt, wanted: dict[str, Any]) -> bool:
         """Deliver one message of the listen stream; True when it ends the subscription (its response)."""
-        try:
-            message = parse_message(self.name, raw)
-        except UpstreamProtocolError as exc:
-            _log.warning("upstream sent something that is not JSON-RPC", upstream=self.name, error=exc.reason)
-            return False
         method = message.get("method")
         if method is None:
             return message.get("id") == attempt.request_id  # the server ended the subscription (`subscriptions`)
@@ -615,7 +606,7 @@ class StatelessSession:
         (an agent reading one again costs little; missing an update does not). Told now that the new stream is
         taken, so nothing that changes from here on is missed."""
         _log.info("listen stream back: taking its lists as changed, its resources as updated", upstream=self.name)
-        for field, method in _LIST_CHANGES:
+        for _, field, method in _LIST_CHANGES:
             if wanted.get(field):
                 self._client.notify(jsonrpc.notification(method))
         uris = wanted.get("resourceSubscriptions")
