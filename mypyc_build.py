@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parent
 SOURCES = ROOT / "daemon"
 BUILD = ROOT / "build" / "mypyc"  # kept between runs: `make pure` and `make compile` only move its output
 
-# Every module on the path of a tool call, both eras, both answer kinds (JSON and SSE), but: `upstream/httpbase.py`
-# (mypyc cannot compile async generators, and it is off the fast path); `errors.py` (exceptions are made on the
-# error path only, and a compiled exception class loses the class attribute `code` its subclasses set); and the
-# upstream lifecycle (`peer.py`, `supervisor.py`: compiled, a daemon stopping with per-agent stdio sessions hung in
-# asyncio's final cancellation; a call spends about 3 µs there).
+# Every module on the path of a tool call, both eras, both answer kinds (JSON and SSE), but:
+# - `upstream/httpbase.py`: mypyc cannot compile its async generators; the fast path calls only its two small answer
+#   readers, `response_result` and `stream_message`, which hand the body to the compiled `jsonrpc`;
+# - `errors.py`: exceptions are made on the error path only, and a compiled exception class loses the class
+#   attribute `code` its subclasses set;
+# - the upstream lifecycle (`peer.py`, `supervisor.py`): compiled, a daemon stopping with per-agent stdio sessions
+#   hung in asyncio's final cancellation; a call spends about 3 µs there.
 HOT_PATH = (
     "mcpx/audit.py",
     "mcpx/busypoll.py",
