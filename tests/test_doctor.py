@@ -128,21 +128,34 @@ async def test_with_an_invalid_config_the_socket_and_state_dir_it_names_are_the_
     assert f"ok    daemon: mcpxd {__version__} (pid {daemon.process.pid}) answers on {socket_path}" in stdout
 
 
-def test_a_daemon_of_another_version_or_reading_another_config_is_a_problem(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def empty_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty config in `tmp_path`, which is also $HOME."""
     monkeypatch.setenv("HOME", str(tmp_path))
     config = tmp_path / "config.toml"
     config.write_text("")
-    status = {"version": "0.0.1", "pid": 4242, "config": "/elsewhere/config.toml", "upstreams": []}
+    return config
+
+
+def doctor_with_daemon_status(
+    tmp_path: Path, config: Path, monkeypatch: pytest.MonkeyPatch, status: dict[str, Any]
+) -> int:
+    """`mcpxctl doctor` with `config`, the daemon answering `mcpx/status` with `status`; its exit code."""
 
     def fake_call(socket_path: Path, method: str, params: Any = None, **_: Any) -> Any:
         assert method == "mcpx/status"
         return status
 
     monkeypatch.setattr(doctor, "call", fake_call)
+    return ctl.main(["--config", str(config), "--socket", str(tmp_path / "s.sock"), "doctor", "--manager", "systemd"])
 
-    code = ctl.main(["--config", str(config), "--socket", str(tmp_path / "s.sock"), "doctor", "--manager", "systemd"])
+
+def test_a_daemon_of_another_version_or_reading_another_config_is_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = empty_config(tmp_path, monkeypatch)
+    status = {"version": "0.0.1", "pid": 4242, "config": "/elsewhere/config.toml", "upstreams": []}
+
+    code = doctor_with_daemon_status(tmp_path, config, monkeypatch, status)
 
     out = capsys.readouterr().out
     assert code == 1
@@ -154,9 +167,7 @@ def test_a_daemon_of_another_version_or_reading_another_config_is_a_problem(
 def test_the_daemon_keeping_tokens_out_of_the_keyring_is_a_note_with_its_fixes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    config = tmp_path / "config.toml"
-    config.write_text("")
+    config = empty_config(tmp_path, monkeypatch)
     note = "the OS keyring did not answer within 3 s"
     oauth = {"logged_in": True, "storage": "file", "storage_note": note}
     upstreams = [
@@ -165,9 +176,8 @@ def test_the_daemon_keeping_tokens_out_of_the_keyring_is_a_note_with_its_fixes(
     ]
     upstreams.append({"name": "plain", "state": "ready", "tools": 2, "url": "https://plain.example/mcp"})
     status = {"version": __version__, "pid": 4242, "config": str(config), "upstreams": upstreams}
-    monkeypatch.setattr(doctor, "call", lambda *_, **__: status)
 
-    ctl.main(["--config", str(config), "--socket", str(tmp_path / "s.sock"), "doctor", "--manager", "systemd"])
+    doctor_with_daemon_status(tmp_path, config, monkeypatch, status)
 
     out = capsys.readouterr().out
     assert out.count("not the OS keyring") == 1
@@ -180,7 +190,7 @@ def test_the_daemon_keeping_tokens_out_of_the_keyring_is_a_note_with_its_fixes(
     ) in out
 
     oauth["storage_note"], oauth["storage"] = None, "keyring"
-    ctl.main(["--config", str(config), "--socket", str(tmp_path / "s.sock"), "doctor", "--manager", "systemd"])
+    doctor_with_daemon_status(tmp_path, config, monkeypatch, status)
     assert "token store" not in capsys.readouterr().out
 
 

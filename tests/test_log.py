@@ -116,3 +116,18 @@ def test_the_console_line_is_redacted_inside_nested_values_and_object_reprs() ->
 class _Opaque:
     def __repr__(self) -> str:
         return f"<Opaque {CANARY}>"
+
+
+def test_a_standard_library_record_keeps_its_level_and_traceback_redacted(log_file: Path) -> None:
+    register_secret(CANARY)
+    try:
+        raise ValueError(f"server said {CANARY}")
+    except ValueError:
+        logging.getLogger("asyncio").error("Exception in callback", exc_info=True)
+    logging.getLogger("aiohttp").warning("plain %s", CANARY)
+    assert CANARY not in log_file.read_text()
+    failed, plain = _events(log_file)
+    assert (failed["level"], failed["event"]) == ("error", "Exception in callback")
+    assert f"ValueError: server said {MARK}" in failed["exception"]
+    assert (plain["level"], plain["event"]) == ("warning", f"plain {MARK}")
+    assert "exception" not in plain and "exc_info" not in plain

@@ -15,7 +15,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from mcpx.auth.oauth import credential as credential_module
-from mcpx.auth.oauth import endpoints
 from mcpx.auth.oauth import store as store_module
 from mcpx.auth.oauth.credential import (
     MAX_TOKEN_LIFETIME,
@@ -27,7 +26,7 @@ from mcpx.auth.oauth.credential import (
 from mcpx.auth.oauth.metadata import Challenge
 from mcpx.config.model import OAuthClientCredentialsAuth, UpstreamConfig
 from mcpx.errors import NeedsLogin, UpstreamUnavailable
-from tests.support.keyrings import ControlledKeyring, abandoned_calls_returned, installed
+from tests.support.keyrings import ControlledKeyring, hung_call_lands, installed
 from tests.support.oauth import browser_login, credential_for, oauth_credential, protected, refreshed
 from tests.support.oauth_server import AuthServer, follow_authorization
 
@@ -265,27 +264,26 @@ async def test_a_refresh_under_way_does_not_replace_a_newer_login(tmp_path: Path
         assert record is not None and f"Bearer {record['tokens']['access_token']}" == newest["Authorization"]
 
 
-async def test_resource_metadata_missing_for_a_moment_does_not_cost_the_login(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_resource_metadata_missing_for_a_moment_does_not_cost_the_login(tmp_path: Path) -> None:
     """A 404 while the server redeploys (or a 429, a WAF's 403) on the protected resource metadata during a refresh:
     discovery would take the upstream's own origin for the authorization server, which differs from the one the
     login came from. That is no evidence the server changed: the refresh fails for now, the login stays (TOK-5)."""
-    async with oauth_credential(tmp_path) as (credential, auth):
-        await browser_login(credential)
-        served = endpoints._get_json
-
-        async def not_there(http: aiohttp.ClientSession, url: str) -> Any:
-            return None if "oauth-protected-resource" in url else await served(http, url)  # what any 3xx/4xx gives
-
-        monkeypatch.setattr(endpoints, "_get_json", not_there)
-        auth.expire_access_tokens()
-        with pytest.raises(UpstreamUnavailable, match="will retry"):
-            await credential.renew(credential.headers(), Challenge())
-        assert credential.logged_in
-        monkeypatch.setattr(endpoints, "_get_json", served)  # the metadata is back
-        assert await credential.renew(credential.headers(), Challenge())
-        assert auth.refresh_count == 1
+    async with protected() as (auth, upstream):
+        context = OAuthContext(tmp_path / "state", "file")
+        credential = credential_for(upstream.url, context)
+        try:
+            await browser_login(credential)
+            upstream.prm_missing = True
+            auth.expire_access_tokens()
+            with pytest.raises(UpstreamUnavailable, match="will retry"):
+                await credential.renew(credential.headers(), Challenge())
+            assert credential.logged_in
+            upstream.prm_missing = False  # the metadata is back
+            assert await credential.renew(credential.headers(), Challenge())
+            assert auth.refresh_count == 1
+        finally:
+            await credential.close()
+            await context.close()
 
 
 async def test_a_browser_login_nobody_waits_for_expires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,7 +314,6 @@ async def test_a_refresh_token_rotated_while_the_keyring_hangs_survives_a_restar
     monkeypatch.setattr(store_module, "KEYRING_TIMEOUT", 0.5)
     state = tmp_path / "state"
     with installed(ControlledKeyring()) as backend:
-        assert isinstance(backend, ControlledKeyring)
         async with protected() as (auth, upstream):
             context = OAuthContext(state, "auto")
             credential = credential_for(upstream.url, context)
@@ -346,8 +343,7 @@ async def test_a_refresh_token_rotated_while_the_keyring_hangs_survives_a_restar
                 await credential.close()
                 await context.close()
             # mcpxd stops; the hung call lands: the keyring holds the first rotation, whose refresh token is dead.
-            backend.answer()
-            assert await asyncio.to_thread(abandoned_calls_returned)
+            await hung_call_lands(backend)
             assert json.loads(backend.entries[("mcpx", "protected")])["tokens"]["refresh_token"] == seen[3]
 
             context = OAuthContext(state, "auto")

@@ -20,7 +20,7 @@ from mcpx.auth.oauth.credential import LoginError, OAuthContext
 from mcpx.auth.oauth.egress import EgressRefused, EgressResolver, Reach, classify
 from mcpx.auth.oauth.endpoints import EndpointUnreachable
 from mcpx.auth.oauth.metadata import Challenge, DiscoveryError, canonical_resource, check_url
-from tests.support.oauth import browser_login, credential_for, oauth_credential, protected
+from tests.support.oauth import credential_for, protected
 from tests.support.scripted_http import RawRequest, ScriptedHttp
 
 PUBLIC_UPSTREAM = "https://mcp.example/mcp"
@@ -311,23 +311,35 @@ async def fetch(http: aiohttp.ClientSession, url: str) -> int:
         return response.status
 
 
+async def refused_without_connecting(
+    tmp_path: Path, upstream_url: str, lookups: Lookups, host: str, *, path: str = "/", match: str | None = None
+) -> None:
+    """A fetch of `http://host:<port>path` by the OAuth client of `upstream_url` is refused (`match`), and the
+    server listening there sees no connection."""
+    async with recorder() as server:
+        async with oauth_http(tmp_path, upstream_url, lookups) as http:
+            with pytest.raises(EgressRefused, match=match):
+                await fetch(http, f"http://{host}:{server.port}{path}")
+        assert server.connections == 0
+
+
 async def test_a_refused_name_makes_no_connection(tmp_path: Path) -> None:
     """A public upstream's document names a host that resolves to this machine: nothing connects to it."""
-    async with recorder() as server:
-        lookups = Lookups({"sso.internal": ["127.0.0.1"]})
-        async with oauth_http(tmp_path, PUBLIC_UPSTREAM, lookups) as http:
-            with pytest.raises(EgressRefused, match=r"sso\.internal resolves to 127\.0\.0\.1, a loopback"):
-                await fetch(http, f"http://sso.internal:{server.port}/.well-known/oauth-authorization-server")
-        assert server.connections == 0
+    lookups = Lookups({"sso.internal": ["127.0.0.1"]})
+    await refused_without_connecting(
+        tmp_path,
+        PUBLIC_UPSTREAM,
+        lookups,
+        "sso.internal",
+        path="/.well-known/oauth-authorization-server",
+        match=r"sso\.internal resolves to 127\.0\.0\.1, a loopback",
+    )
 
 
 async def test_a_refused_ip_literal_makes_no_connection(tmp_path: Path) -> None:
     """aiohttp connects to IP literals without asking its resolver: the session's middleware checks them."""
-    async with recorder() as server:
-        async with oauth_http(tmp_path, PUBLIC_UPSTREAM, Lookups({})) as http:
-            with pytest.raises(EgressRefused, match=r"^refused: 127\.0\.0\.1 is a loopback address, allowed"):
-                await fetch(http, f"http://127.0.0.1:{server.port}/token")
-        assert server.connections == 0
+    match = r"^refused: 127\.0\.0\.1 is a loopback address, allowed"
+    await refused_without_connecting(tmp_path, PUBLIC_UPSTREAM, Lookups({}), "127.0.0.1", path="/token", match=match)
 
 
 @pytest.mark.parametrize(
@@ -337,25 +349,17 @@ async def test_a_refused_ip_literal_makes_no_connection(tmp_path: Path) -> None:
 async def test_internal_literals_are_refused_before_any_connection(tmp_path: Path, host: str) -> None:
     """Every spelling of this machine (0.0.0.0 connects to it on Linux; the legacy forms are 127.0.0.1 to the C
     library) is refused before a connection, for a private upstream; the legacy forms even for a loopback one."""
-    async with recorder() as server:
-        # ::ffff:127.0.0.1 is loopback, which a loopback upstream may fetch from.
-        upstreams = [PRIVATE_UPSTREAM] if host == "[::ffff:127.0.0.1]" else [PRIVATE_UPSTREAM, LOOPBACK_UPSTREAM]
-        for upstream in upstreams:
-            lookups = Lookups({})
-            async with oauth_http(tmp_path, upstream, lookups) as http:
-                with pytest.raises(EgressRefused):
-                    await fetch(http, f"http://{host}:{server.port}/")
-            assert lookups.calls in ([], [egress.upstream_host(upstream)])
-        assert server.connections == 0
+    # ::ffff:127.0.0.1 is loopback, which a loopback upstream may fetch from.
+    upstreams = [PRIVATE_UPSTREAM] if host == "[::ffff:127.0.0.1]" else [PRIVATE_UPSTREAM, LOOPBACK_UPSTREAM]
+    for upstream in upstreams:
+        lookups = Lookups({})
+        await refused_without_connecting(tmp_path, upstream, lookups, host)
+        assert lookups.calls in ([], [egress.upstream_host(upstream)])
 
 
 async def test_localhost_with_a_dot_is_loopback(tmp_path: Path) -> None:
-    async with recorder() as server:
-        lookups = Lookups({"localhost": ["127.0.0.1", "::1"]})
-        async with oauth_http(tmp_path, PUBLIC_UPSTREAM, lookups) as http:
-            with pytest.raises(EgressRefused, match="a loopback address"):
-                await fetch(http, f"http://localhost.:{server.port}/")
-        assert server.connections == 0
+    lookups = Lookups({"localhost": ["127.0.0.1", "::1"]})
+    await refused_without_connecting(tmp_path, PUBLIC_UPSTREAM, lookups, "localhost.", match="a loopback address")
 
 
 async def test_the_address_checked_is_the_address_connected_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -434,10 +438,3 @@ async def test_a_login_whose_authorization_server_is_internal_fails_with_the_rea
             await credential.close()
             await context.close()
         assert server.connections == 0
-
-
-async def test_a_login_with_loopback_servers_still_works(tmp_path: Path) -> None:
-    """End to end with aiohttp's own resolver: a loopback upstream may use its loopback authorization server."""
-    async with oauth_credential(tmp_path) as (credential, _):
-        await browser_login(credential)
-        assert credential.logged_in

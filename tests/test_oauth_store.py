@@ -12,7 +12,6 @@ import os
 import signal
 import stat
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,90 +19,16 @@ from typing import Any
 
 import keyring
 import keyring.backends.fail
-import keyring.errors
 import pytest
-from keyring.backend import KeyringBackend
 from structlog.testing import capture_logs
 
 from mcpx.auth.oauth import store as store_module
 from mcpx.auth.oauth.store import FileStore, KeyringStore, StoreError, open_store
 from tests.support.daemon import Sandbox, mcpxctl, running_daemon
-from tests.support.keyrings import ControlledKeyring, abandoned_calls_returned, installed
+from tests.support.keyrings import ControlledKeyring, hung_call_lands, installed
 from tests.support.oauth import login, oauth_config, protected
 
 RECORD = {"issuer": "https://as.example", "tokens": {"access_token": "at-1", "refresh_token": "rt-1"}}
-
-
-# ---- keyring backends for the test process (installed with keyring.set_keyring, restored afterwards)
-
-
-class MemoryKeyring(KeyringBackend):
-    priority = 1
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.entries: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.entries.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.entries[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        if self.entries.pop((service, username), None) is None:
-            raise keyring.errors.PasswordDeleteError(username)
-
-
-class HangingKeyring(KeyringBackend):
-    """Every call blocks until `release` is set (bounded, so a failing test leaves no thread behind for long)."""
-
-    priority = 1
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.calls = 0
-
-    def get_password(self, service: str, username: str) -> str | None:
-        self.calls += 1
-        self.entered.set()
-        self.release.wait(30)
-        return None
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.get_password(service, username)
-
-    def delete_password(self, service: str, username: str) -> None:
-        self.get_password(service, username)
-
-
-class BrokenKeyring(KeyringBackend):
-    priority = 1
-
-    def get_password(self, service: str, username: str) -> str | None:
-        raise RuntimeError("dbus said no, with a secret-looking detail")
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        raise RuntimeError("dbus said no")
-
-    def delete_password(self, service: str, username: str) -> None:
-        raise RuntimeError("dbus said no")
-
-
-@pytest.fixture
-def use_keyring() -> Iterator[Any]:
-    previous = keyring.get_keyring()
-
-    def install(backend: KeyringBackend) -> KeyringBackend:
-        keyring.set_keyring(backend)
-        return backend
-
-    try:
-        yield install
-    finally:
-        keyring.set_keyring(previous)
 
 
 @pytest.fixture
@@ -116,28 +41,26 @@ def state(tmp_path: Path) -> Path:
 # ---- choosing the store
 
 
-async def test_no_os_keyring_falls_back_to_the_file_and_says_why(state: Path, use_keyring: Any) -> None:
-    use_keyring(keyring.backends.fail.Keyring())  # type: ignore[no-untyped-call]
-    with capture_logs() as logs:
-        chosen = await open_store(state, "auto")
-        assert chosen.backend == "file" and chosen.note == "no OS keyring is available"
-        await chosen.save("up", RECORD)  # the file takes it, and that was said once already
-        assert await chosen.load("up") == RECORD
-        assert chosen.note == "no OS keyring is available"
-    assert [event["event"] for event in logs] == ["OAuth tokens are kept in a private file, not the OS keyring"]
-    assert await FileStore(state / "oauth-tokens.json").load("up") == RECORD
-    with pytest.raises(StoreError, match="no OS keyring"):
-        await open_store(state, "keyring")
-    explicit = await open_store(state, "file")
-    assert isinstance(explicit, FileStore) and explicit.note is None
+async def test_no_os_keyring_falls_back_to_the_file_and_says_why(state: Path) -> None:
+    with installed(keyring.backends.fail.Keyring()):  # type: ignore[no-untyped-call]
+        with capture_logs() as logs:
+            chosen = await open_store(state, "auto")
+            assert chosen.backend == "file" and chosen.note == "no OS keyring is available"
+            await chosen.save("up", RECORD)  # the file takes it, and that was said once already
+            assert await chosen.load("up") == RECORD
+            assert chosen.note == "no OS keyring is available"
+        assert [event["event"] for event in logs] == ["OAuth tokens are kept in a private file, not the OS keyring"]
+        assert await FileStore(state / "oauth-tokens.json").load("up") == RECORD
+        with pytest.raises(StoreError, match="no OS keyring"):
+            await open_store(state, "keyring")
+        explicit = await open_store(state, "file")
+        assert isinstance(explicit, FileStore) and explicit.note is None
 
 
-async def test_a_hanging_keyring_is_given_up_within_its_bound(
-    state: Path, use_keyring: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_hanging_keyring_is_given_up_within_its_bound(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "KEYRING_TIMEOUT", 0.2)
-    backend = use_keyring(HangingKeyring())
-    try:
+    with installed(ControlledKeyring()) as backend:
+        backend.hang()
         started = time.monotonic()
         chosen = await open_store(state, "auto")
         elapsed = time.monotonic() - started
@@ -148,15 +71,13 @@ async def test_a_hanging_keyring_is_given_up_within_its_bound(
         # While that call still hangs, the keyring is not asked again (no pile of stuck threads): refused at once.
         with pytest.raises(StoreError, match="has not answered an earlier request"):
             await open_store(state, "keyring")
-        assert backend.calls == 1
+        assert backend.calls == ["get"]
         # The file store it fell back to works.
         await chosen.save("up", RECORD)
         assert await chosen.load("up") == RECORD
-    finally:
-        backend.release.set()
-    # Once the stuck call has returned, the keyring is tried again (and answers now).
-    assert await asyncio.to_thread(abandoned_calls_returned)
-    assert isinstance(await open_store(state, "keyring"), KeyringStore)
+        # Once the stuck call has returned, the keyring is tried again (and answers now).
+        await hung_call_lands(backend)
+        assert isinstance(await open_store(state, "keyring"), KeyringStore)
 
 
 async def test_a_hung_keyring_does_not_keep_the_process_from_exiting(tmp_path: Path) -> None:
@@ -187,8 +108,8 @@ async def test_a_hung_keyring_does_not_keep_the_process_from_exiting(tmp_path: P
     assert stdout.decode().splitlines()[-1] == "file the OS keyring did not answer within 0.2 s"
 
 
-async def test_keyring_store_round_trip_and_failures(state: Path, use_keyring: Any) -> None:
-    backend = use_keyring(MemoryKeyring())
+async def test_keyring_store_round_trip_and_failures(state: Path, controlled: ControlledKeyring) -> None:
+    backend = controlled
     chosen = await open_store(state, "auto")
     assert isinstance(chosen, KeyringStore) and chosen.backend == "keyring" and chosen.note is None
     await chosen.save("up", RECORD)
@@ -204,7 +125,7 @@ async def test_keyring_store_round_trip_and_failures(state: Path, use_keyring: A
         assert await chosen.load("garbled") is None
     assert logs[0]["log_level"] == "error"
 
-    use_keyring(BrokenKeyring())  # type: ignore[no-untyped-call]
+    backend.failing = True
     with pytest.raises(StoreError) as raised:
         await chosen.load("up")
     assert str(raised.value) == "the OS keyring failed: RuntimeError"  # the backend's message is not repeated
@@ -253,7 +174,6 @@ def controlled(monkeypatch: pytest.MonkeyPatch) -> Iterator[ControlledKeyring]:
     """A keyring in memory that tests make hang or fail; a hung call is given up after HUNG_AFTER seconds."""
     monkeypatch.setattr(store_module, "KEYRING_TIMEOUT", HUNG_AFTER)
     with installed(ControlledKeyring()) as backend:
-        assert isinstance(backend, ControlledKeyring)
         yield backend
 
 
@@ -267,11 +187,6 @@ async def fallen_back(state: Path, backend: ControlledKeyring) -> store_module.T
     await chosen.save("up", login_record(2))
     assert backend.entered.is_set()
     return chosen
-
-
-async def hung_call_lands(backend: ControlledKeyring) -> None:
-    backend.answer()
-    assert await asyncio.to_thread(abandoned_calls_returned)
 
 
 async def test_a_token_rotated_while_the_keyring_hangs_is_what_the_next_daemon_loads(
@@ -318,7 +233,6 @@ async def test_a_keyring_that_answers_again_takes_the_saves_back_and_the_file_co
     assert [event["event"] for event in logs] == [
         "the OS keyring answers again; OAuth tokens are moved back to it as they are saved"
     ]
-    assert await open_store(state, "auto") is not chosen
     assert await (await open_store(state, "auto")).load("up") == login_record(3)
     # A second spell of trouble is warned about again.
     backend.failing = True
@@ -329,13 +243,19 @@ async def test_a_keyring_that_answers_again_takes_the_saves_back_and_the_file_co
     assert file_entries(state)["up"] == login_record(4)
 
 
+async def hung_at_start(state: Path, backend: ControlledKeyring) -> store_module.TokenStore:
+    """A store opened while the keyring, holding login 1, hangs (the file alone, for now); the call has not
+    returned."""
+    backend.entries[("mcpx", "up")] = json.dumps(login_record(1))
+    backend.hang()
+    return await open_store(state, "auto")
+
+
 async def test_a_keyring_that_hung_at_start_is_asked_again_once_that_call_returns(
     state: Path, controlled: ControlledKeyring
 ) -> None:
     backend = controlled
-    backend.entries[("mcpx", "up")] = json.dumps(login_record(1))
-    backend.hang()
-    chosen = await open_store(state, "auto")
+    chosen = await hung_at_start(state, backend)
     assert shown(chosen) == ("file", NOT_ANSWERED)
     await chosen.save("up", login_record(2))
     assert file_entries(state) == {"up": login_record(2)} and in_keyring(backend) == login_record(1)
@@ -451,9 +371,7 @@ async def test_logout_while_the_keyring_hung_at_start_does_not_let_its_copy_come
     state: Path, controlled: ControlledKeyring
 ) -> None:
     backend = controlled
-    backend.entries[("mcpx", "up")] = json.dumps(login_record(1))
-    backend.hang()
-    chosen = await open_store(state, "auto")  # the keyring did not answer: the file alone, for now
+    chosen = await hung_at_start(state, backend)
     await chosen.delete("up")
     await hung_call_lands(backend)
     assert in_keyring(backend) == login_record(1)  # nobody could delete it

@@ -94,24 +94,19 @@ def _redact_nested(value: Any, depth: int) -> Any:
         return redact(value)
     if isinstance(value, _SCALARS):
         return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # orjson writes a dataclass as the object of its fields, unredacted: give it that object, redacted.
+        value = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    if not isinstance(value, Mapping | list | tuple | set | frozenset):
+        return value
+    if depth > _MAX_DEPTH:
+        return TOO_DEEP
     if isinstance(value, Mapping):
-        if depth > _MAX_DEPTH:
-            return TOO_DEEP
         return {
             redact(key) if isinstance(key, str) else key: _redact_nested(item, depth + 1) for key, item in value.items()
         }
-    if isinstance(value, list | tuple | set | frozenset):
-        if depth > _MAX_DEPTH:
-            return TOO_DEEP
-        items = [_redact_nested(item, depth + 1) for item in value]
-        return tuple(items) if isinstance(value, tuple) else items
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        # orjson writes a dataclass as the object of its fields, unredacted: give it that object, redacted.
-        if depth > _MAX_DEPTH:
-            return TOO_DEEP
-        fields = dataclasses.fields(value)
-        return {field.name: _redact_nested(getattr(value, field.name), depth + 1) for field in fields}
-    return value
+    items = [_redact_nested(item, depth + 1) for item in value]
+    return tuple(items) if isinstance(value, tuple) else items
 
 
 def _redacted_text(value: Any) -> str:
@@ -210,8 +205,4 @@ class _StdlibBridge(logging.Handler):
     callback" and "Task exception was never retrieved" are only useful with it), redacted like every event."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        logger = get_logger(record.name)
-        if record.exc_info:
-            logger.log(record.levelno, record.getMessage(), exc_info=record.exc_info)
-        else:
-            logger.log(record.levelno, record.getMessage())
+        get_logger(record.name).log(record.levelno, record.getMessage(), exc_info=record.exc_info)

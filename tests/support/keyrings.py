@@ -4,9 +4,11 @@ abandoned, so that no hung call outlives its test."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import keyring
 import keyring.errors
@@ -14,6 +16,8 @@ from keyring.backend import KeyringBackend
 
 # How long a hung call waits for its release: a bound, so that a failing test leaves no thread behind for long.
 HANG_BOUND = 30.0
+
+_Backend = TypeVar("_Backend", bound=KeyringBackend)
 
 
 class ControlledKeyring(KeyringBackend):
@@ -72,8 +76,14 @@ def abandoned_calls_returned(timeout: float = HANG_BOUND + 5) -> bool:
     return not any(thread.is_alive() for thread in calls)
 
 
+async def hung_call_lands(backend: ControlledKeyring) -> None:
+    """The keyring answers again: the calls that hung go on and return (waited for, bounded)."""
+    backend.answer()
+    assert await asyncio.to_thread(abandoned_calls_returned)
+
+
 @contextmanager
-def installed(backend: KeyringBackend) -> Iterator[KeyringBackend]:
+def installed(backend: _Backend) -> Iterator[_Backend]:
     previous = keyring.get_keyring()
     keyring.set_keyring(backend)
     try:

@@ -32,10 +32,10 @@ from aiohttp import web
 from authlib.common.security import generate_token  # type: ignore[import-untyped]
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 from mcp.server.mcpserver import Context, MCPServer
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpx.auth.oauth.metadata import is_loopback
-from tests.support.upstream import Upstream, reserve_port
+from tests.support.upstream import Upstream, read_ahead, reserve_port, respond
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 WRONG_ISSUER = "https://attacker.example"
@@ -892,6 +892,8 @@ class ProtectedUpstream(Upstream, _Served):
         self.rejected_401 = 0
         self.rejected_403 = 0
         self.prm_requests = 0
+        # Set by a test: the metadata document answers 404 (as while the server redeploys), wherever it is asked.
+        self.prm_missing = False
         self.admin_resets = 0
 
     @property
@@ -951,12 +953,6 @@ class ProtectedUpstream(Upstream, _Served):
         inner = super().app()
         prm_path = PRM_PATHS[self.prm_location]
 
-        async def respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
-            raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-            raw.append((b"content-length", str(len(body)).encode()))
-            await send({"type": "http.response.start", "status": status, "headers": raw})
-            await send({"type": "http.response.body", "body": body})
-
         async def insufficient_scope(send: Send, needed: str) -> None:
             self.rejected_403 += 1
             challenge = self._challenge(error="insufficient_scope", scope=needed)
@@ -969,7 +965,7 @@ class ProtectedUpstream(Upstream, _Served):
                 return
             path: str = scope["path"]
             if path.startswith("/.well-known/"):
-                if path == prm_path and scope["method"] == "GET":
+                if path == prm_path and scope["method"] == "GET" and not self.prm_missing:
                     self.prm_requests += 1
                     body = json.dumps(self.prm()).encode()
                     await respond(send, 200, body, {"Content-Type": "application/json"})
@@ -996,27 +992,13 @@ class ProtectedUpstream(Upstream, _Served):
                 await inner(scope, receive, send)
                 return
             # Read the JSON-RPC body to spot admin_reset, then replay it to the SDK app.
-            chunks: list[bytes] = []
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return  # client went away
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            body = b"".join(chunks)
+            read = await read_ahead(receive)
+            if read is None:
+                return  # client went away
+            body, replay = read
             if "mcp:admin" not in info.scopes and _calls_tool(body, "admin_reset"):
                 await insufficient_scope(send, " ".join(dict.fromkeys([self.required_scope, "mcp:admin"])))
                 return
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
             await inner(scope, replay, send)
 
         return protected

@@ -230,15 +230,12 @@ class Upstream(Served):
     async def _modern_only(self, inner: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve as a server of protocol 2026-07-28 only, recording each POST (body read here, replayed)."""
         if scope["method"] != "POST":
-            await _respond(send, 405, b"", [(b"allow", b"POST")])
+            await respond(send, 405, b"", {"Allow": "POST"})
             return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        raw = b"".join(chunks)
+        read = await read_ahead(receive)
+        if read is None:
+            return
+        raw, replay = read
         headers = {key.decode().lower(): value.decode() for key, value in scope["headers"]}
         body = json.loads(raw) if raw.startswith(b"{") else {}
         self.posts.append(SeenPost(headers, body))
@@ -250,21 +247,12 @@ class Upstream(Served):
                 "data": {"supported": [MODERN_VERSION], "requested": headers.get("mcp-protocol-version")},
             }
             reply = {"jsonrpc": "2.0", "id": body.get("id"), "error": error}
-            await _respond(send, 400, json.dumps(reply).encode(), [(b"content-type", b"application/json")])
+            await respond(send, 400, json.dumps(reply).encode(), {"Content-Type": "application/json"})
             return
         instead = self.answer_instead(body) if self.answer_instead is not None else None
         if instead is not None:
-            await _respond(send, 200, instead, [(b"content-type", b"application/json")])
+            await respond(send, 200, instead, {"Content-Type": "application/json"})
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            return await receive()
-
         await inner(scope, replay, send)
 
     def _rewriting(self, send: Send) -> Send:
@@ -298,10 +286,36 @@ class Upstream(Served):
         await self.start()
 
 
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    length = [(b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": [*headers, *length]})
+async def respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    """A whole ASGI response: `headers` (names lower-cased) and its Content-Length."""
+    raw = [(key.lower().encode(), value.encode()) for key, value in headers.items()]
+    raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def read_ahead(receive: Receive) -> tuple[bytes, Receive] | None:
+    """A request's whole body, read before the app sees it, and the `receive` that hands the app that body and
+    then what follows; None when the client went away first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
 
 
 @contextlib.asynccontextmanager

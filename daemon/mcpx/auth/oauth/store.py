@@ -89,10 +89,10 @@ class FileStore:
     """All records in `<state>/oauth-tokens.json`, mode 0600."""
 
     backend = "file"
+    note: str | None = None
 
-    def __init__(self, path: Path, note: str | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.note = note
         self._lock = asyncio.Lock()
         self._swept = False
 
@@ -105,9 +105,6 @@ class FileStore:
         async with self._lock:
             record = self._read().get(name)
         return record if isinstance(record, dict) else None
-
-    async def mark_logged_out(self, name: str) -> None:
-        await self.save(name, dict(_LOGGED_OUT))
 
     async def save(self, name: str, record: Record) -> None:
         async with self._lock:
@@ -368,10 +365,7 @@ class KeyringStore:
             raise StoreError(f"cannot write the token store {self._file.path}: {exc.strerror}") from None
 
     async def _mark_logged_out(self, name: str) -> None:
-        try:
-            await self._file.mark_logged_out(name)
-        except OSError as exc:
-            raise StoreError(f"cannot write the token store {self._file.path}: {exc.strerror}") from None
+        await self._write_file(name, dict(_LOGGED_OUT))
 
     async def _remove_from_file(self, name: str) -> None:
         """The keyring holds the newest state now; the file's entry only repeats it (or a logout it has taken).
@@ -386,17 +380,15 @@ def _logged_out(entry: Record) -> bool:
     return entry == _LOGGED_OUT
 
 
-class _Hung:
-    """The keyring calls that did not answer in time, while their threads still wait (normally at most one: no
-    call is made while one hangs)."""
-
-    threads: list[threading.Thread] = []  # noqa: RUF012 - the process's one list
+# The keyring calls that did not answer in time, while their threads still wait (normally at most one: no call is
+# made while one hangs).
+_HUNG: list[threading.Thread] = []
 
 
 def _hung() -> bool:
     """Whether a keyring call we abandoned still hangs (forgetting those that have returned)."""
-    _Hung.threads = [thread for thread in _Hung.threads if thread.is_alive()]
-    return bool(_Hung.threads)
+    _HUNG[:] = [thread for thread in _HUNG if thread.is_alive()]
+    return bool(_HUNG)
 
 
 async def _bounded(call: Callable[[], _T]) -> _T:
@@ -430,7 +422,7 @@ async def _bounded(call: Callable[[], _T]) -> _T:
         async with asyncio.timeout(KEYRING_TIMEOUT):
             return await answer
     except TimeoutError:
-        _Hung.threads.append(thread)
+        _HUNG.append(thread)
         raise KeyringTimeout(f"the OS keyring did not answer within {KEYRING_TIMEOUT:g} s") from None
     except StoreError:
         raise
