@@ -49,6 +49,10 @@ ENVELOPE = {
 }
 
 
+# The `_meta` of an agent that answers form elicitations (for `modern(...)`).
+ELICITING: dict[str, Any] = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}}}
+
+
 def modern(params: dict[str, Any] | None = None, /, **meta: Any) -> dict[str, Any]:
     """Request params carrying the 2026-07-28 envelope (plus `meta`)."""
     params = dict(params or {})
@@ -148,9 +152,8 @@ async def test_an_upstreams_question_during_a_call_becomes_input_required_and_th
 async def test_the_input_required_exchange_on_the_wire(sandbox: Sandbox) -> None:
     alpha = Upstream("alpha", json_response=False, customize=with_questions)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
-    capable: dict[str, Any] = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}}}
     async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as raw:
-        first = await raw.request(1, "tools/call", modern({"name": "alpha__greet", "arguments": {}}, **capable))
+        first = await raw.request(1, "tools/call", modern({"name": "alpha__greet", "arguments": {}}, **ELICITING))
         result = first["result"]
         assert result["resultType"] == "input_required"
         ((key, question),) = result["inputRequests"].items()
@@ -160,16 +163,16 @@ async def test_the_input_required_exchange_on_the_wire(sandbox: Sandbox) -> None
         # Another agent cannot redeem this call's state.
         async with raw_agent(sandbox) as other:
             stolen = await other.request(
-                1, "tools/call", modern({"name": "alpha__greet", "requestState": state}, **capable)
+                1, "tools/call", modern({"name": "alpha__greet", "requestState": state}, **ELICITING)
             )
             assert stolen["error"]["code"] == -32602
         answer = {"action": "accept", "content": {"name": "eve"}}
         retried = {"name": "alpha__greet", "arguments": {}, "inputResponses": {key: answer}, "requestState": state}
-        done = await raw.request("retry", "tools/call", modern(retried, **capable))
+        done = await raw.request("retry", "tools/call", modern(retried, **ELICITING))
         assert done["result"]["resultType"] == "complete"
         assert done["result"]["content"][0]["text"] == "hello eve"
         # The state was used up.
-        again = await raw.request("again", "tools/call", modern(retried, **capable))
+        again = await raw.request("again", "tools/call", modern(retried, **ELICITING))
         assert again["error"]["code"] == -32602
 
 
@@ -242,13 +245,17 @@ async def test_a_modern_agent_reads_resources_with_cache_fields(sandbox: Sandbox
     subscriptions = Subscriptions()
     alpha = Upstream("alpha", json_response=True, customize=subscriptions.customize)
     sandbox.write_config(upstream_toml("alpha", alpha.url))
-    async with running(alpha), running_daemon(sandbox), agent(sandbox, mode="auto") as client:
+    async with (
+        running(alpha),
+        running_daemon(sandbox),
+        agent(sandbox, mode="auto") as client,
+        raw_agent(sandbox) as raw,
+    ):
         (resource,) = (await client.list_resources()).resources
         read = await client.read_resource(str(resource.uri))
         (contents,) = read.contents
         assert isinstance(contents, TextResourceContents) and contents.text == "notes"
         assert str(contents.uri) == str(resource.uri)
-    async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as raw:
         read_raw = (await raw.request(1, "resources/read", modern({"uri": f"mcpx://alpha/{NOTES}"})))["result"]
         assert (read_raw["resultType"], read_raw["ttlMs"], read_raw["cacheScope"]) == ("complete", 0, "private")
 
@@ -323,9 +330,8 @@ async def test_a_stopping_daemon_ends_listen_streams_with_a_complete_result(tmp_
             )
             await next_sent(lambda m: m.get("method") == "notifications/subscriptions/acknowledged")
             # A call waiting for the agent's retry (asked for input) is let go too, with no answer owed.
-            capable: dict[str, Any] = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}}}
             call = {"jsonrpc": "2.0", "id": "c", "method": "tools/call"}
-            session.on_line(json.dumps({**call, "params": modern({"name": "alpha__greet"}, **capable)}).encode())
+            session.on_line(json.dumps({**call, "params": modern({"name": "alpha__greet"}, **ELICITING)}).encode())
             asked = await next_sent(lambda m: m.get("id") == "c")
             assert asked["result"]["resultType"] == "input_required"
 

@@ -301,6 +301,11 @@ class ModernCall:
         elif self._queued:
             self._flush()
 
+    def cancel(self) -> None:
+        """Stop the upstream's work (the call waits for a retry that will not come)."""
+        if self.future is not None:
+            self.future.cancel()
+
     def finish(self, answer: Callable[[RequestId], None]) -> bool:
         """The upstream is done: answer the agent's waiting request now (True), or its retry when it comes."""
         request_id = self.answer_id

@@ -99,7 +99,6 @@ class AgentSession:
         self._suspended: dict[str, modern.ModernCall] = {}
         self._listens: dict[RequestId, modern.Listen] = {}
         self._listened_uris: Counter[str] = Counter()
-        self._background: set[asyncio.Task[Any]] = set()
 
     # --- input ---------------------------------------------------------------------------------------------------
 
@@ -139,10 +138,7 @@ class AgentSession:
         for task in self._in_flight.values():
             task.cancel()
         self._in_flight.clear()
-        for call in self._suspended.values():
-            if call.future is not None:
-                call.future.cancel()
-        self._suspended.clear()
+        self._let_go_of_suspended()
         self._listens.clear()
         for future in self._asks.values():
             if not future.done():  # the upstream gets an answer now rather than waiting out its deadline
@@ -165,11 +161,7 @@ class AgentSession:
             elif method == "tools/call":
                 self._call_tool_at_once(request_id, params)
             elif method in LIST_METHODS:
-                if self._router.settled:
-                    self._send(list_response(request_id, method, self._router, params.get("cursor")))
-                else:
-                    cursor = params.get("cursor")
-                    self._spawn(request_id, functools.partial(self._list_when_settled, request_id, method, cursor))
+                self._list(request_id, method, params.get("cursor"))
             elif method in self._ROUTED:
                 route = getattr(self._router, self._ROUTED[method])
                 self._spawn_forward(request_id, functools.partial(route, params, self))
@@ -180,11 +172,7 @@ class AgentSession:
             elif method == "ping":
                 self._reply(request_id, {})
             elif method == "initialize":
-                if self._router.settled:
-                    self._reply(request_id, self._initialize(params))
-                else:
-                    # The capabilities announced are those of the upstreams: wait (bounded) for their first attempts.
-                    self._spawn(request_id, functools.partial(self._initialize_when_settled, request_id, params))
+                self._reply_once_settled(request_id, functools.partial(self._initialize, params))
             elif method == "server/discover":
                 raise InvalidParams(
                     f"server/discover needs the {STATELESS_VERSION} envelope in _meta "
@@ -236,20 +224,12 @@ class AgentSession:
             self._join()
         params = modern.without_envelope(params)
         if method == "server/discover":
-            if self._router.settled:
-                self._reply(request_id, self._discover())
-            else:
-                self._spawn(request_id, functools.partial(self._discover_when_settled, request_id))
+            self._reply_once_settled(request_id, self._discover)
         elif method == "subscriptions/listen":
             listen = modern.listen_request(request_id, params, self._router.capabilities())
             self._spawn(request_id, functools.partial(self._open_listen, listen))
         elif method in LIST_METHODS:
-            extra = modern.LIST_EXTRA
-            if self._router.settled:
-                self._send(list_response(request_id, method, self._router, params.get("cursor"), extra))
-            else:
-                cursor = params.get("cursor")
-                self._spawn(request_id, functools.partial(self._list_when_settled, request_id, method, cursor, extra))
+            self._list(request_id, method, params.get("cursor"), modern.LIST_EXTRA)
         elif method in MRTR_METHODS:
             # (the answers and the state are mcpx's, not the upstream's)
             state, answers = params.pop("requestState", None), params.pop("inputResponses", None)
@@ -268,37 +248,31 @@ class AgentSession:
                 self._call_tool_at_once(request_id, params, waiting)
                 return
             route = getattr(self._router, self._ROUTED[method])
-            forward = functools.partial(
-                self._forward,
-                request_id,
-                stateless=True,
-                cacheable=method == "resources/read",
-                waiting=waiting,
-            )
-            self._spawn(request_id, lambda: forward(route(params, self, waiting)))
+            cacheable = method == "resources/read"
+            call = functools.partial(route, params, self, waiting)
+            self._spawn_forward(request_id, call, stateless=True, cacheable=cacheable, waiting=waiting)
             waiting.future = self._in_flight[request_id]
         elif method == "completion/complete":
-            complete = functools.partial(self._router.complete, params, self)
-            self._spawn(request_id, lambda: self._forward(request_id, complete(), stateless=True))
+            self._spawn_forward(request_id, functools.partial(self._router.complete, params, self), stateless=True)
         else:
             raise MethodNotFound(f"method not found: {method}")
 
     def _discover(self) -> dict[str, Any]:
         return modern.discover_result(self._router.capabilities(), self._router.instructions())
 
-    async def _discover_when_settled(self, request_id: RequestId) -> None:
-        await self._router.wait_settled(self._router.config.daemon.connect_timeout)
-        self._reply(request_id, self._discover())
-
     def _suspend(self, call: modern.ModernCall, request_id: RequestId) -> None:
         """`call` answered the agent's request `request_id` with input requests: it waits for the agent's retry."""
         if self._in_flight.get(request_id) is call.future:
             del self._in_flight[request_id]
         if len(self._suspended) >= modern.MAX_SUSPENDED:
-            oldest = self._suspended.pop(next(iter(self._suspended)))
-            if oldest.future is not None:
-                oldest.future.cancel()
+            self._suspended.pop(next(iter(self._suspended))).cancel()
         self._suspended[call.state] = call
+
+    def _let_go_of_suspended(self) -> None:
+        """Cancel the calls that wait for the agent's retry (no answer is owed: the agent has its input_required)."""
+        for call in self._suspended.values():
+            call.cancel()
+        self._suspended.clear()
 
     def _resume(self, request_id: RequestId, method: str, state: object, answers: object) -> None:
         """The agent sent a request again with the answers to the input requests mcpx gave it."""
@@ -346,16 +320,7 @@ class AgentSession:
             self._listened_uris[uri] -= 1
             if self._listened_uris[uri] <= 0:
                 del self._listened_uris[uri]
-                task = asyncio.get_running_loop().create_task(self._unsubscribe(uri))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-
-    async def _unsubscribe(self, uri: str) -> None:
-        try:
-            async with asyncio.timeout(self._router.config.daemon.connect_timeout):
-                await self._router.unsubscribe_resource({"uri": uri}, self)
-        except (McpxError, TimeoutError) as exc:
-            _log.debug("ending a listen's resource subscription failed", uri=uri, error=str(exc))
+                self._router.unsubscribe_in_background(uri, self)
 
     # Agent requests answered by one router method, called with (params, this session).
     _ROUTED: Final = {
@@ -394,11 +359,27 @@ class AgentSession:
         self._router.agent_joined(self)
         _log.info("agent connected", client=self.client_info.get("name"), pid=self.peer.pid)
 
-    async def _initialize_when_settled(self, request_id: RequestId, params: dict[str, Any]) -> None:
-        await self._router.wait_settled(self._router.config.daemon.connect_timeout)
-        self._reply(request_id, self._initialize(params))
+    def _reply_once_settled(self, request_id: RequestId, make_result: Callable[[], dict[str, Any]]) -> None:
+        """Reply with `make_result()` once the upstreams have settled (the capabilities announced are theirs): at
+        once, or after a bounded wait for their first attempts in the request's task."""
+        if self._router.settled:
+            self._reply(request_id, make_result())
+            return
 
-    async def _list_when_settled(self, request_id: RequestId, method: str, cursor: object, extra: bytes = b"") -> None:
+        async def when_settled() -> None:
+            await self._router.wait_settled(self._router.config.daemon.connect_timeout)
+            self._reply(request_id, make_result())
+
+        self._spawn(request_id, when_settled)
+
+    def _list(self, request_id: RequestId, method: str, cursor: object, extra: bytes = b"") -> None:
+        """Answer one of the `LIST_METHODS` (`extra`: see `list_response`), once the upstreams have settled."""
+        if self._router.settled:
+            self._send(list_response(request_id, method, self._router, cursor, extra))
+        else:
+            self._spawn(request_id, functools.partial(self._list_when_settled, request_id, method, cursor, extra))
+
+    async def _list_when_settled(self, request_id: RequestId, method: str, cursor: object, extra: bytes) -> None:
         await self._router.wait_settled(self._router.config.daemon.connect_timeout)
         try:
             self._send(list_response(request_id, method, self._router, cursor, extra))
@@ -513,9 +494,20 @@ class AgentSession:
 
         self._in_flight[request_id] = asyncio.get_running_loop().create_task(run())
 
-    def _spawn_forward(self, request_id: RequestId, make_call: Callable[[], Awaitable[Any]]) -> None:
+    def _spawn_forward(
+        self,
+        request_id: RequestId,
+        make_call: Callable[[], Awaitable[Any]],
+        *,
+        stateless: bool = False,
+        cacheable: bool = False,
+        waiting: modern.ModernCall | None = None,
+    ) -> None:
         """`_spawn` of `_forward` of the call `make_call()` makes."""
-        self._spawn(request_id, lambda: self._forward(request_id, make_call()))
+        self._spawn(
+            request_id,
+            lambda: self._forward(request_id, make_call(), stateless=stateless, cacheable=cacheable, waiting=waiting),
+        )
 
     def _internal_error(self, request_id: RequestId) -> None:
         """Answer a request that failed on a bug in mcpx (logged with its traceback: call from an except block)."""
@@ -627,13 +619,10 @@ class AgentSession:
         deadline = loop.time() + timeout
         while self._in_flight and (left := deadline - loop.time()) > 0:
             await asyncio.wait(list(self._in_flight.values()), timeout=left)
-        for listen in list(self._listens.values()):
+        for listen in self._listens.values():
             self._send_message_now(listen.ended())
         self._listens.clear()
-        for call in self._suspended.values():
-            if call.future is not None:
-                call.future.cancel()
-        self._suspended.clear()
+        self._let_go_of_suspended()
         cut = list(self._in_flight.items())
         for _, task in cut:
             task.cancel()

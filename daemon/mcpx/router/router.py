@@ -396,6 +396,11 @@ class Router:
         if not subscribers and self._subscriptions.pop((route.upstream, route.tool), None) is not None:
             await self._call(route.upstream, "resources/unsubscribe", forwarded, agent, raw=False)
 
+    def unsubscribe_in_background(self, uri: str, agent: Agent) -> None:
+        """`unsubscribe_resource` of `uri` for `agent`, as background work of the router (bounded by the connect
+        timeout; a failure is logged): an agent's `subscriptions/listen` stream ended, and no answer is owed."""
+        self._spawn(self.unsubscribe_resource({"uri": uri}, agent), uri, timeout=self.config.daemon.connect_timeout)
+
     async def set_log_level(self, params: dict[str, Any], agent: Agent) -> None:
         """Fan `logging/setLevel` out to every ready upstream that offers logging (shared upstreams share it) and
         to the agent's own sessions."""
