@@ -26,10 +26,8 @@ from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, running_daemon,
 from tests.support.inprocess import NoControl
 from tests.support.raw import RawAgent, raw_agent
 from tests.support.results import text_of
+from tests.support.servers import NOTES, Subscriptions, with_prompts, with_questions
 from tests.support.upstream import MODERN_VERSION, Upstream, running
-from tests.test_prompts import with_prompts
-from tests.test_server_requests import with_questions
-from tests.test_surface import NOTES, Subscriptions
 
 
 def with_meta_probe(server: MCPServer) -> None:
@@ -345,3 +343,34 @@ async def test_a_stopping_daemon_ends_listen_streams_with_a_complete_result(tmp_
         finally:
             session.close()
             await router.stop()
+
+
+async def test_a_listen_cancelled_while_it_subscribes_lets_go_of_the_subscriptions_it_holds(sandbox: Sandbox) -> None:
+    held = "file:///zz-held.txt"  # (subscribed after NOTES: a listen subscribes in the order of its URIs)
+    subscriptions = Subscriptions(held=frozenset({held}))
+    alpha = Upstream("alpha", json_response=True, customize=subscriptions.customize)
+    sandbox.write_config(upstream_toml("alpha", alpha.url))
+    async with running(alpha), running_daemon(sandbox), raw_agent(sandbox) as raw:
+        uris = [f"mcpx://alpha/{NOTES}", f"mcpx://alpha/{held}"]
+        listen = {"notifications": {"resourceSubscriptions": uris}}
+        await raw.send({"jsonrpc": "2.0", "id": "listen", "method": "subscriptions/listen", "params": modern(listen)})
+        async with asyncio.timeout(10):
+            while held not in subscriptions.subscribed:
+                await subscriptions.subscribe_received.wait()
+                subscriptions.subscribe_received.clear()
+        assert subscriptions.subscribed == [NOTES, held]
+
+        # Cancelled while the second subscription waits: the first, which no other stream needs, ends upstream.
+        await raw.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "listen"}})
+        async with asyncio.timeout(10):
+            await subscriptions.unsubscribe_received.wait()
+        assert subscriptions.unsubscribed == [NOTES]
+        subscriptions.release.set()
+
+        # The agent can listen to NOTES again, and the upstream is asked for it again.
+        subscriptions.subscribe_received.clear()
+        again = {"notifications": {"resourceSubscriptions": [f"mcpx://alpha/{NOTES}"]}}
+        await raw.send({"jsonrpc": "2.0", "id": "again", "method": "subscriptions/listen", "params": modern(again)})
+        acknowledged = await _next_notification(raw, "notifications/subscriptions/acknowledged")
+        assert acknowledged["params"]["notifications"] == {"resourceSubscriptions": [f"mcpx://alpha/{NOTES}"]}
+        assert subscriptions.subscribed.count(NOTES) == 2

@@ -3,45 +3,13 @@ real SDK upstreams behind it, over JSON and SSE responses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pytest
-from mcp.server import ServerRequestContext
-from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp.types import Completion, EmptyResult, PromptReference, SetLevelRequestParams, TextContent
+from mcp.types import PromptReference, TextContent
 
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
+from tests.support.servers import with_prompts
 from tests.support.upstream import Upstream, running
-
-
-def with_prompts(name: str, levels: list[str] | None = None) -> Callable[[MCPServer], None]:
-    """A review prompt and its completions; with `levels`, the server also offers logging and records there each
-    level it is set to."""
-
-    def customize(server: MCPServer) -> None:
-        @server.prompt()
-        def review(topic: str) -> str:
-            """Ask for a review of a topic."""
-            return f"{name} reviews {topic}"
-
-        @server.completion()  # type: ignore[no-untyped-call, untyped-decorator]  # the SDK's decorator is untyped
-        async def complete(ref: object, argument: object, context: object) -> Completion:
-            return Completion(values=[f"{name}-one", f"{name}-two"])
-
-        if levels is None:
-            return
-
-        async def set_level(ctx: ServerRequestContext[Any], params: SetLevelRequestParams) -> EmptyResult:
-            levels.append(params.level)
-            return EmptyResult()
-
-        # MCPServer has no decorator for logging/setLevel (deprecated in 2026-07-28): its low-level server takes the
-        # handler, and then offers the logging capability.
-        server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
-
-    return customize
 
 
 async def test_prompts_of_every_upstream_are_listed_got_and_completed_under_namespaced_names(sandbox: Sandbox) -> None:

@@ -21,8 +21,8 @@ from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstre
 from tests.support.lifecycle import WAIT, GatedTool
 from tests.support.raw import raw_agent
 from tests.support.results import text_of
+from tests.support.servers import NOTES, Subscriptions
 from tests.support.upstream import Upstream, running
-from tests.test_surface import NOTES, Subscriptions
 
 
 async def test_reload_adds_changes_and_removes_upstreams_while_an_agent_stays_connected(sandbox: Sandbox) -> None:

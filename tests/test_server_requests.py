@@ -9,7 +9,6 @@ import asyncio
 
 from mcp.client import ClientRequestContext
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.shared.exceptions import MCPError
 from mcp.types import (
     CreateMessageRequestParams,
     CreateMessageResult,
@@ -20,41 +19,15 @@ from mcp.types import (
     ListRootsResult,
     NotificationParams,
     Root,
-    SamplingMessage,
     TextContent,
 )
-from pydantic import BaseModel, FileUrl
+from pydantic import FileUrl
 
 from tests.support.agents import answering_as
 from tests.support.daemon import Sandbox, agent, running_daemon, upstream_toml
 from tests.support.results import text_of
+from tests.support.servers import with_questions
 from tests.support.upstream import Upstream, running
-
-
-class Name(BaseModel):
-    name: str
-
-
-def with_questions(server: MCPServer) -> None:
-    @server.tool()
-    async def greet(ctx: Context) -> str:
-        """Ask the user for a name (form elicitation) and greet them."""
-        answer = await ctx.elicit("Who are you?", Name)
-        return f"hello {answer.data.name}" if answer.action == "accept" else f"no name ({answer.action})"
-
-    @server.tool()
-    async def summarize(text: str, ctx: Context) -> str:
-        """Ask the client's model (sampling) to summarize `text`."""
-        try:
-            reply = await ctx.request_context.session.create_message(
-                messages=[SamplingMessage(role="user", content=TextContent(type="text", text=text))],
-                max_tokens=20,
-                related_request_id=ctx.request_id,
-            )
-        except MCPError as exc:
-            return f"sampling refused: {exc.error.code} {exc.error.message}"
-        content = reply.content
-        return f"summary: {content.text}" if isinstance(content, TextContent) else "summary: ?"
 
 
 async def test_an_elicitation_during_a_call_is_answered_by_the_calling_agent_only(sandbox: Sandbox) -> None:

@@ -12,67 +12,20 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
     Completion,
-    EmptyResult,
     ListToolsResult,
     PaginatedRequestParams,
     ResourceLink,
     ResourceTemplateReference,
     ResourceUpdatedNotification,
-    ResourceUpdatedNotificationParams,
-    SubscribeRequestParams,
     TextResourceContents,
     Tool,
-    UnsubscribeRequestParams,
 )
 
 from tests.support.daemon import FAST_RECONNECT, Sandbox, agent, running_daemon, upstream_toml
 from tests.support.raw import raw_agent
 from tests.support.results import text_of
+from tests.support.servers import NOTES, Subscriptions
 from tests.support.upstream import Upstream, running
-
-NOTES = "file:///notes.txt"
-
-
-class Subscriptions:
-    """An upstream's resource subscriptions, as its `resources/subscribe` and `unsubscribe` handlers saw them."""
-
-    def __init__(self) -> None:
-        self.subscribed: list[str] = []
-        self.unsubscribed: list[str] = []
-        self.unsubscribe_received = asyncio.Event()
-        self.subscribe_received = asyncio.Event()
-
-    def customize(self, server: MCPServer) -> None:
-        @server.resource(NOTES, name="notes", mime_type="text/plain")
-        def notes() -> str:
-            return "notes"
-
-        @server.tool()
-        async def touch(uri: str, ctx: Context) -> str:
-            """Change a resource: its subscribers hear of it."""
-            session = ctx.request_context.session
-            notification = ResourceUpdatedNotification(params=ResourceUpdatedNotificationParams(uri=uri))
-            await session.send_notification(notification, related_request_id=ctx.request_id)
-            return "touched"
-
-        @server.tool()
-        def linked() -> list[Any]:
-            """A result that links to a resource of this server."""
-            return [ResourceLink(type="resource_link", uri=NOTES, name="notes")]
-
-        async def subscribe(ctx: Any, params: SubscribeRequestParams) -> EmptyResult:
-            self.subscribed.append(str(params.uri))
-            self.subscribe_received.set()
-            return EmptyResult()
-
-        async def unsubscribe(ctx: Any, params: UnsubscribeRequestParams) -> EmptyResult:
-            self.unsubscribed.append(str(params.uri))
-            self.unsubscribe_received.set()
-            return EmptyResult()
-
-        lowlevel = server._lowlevel_server
-        lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, subscribe)
-        lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, unsubscribe)
 
 
 def updates_of(received: list[str]):  # type: ignore[no-untyped-def]

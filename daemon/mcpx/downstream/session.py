@@ -18,7 +18,7 @@ import functools
 import itertools
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Protocol
 
 from mcpx import IMPLEMENTATION, jsonrpc
@@ -299,28 +299,37 @@ class AgentSession:
         """Open a `subscriptions/listen` stream: subscribe to the resources it names, acknowledge what it will get,
         then deliver (`_on_catalog_changed`, `send_message`). It lasts until the agent cancels it or goes."""
         honored: set[str] = set()
-        for uri in sorted(listen.uris):
-            if self._listened_uris[uri] == 0:
-                try:
-                    await self._router.subscribe_resource({"uri": uri}, self)
-                except McpxError as exc:
-                    _log.debug("a listen's resource subscription failed", uri=uri, error=str(exc))
-                    continue
-            self._listened_uris[uri] += 1
-            honored.add(uri)
+        try:
+            for uri in sorted(listen.uris):
+                if self._listened_uris[uri] == 0:
+                    try:
+                        await self._router.subscribe_resource({"uri": uri}, self)
+                    except McpxError as exc:
+                        _log.debug("a listen's resource subscription failed", uri=uri, error=str(exc))
+                        continue
+                self._listened_uris[uri] += 1
+                honored.add(uri)
+        except asyncio.CancelledError:  # cancelled, or the agent went, while subscribing: let go of what it holds
+            self._stop_listening_to(honored)
+            raise
         listen.uris = frozenset(honored)
         self._listens[listen.request_id] = listen
         self._send_message_now(listen.acknowledgement())
 
     def _close_listen(self, request_id: RequestId) -> None:
         listen = self._listens.pop(request_id, None)
-        if listen is None:
-            return
-        for uri in listen.uris:
+        if listen is not None:
+            self._stop_listening_to(listen.uris)
+
+    def _stop_listening_to(self, uris: Iterable[str]) -> None:
+        """A listen stream no longer hears of `uris`: the upstream subscriptions no other stream needs end (after
+        `close`, the router has let go of all of the agent's)."""
+        for uri in uris:
             self._listened_uris[uri] -= 1
             if self._listened_uris[uri] <= 0:
                 del self._listened_uris[uri]
-                self._router.unsubscribe_in_background(uri, self)
+                if not self._closed:
+                    self._router.unsubscribe_in_background(uri, self)
 
     # Agent requests answered by one router method, called with (params, this session).
     _ROUTED: Final = {
