@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from mcpx.cli.ctl import render_status
 from tests.support.daemon import Sandbox, agent, mcpxctl, running_daemon, upstream_toml
 from tests.support.upstream import Upstream, reserve_port, running
 
@@ -83,6 +84,34 @@ async def test_status_table_lists_each_upstream_with_its_state(sandbox: Sandbox)
     assert alpha.url in rows["alpha"]
     assert rows["gone"][1:3] == ["down", "0"]
     assert down_url in rows["gone"]
+
+
+def test_status_says_once_where_the_oauth_upstreams_keep_their_tokens() -> None:
+    note = "the OS keyring did not answer within 3 s"
+    oauth = {"logged_in": True, "storage": "file", "storage_note": note, "expires_in": 600}
+    upstream = {
+        "state": "ready",
+        "tools": 1,
+        "auth": "oauth",
+        "url": "https://example.test/mcp",
+        "last_error": None,
+        "withheld_tools": [],
+    }
+    status = {
+        "version": "0",
+        "pid": 1,
+        "uptime_s": 5,
+        "agents": 0,
+        "socket": "s",
+        "config": "c",
+        "log_file": "l",
+        "upstreams": [{**upstream, "name": "jira", "oauth": oauth}, {**upstream, "name": "wiki", "oauth": oauth}],
+    }
+    rendered = render_status(status)
+    assert "jira: logged in (OAuth, file, token expires in 10m" in rendered
+    assert "wiki: logged in (OAuth, file" in rendered
+    assert rendered.count(note) == 1
+    assert rendered.endswith(f"OAuth tokens are kept in a private file, not the OS keyring: {note}")
 
 
 async def test_logout_of_a_bearer_env_upstream_says_nothing_is_stored(sandbox: Sandbox) -> None:

@@ -646,7 +646,7 @@ async def test_the_daemon_falls_back_to_the_file_when_the_keyring_hangs_and_says
             assert code == 0
             assert "protected: logged in (OAuth, file" in status_out
             assert (
-                "tokens are kept in a private file, not the OS keyring: the OS keyring did not answer within 3 s"
+                "OAuth tokens are kept in a private file, not the OS keyring: the OS keyring did not answer within 3 s"
                 in status_out
             )
             _, status_json, _ = await mcpxctl(sandbox, "status", "--json")

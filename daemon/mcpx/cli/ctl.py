@@ -96,11 +96,12 @@ def render_status(status: dict[str, Any]) -> str:
                 lines.append(f"\n{upstream['name']}: logged in (OAuth, {oauth['storage'] or 'store'}{when})")
             else:
                 lines.append(f"\n{upstream['name']}: not logged in: run `mcpxctl login {upstream['name']}`")
-            if oauth.get("storage_note"):
-                lines.append(f"  tokens are kept in a private file, not the OS keyring: {oauth['storage_note']}")
         if upstream["withheld_tools"]:
             withheld = ", ".join(upstream["withheld_tools"])
             lines.append(f"\n{upstream['name']}: withheld (name collision): {withheld}")
+    # The OAuth upstreams share one token store: where it is, said once.
+    notes = {note for u in upstreams if (note := (u.get("oauth") or {}).get("storage_note"))}
+    lines += [f"\nOAuth tokens are kept in a private file, not the OS keyring: {note}" for note in sorted(notes)]
     return "\n".join(lines)
 
 
