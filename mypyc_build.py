@@ -47,6 +47,7 @@ HOT_PATH = (
 )
 # mypyc compiles the modules as one group: one shared library holds their code, each module a small shim to it.
 GROUP = "mcpx_hot"
+EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")  # what a compiled module's file name ends with
 
 
 def compile_to(build_dir: Path) -> list[Path]:
@@ -73,14 +74,17 @@ def compile_to(build_dir: Path) -> list[Path]:
         command.run()
     finally:
         os.chdir(cwd)
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    return sorted(path.relative_to(build_dir / "lib") for path in (build_dir / "lib").rglob(f"*{suffix}"))
+    return [path.relative_to(build_dir / "lib") for path in extensions_in(build_dir / "lib")]
+
+
+def extensions_in(directory: Path) -> list[Path]:
+    """The compiled modules under `directory`."""
+    return sorted(directory.rglob(f"*{EXT_SUFFIX}"))
 
 
 def compiled_in_place() -> list[Path]:
     """The extensions `--install` put next to the sources."""
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    return sorted(SOURCES.rglob(f"*{suffix}"))
+    return extensions_in(SOURCES)
 
 
 def stale_in_place() -> bool:
@@ -108,8 +112,7 @@ def build() -> None:
 def install() -> None:
     """Put the extensions of the last `build()` next to the sources, where the daemon imports them first."""
     clean()
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    for path in (BUILD / "lib").rglob(f"*{suffix}"):
+    for path in extensions_in(BUILD / "lib"):
         shutil.copy2(path, SOURCES / path.relative_to(BUILD / "lib"))
 
 

@@ -257,7 +257,7 @@ async def test_no_process_mcpxd_starts_holds_an_agents_pipes(sandbox: Sandbox) -
         servers = _children(daemon.process.pid)
         assert servers
         for pid in servers:
-            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            held = {_target(pid, fd) for fd in os.listdir(f"/proc/{pid}/fd")}
             assert not held & a_pipes, f"server {pid} holds agent A's pipes"
 
 

@@ -43,7 +43,11 @@ class Launcher:
     path: Path
     text: str
     interpreter: str
-    through_sh: bool  # the `#!/bin/sh` form
+
+    @property
+    def through_sh(self) -> bool:
+        """The `#!/bin/sh` form (see `needs_sh`)."""
+        return self.text.startswith("#!/bin/sh\n")
 
 
 def default_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -136,7 +140,7 @@ def plan(to: Path | None, *, force: bool, interpreter: str | None = None, shim_d
     except UnicodeEncodeError:
         raise Refused("the Python or the shim's path is not valid UTF-8: a launcher cannot name it") from None
     _check_destination(path, Path(sys.executable).parent / CONSOLE_SCRIPT, force=force)
-    return Launcher(path=path, text=text, interpreter=interpreter, through_sh=needs_sh(interpreter))
+    return Launcher(path=path, text=text, interpreter=interpreter)
 
 
 def write(launcher: Launcher) -> None:

@@ -172,7 +172,7 @@ class AgentSession:
             elif method == "ping":
                 self._reply(request_id, {})
             elif method == "initialize":
-                self._reply_once_settled(request_id, functools.partial(self._initialize, params))
+                self._answer_once_settled(request_id, lambda: self._reply(request_id, self._initialize(params)))
             elif method == "server/discover":
                 raise InvalidParams(
                     f"server/discover needs the {STATELESS_VERSION} envelope in _meta "
@@ -224,7 +224,7 @@ class AgentSession:
             self._join()
         params = modern.without_envelope(params)
         if method == "server/discover":
-            self._reply_once_settled(request_id, self._discover)
+            self._answer_once_settled(request_id, lambda: self._reply(request_id, self._discover()))
         elif method == "subscriptions/listen":
             listen = modern.listen_request(request_id, params, self._router.capabilities())
             self._spawn(request_id, functools.partial(self._open_listen, listen))
@@ -368,32 +368,28 @@ class AgentSession:
         self._router.agent_joined(self)
         _log.info("agent connected", client=self.client_info.get("name"), pid=self.peer.pid)
 
-    def _reply_once_settled(self, request_id: RequestId, make_result: Callable[[], dict[str, Any]]) -> None:
-        """Reply with `make_result()` once the upstreams have settled (the capabilities announced are theirs): at
-        once, or after a bounded wait for their first attempts in the request's task."""
+    def _answer_once_settled(self, request_id: RequestId, answer: Callable[[], None]) -> None:
+        """Run `answer()`, which sends the request's response, once the upstreams have settled (what it tells of,
+        capabilities or lists, is theirs): at once, or after a bounded wait for their first attempts in the
+        request's task, where an `McpxError` it raises is answered as `_on_request` answers one."""
         if self._router.settled:
-            self._reply(request_id, make_result())
+            answer()
             return
 
         async def when_settled() -> None:
             await self._router.wait_settled(self._router.config.daemon.connect_timeout)
-            self._reply(request_id, make_result())
+            try:
+                answer()
+            except McpxError as exc:
+                self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
 
         self._spawn(request_id, when_settled)
 
     def _list(self, request_id: RequestId, method: str, cursor: object, extra: bytes = b"") -> None:
         """Answer one of the `LIST_METHODS` (`extra`: see `list_response`), once the upstreams have settled."""
-        if self._router.settled:
-            self._send(list_response(request_id, method, self._router, cursor, extra))
-        else:
-            self._spawn(request_id, functools.partial(self._list_when_settled, request_id, method, cursor, extra))
-
-    async def _list_when_settled(self, request_id: RequestId, method: str, cursor: object, extra: bytes) -> None:
-        await self._router.wait_settled(self._router.config.daemon.connect_timeout)
-        try:
-            self._send(list_response(request_id, method, self._router, cursor, extra))
-        except AgentError as exc:
-            self.send_message(jsonrpc.error_response(request_id, jsonrpc_error(exc)))
+        self._answer_once_settled(
+            request_id, lambda: self._send(list_response(request_id, method, self._router, cursor, extra))
+        )
 
     async def _forward(
         self,
