@@ -41,7 +41,7 @@ from mcpx.errors import (
 from mcpx.framing.sse import SSEDecoder
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
-from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response, Sent
+from mcpx.upstream.h1 import Deadline, HttpClient, HttpClientError, Response, Sent
 from mcpx.upstream.httpbase import (
     Answer,
     EventStream,
@@ -326,37 +326,25 @@ class HttpSession:
                 response = await self._http.request("POST", self._target, headers, body, replayable=replayable)
         except HttpClientError as exc:
             raise connection_failure(self.name, exc) from None
-        # The connection goes back to the pool when this returns, unless an SSE stream is handed to a drainer.
-        handed_off = False
-        try:
-            self._peer.check_auth(headers, response)
-            if response.status == 404 and sent_session is not None:
-                raise SessionExpired(self.name, "the upstream no longer knows our session")
-            if response.status != 200:
-                raise await self._peer.http_error(response)
+
+        def on_head(head: Response) -> None:
             if initializing:
-                session_id = response.headers.get("mcp-session-id")
+                session_id = head.headers.get("mcp-session-id")
                 if session_id is not None and not _visible_ascii(session_id):
                     raise UpstreamProtocolError(self.name, "invalid Mcp-Session-Id")
                 self._session_id = session_id
-            content_type = response.content_type
-            self._answers_at_once = content_type == "application/json" or response.ended
-            if content_type == "application/json":
-                return response_result(self.name, await response.read(self._max_message_bytes), request_id, forward_raw)
-            if content_type == "text/event-stream":
-                result = await self._read_stream(response, request_id, on_related, forward_raw)
-                if not response.at_eof:
-                    handed_off = True
-                    response.release_at_end(5.0)  # its end (normally all that follows) comes without a task
-                return result
-            raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
-        except BodyTooLarge as too_large:
-            raise UpstreamProtocolError(self.name, str(too_large)) from None
-        except HttpClientError as exc:
-            raise connection_failure(self.name, exc) from None
-        finally:
-            if not handed_off:
-                response.release()
+            self._answers_at_once = head.content_type == "application/json" or head.ended
+
+        return await self._peer.answer(
+            response,
+            headers,
+            request_id,
+            lambda stream: self._read_stream(stream, request_id, on_related, forward_raw),
+            max_bytes=self._max_message_bytes,
+            forward_raw=forward_raw,
+            session_sent=sent_session is not None,
+            on_head=on_head,
+        )
 
     async def _read_stream(
         self, response: Response, request_id: int, on_related: ClientSide | None, forward_raw: bool

@@ -22,6 +22,7 @@ from mcpx.errors import (
     InvalidRequest,
     McpxError,
     ParseError,
+    SessionExpired,
     UpstreamError,
     UpstreamHTTPError,
     UpstreamInterrupted,
@@ -33,7 +34,15 @@ from mcpx.framing.sse import SSEDecoder, SSEEvent
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
 from mcpx.redact import any_registered, redact
-from mcpx.upstream.h1 import ClosedBeforeAnswer, ConnectError, HttpClient, HttpClientError, Response, Target
+from mcpx.upstream.h1 import (
+    BodyTooLarge,
+    ClosedBeforeAnswer,
+    ConnectError,
+    HttpClient,
+    HttpClientError,
+    Response,
+    Target,
+)
 
 _log = get_logger("mcpx.upstream")
 
@@ -46,6 +55,9 @@ MAX_RETRY_MS = 60_000
 # the cap (seconds).
 STREAM_RETRY_INITIAL: Final = 1.0
 STREAM_RETRY_MAX: Final = 30.0
+
+# How long the rest of a request's SSE stream may take to end after its answer, read without a task (seconds).
+STREAM_END_WAIT: Final = 5.0
 
 
 class Listen(enum.Enum):
@@ -128,6 +140,53 @@ class HttpPeer:
             response.release()
             raise
         return response
+
+    async def answer(
+        self,
+        response: Response,
+        sent: dict[str, str],
+        request_id: int,
+        read_stream: Callable[[Response], Coroutine[Any, Any, Any]],
+        *,
+        max_bytes: int,
+        forward_raw: bool,
+        session_sent: bool = False,
+        on_head: Callable[[Response], None] | None = None,
+    ) -> Any:
+        """The result a POST's response carries (`basic/transports/streamable-http`, both eras). The status first: a
+        401 or a step-up 403 as `check_auth` says; with `session_sent`, a 404 means the server forgot the session
+        (`SessionExpired`); anything else but 200 is an `UpstreamHTTPError`. Then `on_head` may read or refuse the
+        head, and the result comes from a JSON body or from the SSE stream that `read_stream` reads up to it.
+
+        The response is released on the way out; a stream that goes on after its answer is released at its end
+        instead, without a task. An unfinished stream closes its connection: for a call cancelled or timed out, that
+        is the cancellation."""
+        handed_off = False
+        try:
+            self.check_auth(sent, response)
+            if response.status == 404 and session_sent:
+                raise SessionExpired(self.name, "the upstream no longer knows our session")
+            if response.status != 200:
+                raise await self.http_error(response)
+            if on_head is not None:
+                on_head(response)
+            content_type = response.content_type
+            if content_type == "application/json":
+                return response_result(self.name, await response.read(max_bytes), request_id, forward_raw)
+            if content_type == "text/event-stream":
+                result = await read_stream(response)
+                if not response.at_eof:
+                    handed_off = True
+                    response.release_at_end(STREAM_END_WAIT)
+                return result
+            raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
+        except BodyTooLarge as too_large:
+            raise UpstreamProtocolError(self.name, str(too_large)) from None
+        except HttpClientError as exc:
+            raise connection_failure(self.name, exc) from None
+        finally:
+            if not handed_off:
+                response.release()
 
     def check_auth(self, sent: dict[str, str], response: Response) -> None:
         """Raise what a 401 (`Unauthorized`, for `with_auth_retry`) or a step-up 403 means; else nothing."""

@@ -48,7 +48,7 @@ from mcpx.errors import (
 )
 from mcpx.jsonrpc import Message
 from mcpx.log import get_logger
-from mcpx.upstream.h1 import BodyTooLarge, Deadline, HttpClient, HttpClientError, Response
+from mcpx.upstream.h1 import Deadline, HttpClient, HttpClientError, Response
 from mcpx.upstream.httpbase import (
     Answer,
     EventStream,
@@ -56,7 +56,6 @@ from mcpx.upstream.httpbase import (
     Listen,
     connection_failure,
     reconnect_delay,
-    response_result,
     stream_message,
 )
 from mcpx.upstream.peer import (
@@ -397,29 +396,14 @@ class StatelessSession:
             )
         except HttpClientError as exc:
             raise connection_failure(self.name, exc) from None
-        handed_off = False
-        try:
-            self._peer.check_auth(headers, response)
-            if response.status != 200:
-                raise await self._peer.http_error(response)
-            content_type = response.content_type
-            if content_type == "application/json":
-                return response_result(self.name, await response.read(self._max_message_bytes), request_id, forward_raw)
-            if content_type == "text/event-stream":
-                result = await self._read_stream(response, request_id, on_related, forward_raw)
-                if not response.at_eof:
-                    handed_off = True
-                    response.release_at_end(5.0)
-                return result
-            raise UpstreamProtocolError(self.name, f"unexpected response content type {content_type!r}")
-        except BodyTooLarge as exc:
-            raise UpstreamProtocolError(self.name, str(exc)) from None
-        except HttpClientError as exc:
-            raise connection_failure(self.name, exc) from None
-        finally:
-            if not handed_off:
-                # An unfinished stream closes its connection: for a call cancelled or timed out, the cancellation.
-                response.release()
+        return await self._peer.answer(
+            response,
+            headers,
+            request_id,
+            lambda stream: self._read_stream(stream, request_id, on_related, forward_raw),
+            max_bytes=self._max_message_bytes,
+            forward_raw=forward_raw,
+        )
 
     async def _read_stream(
         self, response: Response, request_id: int, on_related: ClientSide | None, forward_raw: bool
