@@ -258,3 +258,24 @@ async def test_an_agents_own_session_closed_while_it_opens_does_not_outlive_the_
         finally:
             alpha.release.set()
             await router.stop()
+
+
+async def test_a_reload_closes_the_oauth_http_client_of_a_host_no_upstream_is_on_any_more(tmp_path: Path) -> None:
+    alpha = Upstream("alpha", json_response=True)
+    async with running(alpha):
+        by_name = alpha.url.replace("127.0.0.1", "localhost")  # the same server under another host name
+        both = upstream_toml("alpha", alpha.url) + upstream_toml("beta", by_name)
+        router = Router(parse_config(both, tmp_path / "config.toml"), tmp_path)
+        await router.start()
+        try:
+            await router.wait_settled(WAIT)
+            # What the OAuth fetches of each upstream use (made on first use, one per host).
+            kept, dropped = router.oauth.http(alpha.url), router.oauth.http(by_name)
+            assert kept is not dropped
+            changes = await router.apply(parse_config(upstream_toml("alpha", alpha.url), tmp_path / "config.toml"))
+            assert changes["removed"] == ["beta"]
+            assert dropped.closed
+            assert not kept.closed
+            assert router.oauth.http(alpha.url) is kept
+        finally:
+            await router.stop()

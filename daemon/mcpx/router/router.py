@@ -235,6 +235,7 @@ class Router:
                 self._retiring.add(upstream)
                 self._retire(upstream)
         await asyncio.gather(*(_stop(upstream) for upstream in idle))
+        await self.oauth.keep_only(upstream.http_url for upstream in config.upstreams if upstream.url is not None)
         return {"added": added, "removed": removed, "changed": changed}
 
     # --- catalog -------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -118,6 +118,13 @@ class OAuthContext:
                 lookups = self._default_resolver = self._default_resolver or DefaultResolver()
             session = self._http[host] = egress.client_session(upstream_url, lookups)
         return session
+
+    async def keep_only(self, upstream_urls: Iterable[str]) -> None:
+        """Close the HTTP clients of hosts that no upstream at `upstream_urls` is on (a reload removed them); a host
+        that is needed again later gets a new one."""
+        hosts = {egress.upstream_host(url) for url in upstream_urls}
+        for host in [host for host in self._http if host not in hosts]:
+            await self._http.pop(host).close()
 
     async def close(self) -> None:
         for session in self._http.values():
