@@ -1,8 +1,9 @@
 """What the HTTP transports of one upstream share (streamable HTTP of both eras in `http.py` and `stateless.py`,
 legacy HTTP+SSE in `legacy_sse.py`): the upstream's URL, the headers every request carries (configured ones,
 `${VAR}` expanded once, plus the credential's), the 401 rule (renew the credential once, replay once), the 403
-step-up, readable HTTP errors, the answer a POST's response carries, reading one server-sent-event stream through the bounded decoder, what one message
-of a response (JSON or an event of its stream) says, and when to reopen a stream.
+step-up, readable HTTP errors, the answer a POST's response carries, reading one server-sent-event stream through
+the bounded decoder, what one message of a response (JSON or an event of its stream) says, and when to reopen a
+stream.
 """
 
 from __future__ import annotations
