@@ -25,7 +25,7 @@ in the config, else `$MCPX_SOCKET`, else `$XDG_RUNTIME_DIR/mcpx/mcpx.sock`, else
 import _socket
 import _thread
 import os
-import stat  # (imported by os already)
+import stat  # (imported by os already: free)
 import sys
 
 _CHUNK = 1 << 16
@@ -200,10 +200,10 @@ def _attachable() -> bool:
         return False
     for fd in (0, 1):
         try:
-            kind = os.fstat(fd).st_mode & 0o170000
+            mode = os.fstat(fd).st_mode
         except OSError:
             return False
-        if kind not in (0o010000, 0o140000):  # S_IFIFO, S_IFSOCK
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
             return False
     return True
 
