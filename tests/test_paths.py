@@ -307,3 +307,8 @@ def test_the_shim_ignores_a_config_it_cannot_parse_and_mcpxd_rejects_it(
         assert _shim_paths(shim, None, str(config))[1] == str(tmp_path / "env.sock")
         with pytest.raises(ConfigError):
             load_config(config)
+
+
+def test_the_shim_bounds_the_config_file_as_mcpxd_does(shim: ModuleType) -> None:
+    # The shim cannot import mcpx.paths: its copy of the bound is kept in step here.
+    assert shim._MAX_CONFIG == paths.MAX_CONFIG_BYTES
